@@ -1,0 +1,188 @@
+"""LoRALinear: a drop-in for ``nn.Linear`` running the gated LoRA op.
+
+State-dict keys: ``weight``, ``bias`` (as in ``nn.Linear``, so a pretrained state dict still loads),
+``lora_A`` [R, K], ``lora_B`` [N, R], ``rank_mask`` [R] (bool buffer) and, in SVD form, ``lora_E`` [R]
+(AdaLoRA/ShapLoRA singular values ΔW = B·diag(E)·A).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lora_kernels import gated
+
+from .functional import lora_linear
+
+
+class LoRALinear(nn.Module):
+    """``y = x Wᵀ + b + (alpha/r) · ((dropout(x) Aᵀ) ⊙ G) Bᵀ`` with W, b frozen.
+
+    The gate G combines, in this order: the SVD values ``lora_E`` (``svd=True``), the rank mask, and a
+    per-token gate set with :meth:`token_gate` (MoE routing, ShapLoRA coalitions). A fixed 0/1 mask runs
+    on the active ranks only, so a masked layer costs what a dense rank-k LoRA costs.
+
+    Shared adapters (ShareLoRA) pass existing ``lora_A`` / ``lora_B`` Parameters; they are held by
+    reference, so one Parameter serves every layer that shares it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float | None = None,
+                 dropout: float = 0.0, bias: bool = True, svd: bool = False,
+                 lora_A: nn.Parameter | None = None, lora_B: nn.Parameter | None = None,
+                 device=None, dtype=None, adapter_dtype=None, _base: nn.Linear | None = None):
+        super().__init__()
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if r > min(in_features, out_features):
+            # A rank above min(K, N) adds parameters but no expressiveness: refuse (MoE layers stack experts
+            # and call the functional op directly, where R is free).
+            raise ValueError(f"r={r} exceeds min(in_features, out_features)={min(in_features, out_features)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.lora_alpha = float(alpha if alpha is not None else r)
+        self.scaling = self.lora_alpha / r
+        self.dropout = float(dropout)
+        self.svd = bool(svd)
+        if _base is not None:
+            self.weight = _base.weight
+            self.bias = _base.bias
+            self.weight.requires_grad_(False)
+            if self.bias is not None:
+                self.bias.requires_grad_(False)
+        else:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+            self.bias = nn.Parameter(torch.zeros(out_features, **factory), requires_grad=False) if bias else None
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if adapter_dtype is None:
+            # Half-precision bases keep fp32 adapters (master weights), as PEFT does by default.
+            adapter_dtype = torch.float32 if self.weight.dtype in (torch.float16, torch.bfloat16) else self.weight.dtype
+        afactory = {"device": self.weight.device, "dtype": adapter_dtype}
+        self.lora_A = lora_A if lora_A is not None else nn.Parameter(torch.empty(r, in_features, **afactory))
+        self.lora_B = lora_B if lora_B is not None else nn.Parameter(torch.empty(out_features, r, **afactory))
+        self._check_adapter_shapes()
+        self.lora_E = nn.Parameter(torch.zeros(r, **afactory)) if svd else None
+        self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=self.weight.device))
+        self._token_gate: torch.Tensor | None = None
+        self._active_cache: tuple | None = None
+        self.merged = False
+        self.register_buffer("_unmerged_weight", None, persistent=False)
+        self.reset_lora_parameters(init_a=lora_A is None, init_b=lora_B is None)
+
+    def _check_adapter_shapes(self):
+        if tuple(self.lora_A.shape) != (self.r, self.in_features):
+            raise ValueError(f"lora_A must be [r, in_features] = [{self.r}, {self.in_features}], "
+                             f"got {tuple(self.lora_A.shape)}")
+        if tuple(self.lora_B.shape) != (self.out_features, self.r):
+            raise ValueError(f"lora_B must be [out_features, r] = [{self.out_features}, {self.r}], "
+                             f"got {tuple(self.lora_B.shape)}")
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_a: bool = True, init_b: bool = True):
+        if self.svd:
+            # AdaLoRA's init: A, B ~ N(0, 0.02), E = 0, so ΔW starts at zero but A, B get gradients.
+            if init_a:
+                nn.init.normal_(self.lora_A, std=0.02)
+            if init_b:
+                nn.init.normal_(self.lora_B, std=0.02)
+            self.lora_E.zero_()
+        else:
+            if init_a:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if init_b:
+                nn.init.zeros_(self.lora_B)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, alpha: float | None = None, dropout: float = 0.0,
+                    svd: bool = False, lora_A: nn.Parameter | None = None, lora_B: nn.Parameter | None = None,
+                    adapter_dtype=None) -> "LoRALinear":
+        """Wraps an existing ``nn.Linear``: its weight and bias are taken by reference (no copy) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        return cls(linear.in_features, linear.out_features, r, alpha, dropout, bias=linear.bias is not None,
+                   svd=svd, lora_A=lora_A, lora_B=lora_B, adapter_dtype=adapter_dtype, _base=linear)
+
+    # ---- rank mask / gates -------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_rank_mask(self, mask) -> None:
+        """Switch ranks on/off. ``mask``: bool (or 0/1) sequence/tensor of length r."""
+        mask = torch.as_tensor(mask, device=self.rank_mask.device)
+        if mask.dim() != 1 or mask.shape[0] != self.r:
+            raise ValueError(f"mask length must equal r={self.r}, got shape {tuple(mask.shape)}")
+        if mask.dtype != torch.bool:
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError("mask must be boolean or 0/1 valued")
+            mask = mask.bool()
+        if self.merged:
+            raise RuntimeError("unmerge() before changing the rank mask of a merged layer")
+        self.rank_mask.copy_(mask)
+
+    @property
+    def active_rank(self) -> int:
+        return int(self.rank_mask.sum())
+
+    def set_token_gate(self, gate: torch.Tensor | None) -> None:
+        """Per-token gate [T, r] (or None) multiplied into the rank gate for the following forwards."""
+        self._token_gate = gate
+
+    def rank_gate(self) -> torch.Tensor | None:
+        """The per-rank gate [r] the op sees (None when it is all ones and not trainable)."""
+        if self.svd:
+            return self.lora_E * self.rank_mask.to(self.lora_E.dtype)
+        if self._mask_is_full():
+            return None
+        return self.rank_mask.to(self.lora_A.dtype)
+
+    def _mask_is_full(self) -> bool:
+        return self._active_indices() is None
+
+    def _active_indices(self):
+        # Cached per mask version: a host sync only when the mask changes (load_state_dict copies in place).
+        key = (self.rank_mask.data_ptr(), self.rank_mask._version)
+        if self._active_cache is None or self._active_cache[0] != key:
+            self._active_cache = (key, gated.active_ranks(self.rank_mask))
+        return self._active_cache[1]
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = s · B diag(g) A  [N, K] for the current rank gate (no per-token gate)."""
+        g = self.rank_gate()
+        b = self.lora_B if g is None else self.lora_B * g
+        return (b @ self.lora_A) * self.scaling
+
+    # ---- forward / merge ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return nn.functional.linear(x, self.weight, self.bias)
+        gate = self.rank_gate()
+        active = None
+        if self._token_gate is not None:
+            tg = self._token_gate
+            gate = tg if gate is None else tg * gate.to(tg.dtype)
+        elif gate is not None and not gate.requires_grad:
+            active = self._active_indices()
+        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, gate,
+                           self.dropout, self.training, active=active)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← W + ΔW. The unmerged weight is kept so :meth:`unmerge` restores it bit-exactly."""
+        if self.merged:
+            return
+        self._unmerged_weight = self.weight.detach().clone()
+        self.weight.add_(self.delta_weight().to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"active_rank={self.active_rank}, alpha={self.lora_alpha}, dropout={self.dropout}, "
+                f"svd={self.svd}, bias={self.bias is not None}")
