@@ -115,7 +115,7 @@ def lora_linear(
     Returns:
         [..., N] in x's dtype. Differentiable w.r.t. x, lora_a, lora_b and gate.
     """
-    if torch.is_autocast_enabled(x.device.type):
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
         # Run the op in the autocast dtype, then with autocast off so the backends see one dtype.
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dt), weight.to(dt)

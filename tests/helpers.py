@@ -22,8 +22,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
                  scale: float | None = None):
     """Compares ``actual`` with a (float64) ``expected`` using the table entry for ``dtype``.
 
-    Errors are relative to the magnitude of ``expected`` (``scale``, default its max |value|, at least 1),
-    since a GEMM's rounding error grows with the size of its operands, not of each output element.
+    Errors are relative to a magnitude (``scale``, default max |expected|, at least 1), since a GEMM's
+    rounding error grows with Σ|terms|, not with each output element; pass the result of the same
+    problem on absolute values as ``scale`` where terms may cancel.
     The message names the worst element and any NaN/Inf positions.
     """
     dtype = dtype or actual.dtype
@@ -38,7 +39,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
                              f"at {pos}{'...' if bad_a.sum() > 5 else ''}")
     if e.numel() == 0:
         return
-    mag = scale if scale is not None else max(1.0, float(e.abs().max()))
+    mag = max(1.0, scale if scale is not None else float(e.abs().max()))
     err = (a - e).abs()
     limit = atol * mag + rtol * e.abs()
     if not bool((err <= limit).all()):
@@ -54,5 +55,5 @@ def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0, generator=None, 
     """Fresh random values (never zeros). ``noncontiguous`` returns a strided view with the same values layout."""
     if noncontiguous:
         big = torch.randn(*shape[:-1], shape[-1] * 2, generator=generator, dtype=torch.float64) * scale
-        return big[..., ::2].to(dtype=dtype, device=device)
+        return big.to(dtype=dtype, device=device)[..., ::2]
     return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
