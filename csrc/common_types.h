@@ -1,0 +1,33 @@
+// Host-and-device definitions shared by the kernels and the bindings: dtype codes and the dropout hash
+// (host-callable so the bindings can expose it and a CPU test can compare it with the reference).
+#pragma once
+
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define LK_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define LK_HOST_DEVICE inline
+#endif
+
+namespace lora_kernels {
+
+// Must match the codes the Python wrappers pass (module attributes DTYPE_F32/F16/BF16).
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+// The dropout keep test of lora_kernels/reference.py::dropout_keep, bit for bit: murmur3 fmix32 of the
+// seeded row, xor the scrambled column, fmix32 again; keep iff the top 24 bits >= round(p * 2^24).
+LK_HOST_DEVICE uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+LK_HOST_DEVICE uint32_t dropout_row_hash(uint32_t seed, uint32_t row) { return fmix32(seed + row * 0x9E3779B9u); }
+LK_HOST_DEVICE bool dropout_keep(uint32_t row_hash, uint32_t col, uint32_t threshold) {
+  return (fmix32(row_hash ^ (col * 0x85EBCA6Bu)) >> 8) >= threshold;
+}
+
+}  // namespace lora_kernels
