@@ -101,7 +101,7 @@ def bench_decode(card, rows, d=4096, r=16, dtype=torch.bfloat16):
         for backend in ("torch", "triton", "cuda"):
             os.environ["LORA_KERNELS_BACKEND"] = backend
             try:
-                st = _bench(lambda: lora_linear(x, w, None, a, b, 2.0, training=False))
+                st = _bench(lambda x=x: lora_linear(x, w, None, a, b, 2.0, training=False))
             except Exception as e:  # report, don't hide: a row with the reason
                 rows.append({"op": "lora_linear_decode", "provider": backend, "shape": f"T{T}-d{d}-r{r}",
                              "error": f"{type(e).__name__}: {e}"[:300]})

@@ -97,7 +97,7 @@ def fused_sensitivity_update(
         mod = _cuda_loader.require()
         chunk = mod.SENS_CHUNK
         rows, keep, begin = [], [], 0
-        for j, (R, row_len) in enumerate(shapes):
+        for j, (_, row_len) in enumerate(shapes):
             numel = params[j].numel()
             if numel == 0:
                 continue
