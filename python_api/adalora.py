@@ -1,0 +1,138 @@
+"""AdaLoRA baseline: cubic budget schedule, masking every ΔT with revival, orthogonality regulariser.
+
+Follows PEFT's ``AdaLoraModel.update_and_allocate`` / ``RankAllocator`` step for step (ALGORITHMS.md §2;
+tests/python_api/test_adalora.py checks agreement on the same weights and gradients):
+- steps ``t < T − t_f``: update Ī, Ū (one fused op for the whole model); at mask steps zero every λ whose
+  triplet score is ≤ the (init_bgt − budget)-th smallest score. Masked λ stay trainable, so a later
+  gradient step can revive them and the next mask may keep them.
+- ``t = T − t_f``: final mask to the target budget from the current scores, then reset Ī, Ū.
+- ``t > T − t_f``: re-apply that final pattern every step.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .sensitivity import SensitivityTracker, Triplet, find_adapters
+
+
+def budget_schedule(step: int, init_bgt: int, target_bgt: int, total_step: int, tinit: int, tfinal: int,
+                    deltaT: int) -> tuple[int, bool]:
+    """``(budget b(t), whether to mask at t)``: b0 until t_i, cubic decrease, then b_T (PEFT's formula)."""
+    if step <= tinit:
+        return init_bgt, False
+    if step > total_step - tfinal:
+        return target_bgt, True
+    mul = 1 - (step - tinit) / (total_step - tfinal - tinit)
+    return int((init_bgt - target_bgt) * (mul ** 3) + target_bgt), step % deltaT == 0
+
+
+def orthogonality_penalty(adapters: nn.Module | dict[str, Triplet]) -> torch.Tensor:
+    """``mean over A and B matrices of ‖AAᵀ − I‖_F and ‖BᵀB − I‖_F`` (PEFT's AdaLoRA regulariser, before
+    its weight γ). A: [R, K], B: [N, R]. Differentiable; a shared matrix is counted once per module."""
+    trip = find_adapters(adapters) if isinstance(adapters, nn.Module) else adapters
+    terms = []
+    for _, a, b in trip.values():
+        for cov in (a @ a.T, b.T @ b):
+            eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+            terms.append(torch.linalg.matrix_norm(cov - eye, ord="fro"))
+    return torch.stack(terms).mean()
+
+
+class AdaLoRAAllocator:
+    """AdaLoRA rank allocation over a model's SVD-form adapters (λ must exist for every module).
+
+    Call :meth:`update_and_allocate` after ``optimizer.step()`` and before ``zero_grad()`` (as PEFT).
+    ``rank_pattern``: module name → bool list of kept ranks (the latest mask).
+    """
+
+    def __init__(self, adapters: nn.Module | dict[str, Triplet], target_r: int, total_step: int,
+                 tinit: int = 0, tfinal: int = 0, deltaT: int = 1, beta1: float = 0.85, beta2: float = 0.85):
+        trip = find_adapters(adapters) if isinstance(adapters, nn.Module) else dict(adapters)
+        missing = [n for n, (e, _, _) in trip.items() if e is None]
+        if missing:
+            raise ValueError(f"AdaLoRA needs SVD-form adapters (lora_E); modules without it: {missing}")
+        if total_step is None or total_step <= 0:
+            raise ValueError(f"total_step must be > 0, got {total_step}")
+        if tinit + tfinal >= total_step:
+            raise ValueError(f"tinit + tfinal ({tinit} + {tfinal}) must be < total_step ({total_step})")
+        if deltaT < 1:
+            raise ValueError(f"deltaT must be >= 1, got {deltaT}")
+        self.adapters = trip
+        self.tracker = SensitivityTracker(trip, beta1, beta2)
+        self.init_bgt = self.tracker.total_rank
+        self.target_bgt = int(target_r) * len(trip)
+        if not 0 < self.target_bgt <= self.init_bgt:
+            raise ValueError(f"target budget target_r·modules = {self.target_bgt} must be in (0, {self.init_bgt}]")
+        self.total_step, self.tinit, self.tfinal, self.deltaT = int(total_step), int(tinit), int(tfinal), int(deltaT)
+        self.rank_pattern: dict[str, list[bool]] | None = None
+
+    def budget_schedule(self, step: int) -> tuple[int, bool]:
+        return budget_schedule(step, self.init_bgt, self.target_bgt, self.total_step, self.tinit, self.tfinal,
+                               self.deltaT)
+
+    @torch.no_grad()
+    def mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
+        """Zeroes λ of every triplet scoring ≤ the (init_bgt − budget)-th smallest score; returns the pattern."""
+        scores = self.tracker.scores
+        k = self.init_bgt - budget
+        thr = torch.kthvalue(scores, k).values if k > 0 else scores.min() - 1
+        keep = scores > thr
+        pattern, off = {}, 0
+        for name in self.tracker.names:
+            r = self.tracker.ranks[name]
+            e = self.adapters[name][0]
+            e.masked_fill_(~keep[off: off + r].view(e.shape), 0.0)
+            pattern[name] = keep[off: off + r].tolist()
+            off += r
+        return pattern
+
+    @torch.no_grad()
+    def apply_rank_pattern(self, pattern: dict[str, list[bool]]) -> None:
+        for name, keep in pattern.items():
+            e = self.adapters[name][0]
+            e.masked_fill_(~torch.tensor(keep, device=e.device).view(e.shape), 0.0)
+
+    def update_and_allocate(self, step: int) -> dict[str, list[bool]] | None:
+        """One AdaLoRA step; returns the rank pattern when a mask was applied this step, else None."""
+        final = self.total_step - self.tfinal
+        if step < final:
+            self.tracker.update()
+            budget, mask_ind = self.budget_schedule(step)
+            if mask_ind:
+                self.rank_pattern = self.mask_to_budget(budget)
+                return self.rank_pattern
+            return None
+        if step == final:
+            self.rank_pattern = self.mask_to_budget(self.budget_schedule(step)[0])
+            self.tracker.reset()
+            return self.rank_pattern
+        if self.rank_pattern is not None:
+            self.apply_rank_pattern(self.rank_pattern)
+        return None
+
+    def state_dict(self) -> dict:
+        return {"tracker": self.tracker.state_dict(), "rank_pattern": self.rank_pattern,
+                "schedule": {"init_bgt": self.init_bgt, "target_bgt": self.target_bgt, "total_step": self.total_step,
+                             "tinit": self.tinit, "tfinal": self.tfinal, "deltaT": self.deltaT}}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()["schedule"]
+        if state["schedule"] != mine:
+            raise ValueError(f"allocator state has schedule {state['schedule']}, this allocator has {mine}")
+        self.tracker.load_state_dict(state["tracker"])
+        self.rank_pattern = None if state["rank_pattern"] is None else {k: list(v) for k, v in
+                                                                          state["rank_pattern"].items()}
+
+
+def peft_adapters(model: nn.Module, adapter_name: str = "default") -> dict[str, Triplet]:
+    """Module name → (λ [R,1], A [R,K], B [N,R]) of a PEFT AdaLoRA model, so this package's tracker and
+    allocator can run on PEFT's own tensors (agreement tests, benchmarks)."""
+    out = {}
+    for name, m in model.named_modules():
+        e = getattr(m, "lora_E", None)
+        if isinstance(e, nn.ParameterDict) and adapter_name in e:
+            out[name] = (e[adapter_name], m.lora_A[adapter_name], m.lora_B[adapter_name])
+    if not out:
+        raise ValueError(f"no PEFT AdaLoRA layer with adapter {adapter_name!r} in {type(model).__name__}")
+    return out

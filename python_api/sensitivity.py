@@ -1,0 +1,148 @@
+"""SensitivityTracker: AdaLoRA-style per-rank sensitivity for every adapter of a model, one fused op per step.
+
+State is two flat fp32 buffers (Ī, Ū) with one view per adapter tensor, so the torch path runs a handful of
+ops over the whole model and the Triton/CUDA paths one multi-tensor launch (ALGORITHMS.md §2).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from lora_kernels.sensitivity import KIND_A, KIND_B, KIND_E, fused_sensitivity_update
+
+from .layers import LoRALinear
+
+Triplet = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]  # (λ [R] or [R,1] or None, A [R,K], B [N,R])
+
+
+def find_adapters(model: nn.Module) -> dict[str, Triplet]:
+    """Module name → (lora_E or None, lora_A, lora_B) for every :class:`LoRALinear` in ``model``.
+    A shared A/B (ShareLoRA) appears under every module that uses it."""
+    out = {name: (m.lora_E, m.lora_A, m.lora_B) for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not out:
+        raise ValueError(f"model ({type(model).__name__}) contains no LoRALinear layer")
+    return out
+
+
+class SensitivityTracker:
+    """Holds Ī, Ū for every adapter entry; :meth:`update` after ``backward()`` refreshes them and the
+    per-rank triplet scores ``S_i = s(λ_i) + mean_k s(A_ik) + mean_n s(B_ni)``.
+
+    Args:
+        adapters: a model (every :class:`LoRALinear` is tracked) or a dict module name → (λ, A, B) with
+            λ [R] / [R, 1] / None, A [R, K], B [N, R] (e.g. a PEFT AdaLoRA model's tensors).
+        beta1, beta2: EMA factors (0.85 as AdaLoRA / PEFT).
+
+    Non-finite gradients (a skipped fp16 step) leave the state untouched; they are counted in
+    :attr:`skipped_steps` and a warning is issued.
+    """
+
+    def __init__(self, adapters: nn.Module | dict[str, Triplet], beta1: float = 0.85, beta2: float = 0.85):
+        triplets = find_adapters(adapters) if isinstance(adapters, nn.Module) else dict(adapters)
+        if not triplets:
+            raise ValueError("adapters is empty: nothing to track")
+        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+            raise ValueError(f"beta1, beta2 must be in [0, 1), got {beta1}, {beta2}")
+        self.beta1, self.beta2 = float(beta1), float(beta2)
+        self.names: list[str] = list(triplets)
+        self.ranks: dict[str, int] = {}
+        self._tensors: list[torch.Tensor] = []   # the Parameters, in update order
+        self.kinds: list[int] = []
+        self.offsets: list[int] = []
+        off = 0
+        for name in self.names:
+            e, a, b = triplets[name]
+            r = a.shape[0]
+            if b.dim() != 2 or b.shape[1] != r or (e is not None and e.numel() != r):
+                raise ValueError(f"adapter {name!r}: shapes λ {None if e is None else tuple(e.shape)}, "
+                                 f"A {tuple(a.shape)}, B {tuple(b.shape)} do not form rank-{r} triplets")
+            for t, k in ((e, KIND_E), (a, KIND_A), (b, KIND_B)):
+                if t is not None:
+                    self._tensors.append(t)
+                    self.kinds.append(k)
+                    self.offsets.append(off)
+            self.ranks[name] = r
+            off += r
+        self.total_rank = off
+        device = self._tensors[0].device
+        n = sum(t.numel() for t in self._tensors)
+        self._ipt_flat = torch.zeros(n, dtype=torch.float32, device=device)
+        self._unc_flat = torch.zeros(n, dtype=torch.float32, device=device)
+        self.ipt, self.unc = self._views(self._ipt_flat), self._views(self._unc_flat)
+        self.scores = torch.zeros(off, dtype=torch.float32, device=device)   # [total_R], last update's
+        self.step = 0
+        self._skipped = torch.zeros((), dtype=torch.int64, device=device)   # device counter: no sync
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        out, pos = [], 0
+        for t, k in zip(self._tensors, self.kinds):
+            shape = (t.numel(),) if k == KIND_E else tuple(t.shape)
+            out.append(flat[pos: pos + t.numel()].view(shape))
+            pos += t.numel()
+        return out
+
+    @property
+    def skipped_steps(self) -> int:
+        """Number of updates skipped because a gradient was non-finite."""
+        return int(self._skipped)
+
+    @torch.no_grad()
+    def update(self) -> torch.Tensor:
+        """Reads every tracked tensor's ``.grad`` (None counts as zero) and updates state and scores.
+
+        Returns the 0-dim bool "skipped" flag (True: some gradient was NaN/Inf, nothing changed).
+        """
+        params, grads = [], []
+        for t, k in zip(self._tensors, self.kinds):
+            g = t.grad if t.grad is not None else torch.zeros_like(t)
+            if k == KIND_E:  # PEFT keeps λ as [R, 1]
+                t, g = t.reshape(-1), g.reshape(-1)
+            params.append(t.detach())
+            grads.append(g)
+        new = torch.zeros_like(self.scores)
+        bad = fused_sensitivity_update(params, grads, self.ipt, self.unc, self.kinds, self.offsets, new,
+                                       self.beta1, self.beta2)
+        self.scores = torch.where(bad, self.scores, new)
+        self._skipped += bad.to(torch.int64)
+        self.step += 1
+        if bad.device.type == "cpu" and bool(bad):
+            warnings.warn(f"SensitivityTracker: non-finite gradient at update {self.step}; state left untouched "
+                          f"({self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)
+        return bad
+
+    def rank_scores(self) -> dict[str, torch.Tensor]:
+        """Module name → triplet score [R] from the latest update (a copy)."""
+        out, off = {}, 0
+        for name in self.names:
+            r = self.ranks[name]
+            out[name] = self.scores[off: off + r].clone()
+            off += r
+        return out
+
+    def reset(self) -> None:
+        """Zeroes Ī, Ū and the scores (PEFT's ``reset_ipt``); step and skip counters are kept."""
+        self._ipt_flat.zero_()
+        self._unc_flat.zero_()
+        self.scores.zero_()
+
+    def state_dict(self) -> dict:
+        return {"ipt": self._ipt_flat.clone(), "unc": self._unc_flat.clone(), "scores": self.scores.clone(),
+                "step": self.step, "skipped": self._skipped.clone(), "names": list(self.names),
+                "ranks": dict(self.ranks), "beta1": self.beta1, "beta2": self.beta2}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a :meth:`state_dict` bit-exactly; the adapters' names and ranks must match."""
+        if list(state["names"]) != self.names or dict(state["ranks"]) != self.ranks:
+            raise ValueError(f"state is for modules {state['names']} with ranks {state['ranks']}, "
+                             f"this tracker has {self.names} with {self.ranks}")
+        if state["ipt"].shape != self._ipt_flat.shape:
+            raise ValueError(f"state ipt has {state['ipt'].numel()} entries, expected {self._ipt_flat.numel()}")
+        # Copy in place: the per-tensor views (the fused op's fast path) must keep pointing at the buffers.
+        self._ipt_flat.copy_(state["ipt"])
+        self._unc_flat.copy_(state["unc"])
+        self.scores = state["scores"].to(self.scores.device, torch.float32).clone()
+        self.step = int(state["step"])
+        self._skipped = torch.as_tensor(state["skipped"], dtype=torch.int64, device=self.scores.device).clone()
+        self.beta1, self.beta2 = float(state["beta1"]), float(state["beta2"])
