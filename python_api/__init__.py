@@ -24,6 +24,12 @@ _EXPORTS = {
     "layer_alphas": "alphalora",
     "allocate_experts": "alphalora",
     "MoELoRALinear": "moe",
+    "apply_moe_adapters": "moe",
+    "moe_aux_loss": "moe",
+    "mola_experts": "alphalora",
+    "top_k_for": "alphalora",
+    "adapter_layers": "surgery",
+    "to_peft_rank_pattern": "shaplora",
 }
 
 __all__ = ["__version__", "available_backends", *_EXPORTS]

@@ -1,0 +1,61 @@
+"""MoE-LoRA layer forward+backward on CPU, side by side: the gated-op layer vs a Python loop over experts,
+and vs a plain LoRA of the same total rank E·r (the cost floor of the shrink/expand GEMMs).
+Run: ``python bench/bench_moe.py`` → bench/results/moe_cpu.{json,csv}.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from bench.harness import format_table, make_row, measure, pin_threads, write_results  # noqa: E402
+from python_api.layers import LoRALinear  # noqa: E402
+from python_api.moe import MoELoRALinear  # noqa: E402
+
+SHAPES = [(2048, 768, 8, 8, 2), (2048, 768, 4, 8, 2)]  # T, d, experts, r, top_k
+
+
+def loop_forward(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """MoLA-style reference: one LoRA per expert, weighted by the top-k routing (no dropout)."""
+    w, _, _ = layer.routing(x)
+    y = nn.functional.linear(x, layer.weight, layer.bias)
+    r = layer.r
+    for e in range(layer.num_experts):
+        a, b = layer.lora_A[e * r:(e + 1) * r], layer.lora_B[:, e * r:(e + 1) * r]
+        y = y + w[:, e:e + 1].to(x.dtype) * layer.scaling * ((x @ a.t()) @ b.t())
+    return y
+
+
+def main():
+    threads = pin_threads(int(os.environ.get("BENCH_THREADS") or 2))
+    rows = []
+    for T, d, E, r, k in SHAPES:
+        torch.manual_seed(0)
+        moe = MoELoRALinear.from_linear(nn.Linear(d, d), E, r, alpha=16, top_k=k)
+        nn.init.normal_(moe.lora_B)
+        lora = LoRALinear.from_linear(nn.Linear(d, d), E * r, alpha=16)
+        x = torch.randn(T, d, requires_grad=True)
+
+        def run(f, x=x):
+            return lambda: f(x).sum().backward()
+
+        fns = {"moe-gated-op": run(moe), "moe-python-loop": run(lambda z, m=moe: loop_forward(m, z)),
+               f"plain-lora-r{E * r}": run(lora),
+               "nn.Linear-frozen": run(lambda z, m=moe: nn.functional.linear(z, m.weight, m.bias))}
+        stats = measure(fns, warmup=2, repeats=int(os.environ.get("BENCH_REPEATS") or 7))
+        base = stats["moe-python-loop"].median
+        for p, s in stats.items():
+            rows.append(make_row("moe_lora_linear", p, "full", f"T{T}-d{d}-E{E}-r{r}-k{k}", torch.float32, "cpu",
+                                 s, ratio_vs_python_loop=round(s.median / base, 3)))
+    print(format_table(rows, ("provider", "shape", "median", "p20", "p80", "ratio_vs_python_loop")))
+    print(write_results(rows, "moe_cpu", {"threads": threads,
+                                         "note": "machine shared with other jobs; ratios within one measure()"}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""MoE-LoRA (MoLA) layer: E LoRA experts of rank r behind a per-token top-k router (ALGORITHMS.md §5).
+
+    p = softmax(x Rᵀ) in fp32                    # [T, E]   R [E, K], bias-free, trainable, fp32
+    w = top-k of p, renormalised to sum 1         # [T, E]   zero outside the top k
+    y = x Wᵀ + b + s · Σ_e w_e B_e A_e dropout(x)  # s = alpha / r, one dropout mask shared by the experts
+
+Implemented as ONE gated LoRA op (ALGORITHMS.md §1): A = [A_1; …; A_E] is [E·r, K], B = [B_1 … B_E] is [N, E·r]
+and the per-token gate G [T, E·r] is w expanded over each expert's rank block, so the shrink of every expert is
+one GEMM and the expand one GEMM of the routing-gated H; the router's gradient flows through dG = dZ ⊙ H.
+No Python loop over experts runs in the forward or backward.
+
+Load balance [code: transformers Mixtral ``load_balancing_loss_func``, the Switch loss for top-k]:
+    aux = E · Σ_e f_e · P_e,  f_e = (tokens routing to e among their top-k) / T,  P_e = mean_t p_{t,e}
+computed in the forward when ``load_balance_coef`` > 0 and kept, scaled by the coefficient, in
+``self.aux_loss``; :func:`moe_aux_loss` sums it over a model. Coefficient 0.001 in MoLA, off by default.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .alphalora import layer_index
+from .functional import lora_linear
+
+
+class MoELoRALinear(nn.Module):
+    """Drop-in for ``nn.Linear``: frozen base plus ``num_experts`` rank-``r`` LoRA experts and a top-k router.
+
+    Parameters: ``weight`` [N, K], ``bias`` [N] (frozen), ``router`` [E, K] (fp32), ``lora_A`` [E·r, K],
+    ``lora_B`` [N, E·r].
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_experts: int, r: int, alpha: float = 16.0,
+                 dropout: float = 0.0, top_k: int | None = None, bias: bool = True, load_balance_coef: float = 0.0,
+                 device=None, dtype=None, adapter_dtype=None, _base: nn.Linear | None = None):
+        super().__init__()
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if top_k is None:
+            top_k = 2 if num_experts > 1 else 1  # [code: AlphaLoRA expert_number.py]
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if load_balance_coef < 0:
+            raise ValueError(f"load_balance_coef must be >= 0, got {load_balance_coef}")
+        self.in_features, self.out_features = in_features, out_features
+        self.num_experts, self.r, self.top_k = num_experts, r, top_k
+        self.lora_alpha = float(alpha)
+        self.scaling = self.lora_alpha / r
+        self.dropout = float(dropout)
+        self.load_balance_coef = float(load_balance_coef)
+        factory = {"device": device, "dtype": dtype}
+        if _base is not None:
+            self.weight, self.bias = _base.weight, _base.bias
+        else:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+            self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        if adapter_dtype is None:
+            adapter_dtype = torch.float32 if self.weight.dtype in (torch.float16, torch.bfloat16) else self.weight.dtype
+        dev = self.weight.device
+        self.router = nn.Parameter(torch.empty(num_experts, in_features, device=dev, dtype=torch.float32))
+        self.lora_A = nn.Parameter(torch.empty(num_experts * r, in_features, device=dev, dtype=adapter_dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, num_experts * r, device=dev, dtype=adapter_dtype))
+        self.aux_loss: torch.Tensor | None = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # Each expert's A gets the nn.Linear/PEFT init of an [r, K] matrix; B = 0 so the layer starts as the base.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, num_experts: int, r: int, alpha: float = 16.0, dropout: float = 0.0,
+                    top_k: int | None = None, load_balance_coef: float = 0.0, adapter_dtype=None) -> "MoELoRALinear":
+        """Wraps an existing ``nn.Linear`` (weight and bias taken by reference and frozen)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        return cls(linear.in_features, linear.out_features, num_experts, r, alpha, dropout, top_k,
+                   bias=linear.bias is not None, load_balance_coef=load_balance_coef, adapter_dtype=adapter_dtype,
+                   _base=linear)
+
+    def routing(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x2 [T, K] → (dense top-k weights w [T, E] fp32, probabilities p [T, E] fp32, top-k indices [T, k])."""
+        rd = torch.promote_types(self.router.dtype, torch.float32)  # fp32 at least (fp64 for gradcheck)
+        logits = x2.to(rd) @ self.router.to(rd).t()                                        # [T, E]
+        p = torch.softmax(logits, dim=-1)
+        val, idx = torch.topk(p, self.top_k, dim=-1)                                      # [T, k]
+        val = val / val.sum(-1, keepdim=True)
+        w = torch.zeros_like(p).scatter(1, idx, val)                                       # [T, E]
+        return w, p, idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)                                               # [T, K]
+        w, p, idx = self.routing(x2)
+        gate = w.repeat_interleave(self.r, dim=1)                                          # [T, E·r]
+        if self.load_balance_coef > 0 and self.training and x2.shape[0] > 0:
+            counts = torch.zeros_like(p).scatter_add_(1, idx, torch.ones_like(idx, dtype=p.dtype))
+            f = counts.mean(0)                                                             # [E]
+            self.aux_loss = self.load_balance_coef * self.num_experts * (f * p.mean(0)).sum()
+        else:
+            self.aux_loss = None
+        y = lora_linear(x2, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, gate,
+                        self.dropout, self.training)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, experts={self.num_experts}, "
+                f"r={self.r}, top_k={self.top_k}, alpha={self.lora_alpha}, dropout={self.dropout}, "
+                f"load_balance_coef={self.load_balance_coef}")
+
+
+def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the load-balance losses the MoE layers stored in their last training forward (None if none)."""
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoELoRALinear) and m.aux_loss is not None]
+    return torch.stack(losses).sum() if losses else None
+
+
+def apply_moe_adapters(model: nn.Module, target_modules: Sequence[str], experts_per_layer: Sequence[int] | dict,
+                       r: int, alpha: float, dropout: float = 0.0, top_k: Sequence[int] | dict | int | None = None,
+                       load_balance_coef: float = 0.0) -> dict[str, MoELoRALinear]:
+    """Replaces target ``nn.Linear`` modules inside numbered blocks with :class:`MoELoRALinear` and freezes every
+    base parameter (only routers and experts train).
+
+    Args:
+        model: a model with numbered blocks (``model.layers.3.``, ``encoder.layer.3.``).
+        target_modules: name suffixes (e.g. ["q_proj", "v_proj"] or ["query", "value"]).
+        experts_per_layer: experts per block index, as a list (index = block) or a dict {block: n}. A block with
+            0 experts keeps its plain frozen linears.
+        r, alpha, dropout: each expert's rank, LoRA alpha (scale alpha/r) and input dropout.
+        top_k: None (2 if the block has > 1 expert else 1), one int, or per block (list/dict).
+        load_balance_coef: coefficient of the Switch load-balance loss (0 = off).
+    Returns:
+        {module name: the new MoELoRALinear}.
+    """
+    def per_layer(v, li, what):
+        if isinstance(v, dict):
+            if li not in v:
+                raise ValueError(f"{what} has no entry for block {li}")
+            return v[li]
+        if v is None or isinstance(v, int):
+            return v
+        if li >= len(v):
+            raise ValueError(f"{what} has {len(v)} entries but the model has block {li}")
+        return v[li]
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in target_modules)
+               and layer_index(n) is not None]
+    if not targets:
+        raise ValueError(f"no nn.Linear inside numbered blocks matches target_modules={list(target_modules)!r}")
+    out = {}
+    for name, lin in targets:
+        li = layer_index(name)
+        e = int(per_layer(experts_per_layer, li, "experts_per_layer"))
+        if e == 0:
+            continue
+        k = per_layer(top_k, li, "top_k")
+        new = MoELoRALinear.from_linear(lin, e, r, alpha, dropout, None if k is None else int(k), load_balance_coef)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        out[name] = new
+    return out
