@@ -30,6 +30,9 @@ _EXPORTS = {
     "top_k_for": "alphalora",
     "adapter_layers": "surgery",
     "to_peft_rank_pattern": "shaplora",
+    "export_peft": "peft_interop",
+    "import_peft": "peft_interop",
+    "CheckpointError": "checkpoint",
 }
 
 __all__ = ["__version__", "available_backends", *_EXPORTS]

