@@ -1,5 +1,8 @@
-"""Packaging for lora-kernels; builds the optional CUDA module lora_kernels._lora_kernels_cuda with CMake.
+"""Packaging for lora-kernels; builds its optional compiled modules with CMake, one configure each:
+lora_kernels._lora_kernels_cpu (gcc only: the fused CPU sensitivity loop) and lora_kernels._lora_kernels_cuda.
 
+LORA_KERNELS_BUILD_CPU: unset = build (a failed build warns and the package installs without it: the
+pure-torch path still works); 1 = build or fail loudly; 0 = never build.
 LORA_KERNELS_BUILD_CUDA: unset = build when nvcc is found (a failed build then warns and the package
 installs without it: the torch/Triton backends still work); 1 = build or fail loudly; 0 = never build.
 The CUDA toolkit is found through CUDA_HOME / CUDA_PATH, then nvcc on PATH, then /usr/local/cuda.
@@ -21,6 +24,8 @@ from setuptools.command.build_ext import build_ext
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ENV_BUILD = "LORA_KERNELS_BUILD_CUDA"
 EXT_NAME = "lora_kernels._lora_kernels_cuda"
+ENV_BUILD_CPU = "LORA_KERNELS_BUILD_CPU"
+CPU_EXT_NAME = "lora_kernels._lora_kernels_cpu"
 
 
 def read_version() -> str:
@@ -61,16 +66,17 @@ def resolve_nvcc(path: str) -> str:
     return real
 
 
-def build_mode() -> str:
-    val = os.environ.get(ENV_BUILD, "").strip()
+def build_mode(env: str = ENV_BUILD) -> str:
+    val = os.environ.get(env, "").strip()
     if val not in ("", "0", "1"):
-        raise SystemExit(f"{ENV_BUILD}={val!r}: expected 1 (force), 0 (skip) or unset (auto)")
+        raise SystemExit(f"{env}={val!r}: expected 1 (force), 0 (skip) or unset (auto)")
     return {"": "auto", "0": "skip", "1": "force"}[val]
 
 
 class CMakeExtension(Extension):
-    def __init__(self, name: str):
+    def __init__(self, name: str, cuda: bool):
         super().__init__(name, sources=[])
+        self.cuda = cuda
 
 
 class CMakeBuild(build_ext):
@@ -82,31 +88,38 @@ class CMakeBuild(build_ext):
             self.build_cmake(ext)
 
     def build_cmake(self, ext: Extension):
-        mode = build_mode()
-        nvcc = find_nvcc()
+        env = ENV_BUILD if ext.cuda else ENV_BUILD_CPU
+        mode = build_mode(env)
+        nvcc = find_nvcc() if ext.cuda else None
         try:
-            if nvcc is None:
+            if ext.cuda and nvcc is None:
                 raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
             if shutil.which("cmake") is None:
                 raise RuntimeError("cmake not found on PATH")
             self._cmake(ext, nvcc)
         except Exception as e:
+            what = "CUDA" if ext.cuda else "CPU"
             if mode == "force":
-                raise RuntimeError(f"{ENV_BUILD}=1 but the CUDA module could not be built: {e}") from e
-            print(f"WARNING: lora-kernels installs without its CUDA module ({e}); the torch and Triton "
-                  f"backends still work. Set {ENV_BUILD}=1 to make this an error.", file=sys.stderr)
+                raise RuntimeError(f"{env}=1 but the {what} module could not be built: {e}") from e
+            still = "the torch and Triton backends" if ext.cuda else "the pure-torch sensitivity path"
+            print(f"WARNING: lora-kernels installs without its {what} module ({e}); {still} still work. "
+                  f"Set {env}=1 to make this an error.", file=sys.stderr)
 
-    def _cmake(self, ext: Extension, nvcc: str):
+    def _cmake(self, ext: Extension, nvcc: str | None):
         import pybind11
 
         out_path = os.path.abspath(self.get_ext_fullpath(ext.name))
         out_dir = os.path.dirname(out_path)
-        build_dir = os.path.join(os.path.abspath(self.build_temp), "cmake")
+        # One configure per module: a broken CUDA toolkit cannot take the CPU module down with it.
+        build_dir = os.path.join(os.path.abspath(self.build_temp), "cmake-cuda" if ext.cuda else "cmake-cpu")
         os.makedirs(build_dir, exist_ok=True)
+        if ext.cuda:
+            which = ["-DLORA_KERNELS_BUILD_CPU=OFF", "-DLORA_KERNELS_BUILD_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}",
+                     f"-DCUDAToolkit_ROOT={os.path.dirname(os.path.dirname(nvcc))}"]
+        else:
+            which = ["-DLORA_KERNELS_BUILD_CPU=ON", "-DLORA_KERNELS_BUILD_CUDA=OFF"]
         args = [
-            "cmake", "-S", ROOT, "-B", build_dir,
-            f"-DCMAKE_CUDA_COMPILER={nvcc}",
-            f"-DCUDAToolkit_ROOT={os.path.dirname(os.path.dirname(nvcc))}",
+            "cmake", "-S", ROOT, "-B", build_dir, *which,
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DLORA_KERNELS_OUTPUT_DIR={out_dir}",
@@ -125,7 +138,8 @@ class CMakeBuild(build_ext):
         print(f"lora-kernels: built {built} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 
-ext_modules = [] if build_mode() == "skip" else [CMakeExtension(EXT_NAME)]
+ext_modules = ([] if build_mode(ENV_BUILD_CPU) == "skip" else [CMakeExtension(CPU_EXT_NAME, cuda=False)]) + \
+              ([] if build_mode(ENV_BUILD) == "skip" else [CMakeExtension(EXT_NAME, cuda=True)])
 
 setup(
     name="lora-kernels",

@@ -2,20 +2,17 @@
 
 Rows: this package's AdaLoRA allocator (fused sensitivity + mask) vs PEFT's ``RankAllocator.update_and_allocate``
 on the SAME PEFT AdaLoRA model, weights and gradients (MiniLM-L6-shaped BERT built from its config, every
-linear of the encoder adapted, r=12: 36 modules, 0.50M adapter params); the sensitivity update alone
-(tracker.update vs PEFT's update_ipt); and the cost of one ShapLoRA Taylor pass relative to one validation
-epoch on the same model with this package's LoRALinear adapters.
-Run: ``python bench/bench_alloc.py`` → bench/results/alloc_cpu.json.
+linear of the encoder adapted, r=12: 36 modules, 108 tensors, 0.50M adapter params); the sensitivity update
+alone (tracker.update with the native CPU loop, and with the pure-torch reference via LORA_KERNELS_CPU_NATIVE=0,
+vs PEFT's update_ipt); and the cost of one ShapLoRA Taylor pass relative to one validation epoch on the same
+model with this package's LoRALinear adapters. Ratio rows (unit "ratio", peft / provider) come from the
+same interleaved measurement.
+Run: ``python bench/bench_alloc.py`` → bench/results/alloc_cpu.{json,csv}. BENCH_THREADS overrides THREADS.
 """
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
 from torch import nn
@@ -23,29 +20,18 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lora_kernels import __version__
-from python_api.adalora import AdaLoRAAllocator, peft_adapters
-from python_api.layers import LoRALinear
-from python_api.shaplora import shapley_sensitivity
+from bench.harness import format_table, make_row, measure, pin_threads, write_results  # noqa: E402
+from python_api.adalora import AdaLoRAAllocator, peft_adapters  # noqa: E402
+from python_api.layers import LoRALinear  # noqa: E402
+from python_api.shaplora import shapley_sensitivity  # noqa: E402
 
-THREADS = 1  # pinned: the 2-core CI box is shared; one thread keeps the ratios stable
-REPEATS, WARMUP = 15, 3
+THREADS = int(os.environ.get("BENCH_THREADS") or 1)  # pinned: the 2-core box is shared; 1 keeps ratios stable
+REPEATS, WARMUP = 41, 5
 SHAPE = "MiniLM-L6 (h384, ffn1536, 6 layers), 36 modules, r=12"
 
 
-def _git() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _row(op, provider, mode, times, shape=SHAPE, unit="ms"):
-    q = statistics.quantiles(times, n=10)
-    return {"op": op, "provider": provider, "mode": mode, "shape": shape, "dtype": "float32", "device": "cpu",
-            "median": statistics.median(times), "p20": q[1], "p80": q[7], "unit": unit, "version": __version__,
-            "git_commit": _git(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "threads": THREADS}
+def _row(op, provider, mode, stats, shape=SHAPE, unit="ms"):
+    return make_row(op, provider, mode, shape, torch.float32, "cpu", stats, unit=unit, threads=THREADS)
 
 
 def _bert_config():
@@ -55,18 +41,6 @@ def _bert_config():
 
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-
-
-def _interleaved(fns: dict, repeats=REPEATS, warmup=WARMUP) -> dict:
-    times = {k: [] for k in fns}
-    for i in range(warmup + repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn(i)
-            dt = (time.perf_counter() - t0) * 1e3
-            if i >= warmup:
-                times[k].append(dt)
-    return times
 
 
 def bench_allocator(rows):
@@ -89,49 +63,37 @@ def bench_allocator(rows):
     ra = model.base_model.rankallocator
     ours = AdaLoRAAllocator(peft_adapters(model), target_r=8, total_step=total, deltaT=1)
 
-    def restore(_):  # masking zeroes λ: give both sides the same weights every step (untimed)
+    def restore():  # masking zeroes λ: give both sides the same weights every step (untimed)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n in params0:
                     p.copy_(params0[n])
                     p.grad = grads[n]
-    step = [100]
+    step = 100  # early in the cubic schedule: a mask step with budget < init (5 of 432 triplets dropped)
 
-    def peft_alloc(i):
-        restore(i)
-        t0 = time.perf_counter()
-        ra.update_and_allocate(model.base_model.model, step[0])
-        return time.perf_counter() - t0
-
-    def ours_alloc(i):
-        restore(i)
-        t0 = time.perf_counter()
-        ours.update_and_allocate(step[0])
-        return time.perf_counter() - t0
-
-    def peft_ipt(i):
-        t0 = time.perf_counter()
-        ra.update_ipt(model.base_model.model)
-        return time.perf_counter() - t0
-
-    def ours_ipt(i):
-        t0 = time.perf_counter()
-        ours.tracker.update()
-        return time.perf_counter() - t0
-    fns = {("update_and_allocate", "peft"): peft_alloc, ("update_and_allocate", "lora_kernels"): ours_alloc,
-           ("sensitivity_update", "peft"): peft_ipt, ("sensitivity_update", "lora_kernels"): ours_ipt}
-    times = {k: [] for k in fns}
-    for i in range(WARMUP + REPEATS):
-        for k, fn in fns.items():
-            dt = fn(i) * 1e3
-            if i >= WARMUP:
-                times[k].append(dt)
+    def ours_ipt_ref():
+        os.environ["LORA_KERNELS_CPU_NATIVE"] = "0"
+        try:
+            ours.tracker.update()
+        finally:
+            os.environ.pop("LORA_KERNELS_CPU_NATIVE")
+    fns = {"alloc/peft": lambda _: ra.update_and_allocate(model.base_model.model, step),
+           "alloc/lora_kernels": lambda _: ours.update_and_allocate(step),
+           "ipt/peft": lambda: ra.update_ipt(model.base_model.model),
+           "ipt/lora_kernels": ours.tracker.update,
+           "ipt/lora_kernels-torchref": ours_ipt_ref}
+    # Masking zeroes λ: both allocators get the same weights and gradients before every timed call (untimed).
+    stats = measure(fns, warmup=WARMUP, repeats=REPEATS, setup={"alloc/peft": restore, "alloc/lora_kernels": restore})
     shape = f"{SHAPE}, {n_params / 1e6:.2f}M adapter params"
-    for (op, prov), t in times.items():
-        rows.append(_row(op, prov, "alloc", t, shape))
-    for op in ("update_and_allocate", "sensitivity_update"):
-        r = statistics.median(times[(op, "peft")]) / statistics.median(times[(op, "lora_kernels")])
-        print(f"{op}: peft / lora_kernels = {r:.2f}x")
+    ops = {"alloc": "update_and_allocate", "ipt": "sensitivity_update"}
+    for key, st in stats.items():
+        kind, prov = key.split("/")
+        rows.append(_row(ops[kind], prov, "alloc", st, shape))
+    for key in ("alloc/lora_kernels", "ipt/lora_kernels", "ipt/lora_kernels-torchref"):
+        kind, prov = key.split("/")
+        r = stats[f"{kind}/peft"].median / stats[key].median
+        rows.append(_row(f"{ops[kind]} speedup (peft/{prov})", prov, "alloc", r, shape, unit="ratio"))
+        print(f"{ops[kind]}: peft / {prov} = {r:.2f}x (medians, {THREADS} thread(s))")
 
 
 def bench_shapley(rows):
@@ -162,26 +124,24 @@ def bench_shapley(rows):
 
     def shap(_):
         shapley_sensitivity(model, val, "taylor", loss_fn=loss_fn, generator=g)
-    times = _interleaved({"val": val_epoch, "shap": shap}, repeats=7, warmup=1)
+    stats = measure({"val": val_epoch, "shap": shap}, warmup=1, repeats=7, setup=lambda: None)
     shape = "MiniLM-L6 BERT, 36 LoRALinear(svd) r=12, 4 batches x 16 x 64 tokens"
-    rows.append(_row("validation_epoch", "lora_kernels", "fwd", times["val"], shape))
-    rows.append(_row("shapley_taylor_pass", "lora_kernels", "full", times["shap"], shape))
-    r = statistics.median(times["shap"]) / statistics.median(times["val"])
-    rows.append(_row("shapley_taylor_pass/validation_epoch", "lora_kernels", "full",
-                     [a / b for a, b in zip(times["shap"], times["val"])], shape, unit="ratio"))
+    rows.append(_row("validation_epoch", "lora_kernels", "fwd", stats["val"], shape))
+    rows.append(_row("shapley_taylor_pass", "lora_kernels", "full", stats["shap"], shape))
+    r = stats["shap"].median / stats["val"].median
+    rows.append(_row("shapley_taylor_pass/validation_epoch", "lora_kernels", "full", r, shape, unit="ratio"))
     print(f"one Shapley (taylor) pass = {r:.2f}x one validation epoch")
 
 
 def main():
-    torch.set_num_threads(THREADS)
+    pin_threads(THREADS)
     rows: list[dict] = []
     bench_allocator(rows)
-    bench_shapley(rows)
-    out = os.path.join(ROOT, "bench", "results", "alloc_cpu.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(rows, f, indent=1)
-    print(f"wrote {len(rows)} rows to {out}")
+    if "--alloc-only" not in sys.argv:
+        bench_shapley(rows)
+    path = write_results(rows, "alloc_cpu", {"threads": THREADS, "repeats": REPEATS, "warmup": WARMUP})
+    print(format_table(rows))
+    print(f"wrote {len(rows)} rows to {path}")
 
 
 if __name__ == "__main__":

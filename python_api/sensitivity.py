@@ -10,7 +10,7 @@ import warnings
 import torch
 from torch import nn
 
-from lora_kernels.sensitivity import KIND_A, KIND_B, KIND_E, fused_sensitivity_update
+from lora_kernels.sensitivity import KIND_A, KIND_B, KIND_E, SensitivityPlan
 
 from .layers import LoRALinear
 
@@ -74,6 +74,9 @@ class SensitivityTracker:
         self.scores = torch.zeros(off, dtype=torch.float32, device=device)   # [total_R], last update's
         self.step = 0
         self._skipped = torch.zeros((), dtype=torch.int64, device=device)   # device counter: no sync
+        # Validated once; per step only cheap checks (the full check cost more than the CPU update itself).
+        self._plan = SensitivityPlan([t.detach() for t in self._tensors], self.ipt, self.unc, self.kinds,
+                                     self.offsets, off)
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         out, pos = [], 0
@@ -94,20 +97,18 @@ class SensitivityTracker:
 
         Returns the 0-dim bool "skipped" flag (True: some gradient was NaN/Inf, nothing changed).
         """
-        params, grads = [], []
-        for t, k in zip(self._tensors, self.kinds):
-            g = t.grad if t.grad is not None else torch.zeros_like(t)
-            if k == KIND_E:  # PEFT keeps λ as [R, 1]
-                t, g = t.reshape(-1), g.reshape(-1)
-            params.append(t.detach())
-            grads.append(g)
+        params = self._tensors  # only read (no_grad): no detach() per tensor
+        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in self._tensors]
         new = torch.zeros_like(self.scores)
-        bad = fused_sensitivity_update(params, grads, self.ipt, self.unc, self.kinds, self.offsets, new,
-                                       self.beta1, self.beta2)
-        self.scores = torch.where(bad, self.scores, new)
-        self._skipped += bad.to(torch.int64)
+        bad = self._plan(params, grads, new, self.beta1, self.beta2)
         self.step += 1
-        if bad.device.type == "cpu" and bool(bad):
+        if bad.device.type != "cpu":  # no host sync on GPU
+            self.scores = torch.where(bad, self.scores, new)
+            self._skipped += bad.to(torch.int64)
+        elif not bool(bad):
+            self.scores = new
+        else:
+            self._skipped += 1
             warnings.warn(f"SensitivityTracker: non-finite gradient at update {self.step}; state left untouched "
                           f"({self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)
         return bad

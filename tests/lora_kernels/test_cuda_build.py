@@ -163,3 +163,70 @@ def test_module_imports_without_gpu_and_checks_arguments(built):
     assert errors["p"].startswith("ValueError") and "dropout_threshold" in errors["p"]
     assert errors["beta"].startswith("ValueError") and "beta1" in errors["beta"]
     assert errors["empty"] is None
+
+
+# ---- the CPU module (gcc + cmake only: no nvcc) ------------------------------------------------------------
+CPU_FILES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+needs_cmake = pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not found")
+
+
+def test_every_cpu_source_is_listed_in_cmake():
+    with open(os.path.join(ROOT, "CMakeLists.txt")) as f:
+        block = re.search(r"set\(LORA_KERNELS_CPU_SOURCES(.*?)\)", f.read(), re.DOTALL)
+    assert block, "CMakeLists.txt must define LORA_KERNELS_CPU_SOURCES"
+    assert CPU_FILES, "no .cpp files under csrc/cpu/"
+    missing = sorted(set(CPU_FILES) - set(block.group(1).split()))
+    assert not missing, f"csrc/cpu files not compiled (add them to LORA_KERNELS_CPU_SOURCES): {missing}"
+
+
+@pytest.fixture(scope="module")
+def built_cpu(tmp_path_factory):
+    """A fresh CPU-only build (LORA_KERNELS_BUILD_CUDA=OFF, no CUDA compiler passed): ~15 s on 2 cores."""
+    import pybind11
+    build = tmp_path_factory.mktemp("cmake_cpu")
+    out = build / "out"
+    cmd = ["cmake", "-S", ROOT, "-B", str(build), "-DLORA_KERNELS_BUILD_CUDA=OFF",
+           f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DPython_EXECUTABLE={sys.executable}",
+           f"-DLORA_KERNELS_OUTPUT_DIR={out}"] + (["-G", "Ninja"] if shutil.which("ninja") else [])
+    for step in (cmd, ["cmake", "--build", str(build), "--parallel", str(os.cpu_count() or 2)]):
+        res = subprocess.run(step, check=False, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, f"{' '.join(step)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    sos = glob.glob(str(out / "_lora_kernels_c*.so"))
+    assert len(sos) == 1 and "_lora_kernels_cpu" in sos[0], f"expected only the CPU module in {out}, found {sos}"
+    with open(build / "compile_commands.json") as f:
+        compiled = {os.path.relpath(os.path.realpath(e["file"]), os.path.realpath(ROOT)) for e in json.load(f)}
+    assert not any(c.endswith(".cu") for c in compiled), f"a CPU-only build compiled CUDA sources: {compiled}"
+    assert set(CPU_FILES) <= compiled, f"csrc/cpu files not compiled: {sorted(set(CPU_FILES) - compiled)}"
+    return sos[0]
+
+
+_CPU_IMPORT_CHECK = r"""
+import array, importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("lora_kernels._lora_kernels_cpu", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+# One E tensor of 3 fp32 entries through raw buffers: ipt = 0.5*1 + 0.5*|2*3| = 3.5, unc = 0.5*1 + 0.5*2.5.
+w, g, i, u, s = (array.array("f", v) for v in ([2.0] * 3, [3.0] * 3, [1.0] * 3, [1.0] * 3, [0.0] * 3))
+ptr = lambda a: a.buffer_info()[0]
+row = array.array("q", [ptr(w), ptr(g), ptr(i), ptr(u), 3, 0, mod.DTYPE_F32, 1, 0])
+bad = mod.sensitivity_update(ptr(row), 1, ptr(s), 3, 0.5, 0.5, 1)
+try:
+    mod.sensitivity_update(ptr(row), 1, ptr(s), 2, 0.5, 0.5, 1)
+    err = None
+except ValueError as e:
+    err = str(e)
+print(json.dumps({"bad": bad, "ipt": list(i), "unc": list(u), "scores": list(s), "err": err,
+                  "cols": mod.SENS_TABLE_COLS, "torch": "torch" in sys.modules}))
+"""
+
+
+@needs_cmake
+def test_cpu_module_builds_without_nvcc_and_runs_without_torch(built_cpu):
+    res = subprocess.run([sys.executable, "-c", _CPU_IMPORT_CHECK, built_cpu], check=False, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, f"importing {built_cpu} failed:\n{res.stderr}"
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert not info["torch"], "the compiled CPU module must not import torch"
+    assert info["cols"] == 9 and info["bad"] is False
+    assert info["ipt"] == [3.5] * 3 and info["unc"] == [1.75] * 3 and info["scores"] == [3.5 * 1.75] * 3
+    assert info["err"] and "n_scores 2" in info["err"]

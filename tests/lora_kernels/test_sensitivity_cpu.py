@@ -1,0 +1,185 @@
+"""The native CPU sensitivity loop (csrc/cpu/sensitivity_cpu.cpp) against the float64 per-parameter oracle and
+the pure-torch reference; its dispatch, its fp16/bf16 decoding, non-finite skips and SensitivityPlan."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lora_kernels.sensitivity as S
+from lora_kernels import _cpu_loader
+from tests.helpers import assert_close, randn
+from tests.lora_kernels.test_sensitivity import SHAPES, _inputs, _oracle
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+native = pytest.mark.skipif(_cpu_loader.load()[0] is None,
+                            reason=f"CPU module not built: {_cpu_loader.load()[1]}")
+
+
+def _copy(ts):
+    return [t.clone() for t in ts]
+
+
+@native
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_native_matches_oracle_and_reference(dtype):
+    P, G, ipt, unc, kinds, offs = _inputs(dtype, seed=3)
+    ei, eu, es = _oracle(P, G, ipt, unc, kinds, offs, 0.85, 0.7, 9)
+    ri, ru, rs = _copy(ipt), _copy(unc), torch.zeros(9)
+    assert not bool(S.sensitivity_update_ref(P, G, ri, ru, kinds, offs, rs, 0.85, 0.7))
+    scores = torch.zeros(9)
+    bad = S.sensitivity_update_native(P, G, ipt, unc, kinds, offs, scores, 0.85, 0.7)
+    assert bad.dim() == 0 and bad.dtype == torch.bool and not bool(bad)
+    for j in range(len(P)):
+        assert_close(ipt[j], ei[j], torch.float32, name=f"ipt[{j}]")
+        assert_close(unc[j], eu[j], torch.float32, name=f"unc[{j}]")
+        assert_close(ipt[j], ri[j].double(), torch.float32, name=f"ipt[{j}] vs reference")
+    assert_close(scores, es, torch.float32, name="scores")
+    assert_close(scores, rs.double(), torch.float32, name="scores vs reference")
+
+
+@native
+@pytest.mark.parametrize("shape_r", [(1, 1), (7, 3), (33, 1), (5, 1543), (1543, 5), (12, 384)])
+def test_native_odd_shapes_accumulate_into_scores(shape_r):
+    a_shape, r = shape_r, shape_r[0]
+    b_shape = (shape_r[1], r)
+    g = torch.Generator().manual_seed(1)
+    shapes, kinds = [(r,), a_shape, b_shape], [0, 1, 2]
+    P = [randn(*s, generator=g) for s in shapes]
+    G = [randn(*s, generator=g) for s in shapes]
+    ipt = [torch.rand(*s, generator=g) for s in shapes]
+    unc = [torch.rand(*s, generator=g) for s in shapes]
+    offs = [2, 2, 2]
+    ei, eu, es = _oracle(P, G, ipt, unc, kinds, offs, 0.85, 0.85, r + 3)
+    scores = torch.full((r + 3,), 0.5)  # accumulated into, not overwritten
+    assert not bool(S.sensitivity_update_native(P, G, ipt, unc, kinds, offs, scores, 0.85, 0.85))
+    assert_close(scores, es + 0.5, torch.float32, name="scores")
+    for j in range(3):
+        assert_close(ipt[j], ei[j], torch.float32, name=f"ipt[{j}]")
+        assert_close(unc[j], eu[j], torch.float32, name=f"unc[{j}]")
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_native_decodes_every_finite_half_value_exactly(dtype):
+    bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    p = bits[torch.isfinite(bits)].contiguous()         # every finite pattern: subnormals, ±0, max
+    g = torch.ones_like(p)
+    ipt, unc, scores = torch.full(p.shape, 3.0), torch.full(p.shape, 3.0), torch.zeros(p.numel())
+    # beta1 = beta2 = 0: ipt = |w g| exactly as decoded, unc = 0
+    assert not bool(S.sensitivity_update_native([p], [g], [ipt], [unc], [0], [0], scores, 0.0, 0.0))
+    assert torch.equal(ipt, p.float().abs())
+    assert torch.equal(unc, torch.zeros_like(unc))
+
+
+@native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), -float("inf")])
+def test_native_nonfinite_grad_leaves_state_untouched(dtype, bad_value):
+    P, G, ipt, unc, kinds, offs = _inputs(dtype)
+    G[-1][1, 2] = bad_value                          # the LAST tensor: nothing before it may be written
+    before = _copy(ipt + unc)
+    scores = torch.full((9,), 7.0)
+    assert bool(S.sensitivity_update_native(P, G, ipt, unc, kinds, offs, scores, 0.85, 0.85))
+    assert all(torch.equal(a, b) for a, b in zip(before, ipt + unc))
+    assert torch.equal(scores, torch.full((9,), 7.0))
+
+
+@native
+def test_native_is_deterministic_across_thread_counts():
+    P, G, ipt, unc, kinds, offs = _inputs(torch.float32, seed=5)
+    out = []
+    for n in (1, 2, 3):
+        i, u, s = _copy(ipt), _copy(unc), torch.zeros(9)
+        S.sensitivity_update_native(P, G, i, u, kinds, offs, s, 0.85, 0.85, n_threads=n)
+        out.append((i, u, s))
+    for i, u, s in out[1:]:
+        assert torch.equal(s, out[0][2])
+        assert all(torch.equal(a, b) for a, b in zip(i + u, out[0][0] + out[0][1]))
+
+
+@native
+def test_native_empty_and_zero_size_tensors():
+    assert not bool(S.sensitivity_update_native([], [], [], [], [], [], torch.zeros(2), 0.85, 0.85))
+    z = torch.zeros(0, 4)
+    scores = torch.zeros(2)
+    assert not bool(S.sensitivity_update_native([z], [z.clone()], [z.clone()], [z.clone()], [1], [0], scores,
+                                                0.85, 0.85))
+    assert torch.equal(scores, torch.zeros(2))
+    with pytest.raises(ValueError, match="params\\[0\\]"):
+        S.sensitivity_update_native([randn(3, 4)[:, ::2]], [randn(3, 2)], [torch.zeros(3, 2)], [torch.zeros(3, 2)],
+                                    [1], [0], scores, 0.85, 0.85)
+
+
+@native
+def test_module_checks_table_rows():
+    mod = _cpu_loader.require()
+    t = torch.tensor([[1, 1, 1, 1, 4, 3, 0, 1, 0]], dtype=torch.int64)
+    s = torch.zeros(4)
+    with pytest.raises(ValueError, match="row 0: kind"):
+        mod.sensitivity_update(t.data_ptr(), 1, s.data_ptr(), 4, 0.85, 0.85, 1)
+    t[0, 5], t[0, 8] = 0, 2
+    with pytest.raises(ValueError, match="score_offset 2"):
+        mod.sensitivity_update(t.data_ptr(), 1, s.data_ptr(), 4, 0.85, 0.85, 1)
+    with pytest.raises(ValueError, match="beta2"):
+        mod.sensitivity_update(t.data_ptr(), 1, s.data_ptr(), 4, 0.85, 1.0, 1)
+
+
+def _spy(monkeypatch):
+    calls = []
+    for name in ("sensitivity_update_native", "sensitivity_update_ref"):
+        fn = getattr(S, name)
+        monkeypatch.setattr(S, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
+    return calls
+
+
+@native
+def test_dispatch_native_for_contiguous_reference_otherwise(monkeypatch):
+    monkeypatch.delenv("LORA_KERNELS_BACKEND", raising=False)
+    calls = _spy(monkeypatch)
+    _, impl = S.select(S.Problem("sensitivity", torch.device("cpu"), torch.float32), S.REGISTRY)
+    assert "native" in S.REGISTRY["torch"].supports(S.Problem("sensitivity", torch.device("cpu"), torch.float32))[1]
+    for noncontig, env, want in ((False, "1", "sensitivity_update_native"), (True, "1", "sensitivity_update_ref"),
+                                 (False, "0", "sensitivity_update_ref")):
+        monkeypatch.setenv(S.NATIVE_ENV, env)
+        P, G, ipt, unc, kinds, offs = _inputs(torch.bfloat16, noncontig=noncontig)
+        ei, eu, es = _oracle(P, G, ipt, unc, kinds, offs, 0.85, 0.85, 9)
+        scores = torch.zeros(9)
+        S.fused_sensitivity_update(P, G, ipt, unc, kinds, offs, scores, 0.85, 0.85)
+        assert calls[-1] == want, (noncontig, env, calls)
+        assert_close(scores, es, torch.float32, name=f"scores ({want})")
+    monkeypatch.setenv(S.NATIVE_ENV, "0")
+    assert "reference" in S.REGISTRY["torch"].supports(S.Problem("sensitivity", torch.device("cpu"),
+                                                                 torch.float32))[1]
+
+
+@native
+@pytest.mark.parametrize("env", ["1", "0"])
+def test_plan_matches_oracle_and_falls_back(monkeypatch, env):
+    monkeypatch.setenv(S.NATIVE_ENV, env)
+    P, G, ipt, unc, kinds, offs = _inputs(torch.float16, seed=7)
+    P[0], G[0] = P[0].view(-1, 1), G[0].view(-1, 1)     # PEFT's λ is [R, 1]
+    plan = S.SensitivityPlan(P, ipt, unc, kinds, offs, 9)
+    for step in range(2):
+        flat = [t.reshape(-1) if k == 0 else t for t, k in zip(P, kinds)]
+        gflat = [t.reshape(-1) if k == 0 else t for t, k in zip(G, kinds)]
+        ei, eu, es = _oracle(flat, gflat, ipt, unc, kinds, offs, 0.85, 0.85, 9)
+        scores = torch.zeros(9)
+        assert not bool(plan(P, G, scores, 0.85, 0.85))
+        assert_close(scores, es, torch.float32, name=f"scores step {step}")
+        for j in range(len(P)):
+            assert_close(ipt[j], ei[j], torch.float32, name=f"ipt[{j}]")
+        G[2] = randn(*SHAPES[2][1], dtype=torch.float16, noncontiguous=True)  # step 2 takes the fallback
+    G[1][0, 0] = float("nan")
+    before = _copy(ipt + unc)
+    assert bool(plan(P, G, torch.zeros(9), 0.85, 0.85))
+    assert all(torch.equal(a, b) for a, b in zip(before, ipt + unc))
+    with pytest.raises(ValueError, match="plan covers 9"):
+        plan(P[:3], G[:3], torch.zeros(9), 0.85, 0.85)
+
+
+def test_import_does_not_load_cpu_module():
+    code = ("import sys, lora_kernels, python_api, lora_kernels.sensitivity, python_api.sensitivity; "
+            "print('lora_kernels._lora_kernels_cpu' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert res.stdout.strip().splitlines()[-1] == "False"
