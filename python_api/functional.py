@@ -1,4 +1,5 @@
-"""The gated LoRA linear as a torch.autograd Function, dispatched to the torch / Triton / CUDA backends.
+"""The gated LoRA linear, a ``torch.library`` custom op (:mod:`lora_kernels.ops`) dispatched per call to the
+torch / Triton / CUDA backends, so ``torch.compile`` traces it as one node with its fake implementation.
 
     y = x Wᵀ + b + s · ((dropout(x) Aᵀ) ⊙ G) Bᵀ          (ALGORITHMS.md §1)
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from lora_kernels import gated
+from lora_kernels import ops as _ops  # noqa: F401  (registers torch.ops.lora_kernels.*)
 from lora_kernels.checks import check_gated_lora_args
 
 
@@ -18,68 +20,15 @@ def new_dropout_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
-class GatedLoRAFunction(torch.autograd.Function):
-    """Autograd wrapper on 2-D inputs. ``active`` (optional) lists the ranks a fixed per-rank gate keeps;
-    the backends then run on the compacted rank, and the gradients of the other ranks are zero."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, gate, scale, dropout_p, seed, active, accum_a, accum_b):
-        # x [T, K]
-        T, R, N = x.shape[0], lora_a.shape[0], weight.shape[0]
-        a, b, g = lora_a, lora_b, gate
-        if active is not None:
-            a, b, g = lora_a.index_select(0, active), lora_b.index_select(1, active), gate.index_select(0, active)
-        ctx.scale, ctx.dropout_p, ctx.seed, ctx.full_rank = scale, dropout_p, seed, R
-        ctx.has_bias = bias is not None
-        ctx.accum = (accum_a, accum_b)  # not saved tensors: they are written, not read, by backward
-        if T == 0 or a.shape[0] == 0:
-            # Empty batch or every rank masked: the LoRA term vanishes, only the frozen base runs.
-            ctx.backend = None
-            h = x.new_zeros(T, a.shape[0], dtype=torch.float32)
-            y = torch.nn.functional.linear(x, weight, bias) if T else x.new_empty(0, N)
-        else:
-            ctx.backend, impl = gated.select_backend(x, g, dropout_p)
-            y, h = impl.gated_lora_forward(x, weight, bias, a, b, scale, g, dropout_p, seed)
-        ctx.save_for_backward(x, weight, a, b, h, g, active)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, a, b, h, g, active = ctx.saved_tensors
-        need_x, _, _, need_a, need_b, need_g = ctx.needs_input_grad[:6]
-        if ctx.backend is None:
-            dx = dy @ weight.to(dy.dtype) if need_x else None
-            da = db = dg = None
-            if x.shape[0] == 0 or a.shape[0] == 0:
-                da = torch.zeros_like(a) if need_a else None
-                db = torch.zeros_like(b) if need_b else None
-                dg = torch.zeros_like(g) if need_g and g is not None else None
-        else:
-            impl = gated.REGISTRY[ctx.backend]
-            # Compacted ranks cannot be accumulated in place by the kernel (rows are scattered): get the
-            # compact gradient and index_add it below.
-            acc_a, acc_b = ctx.accum if active is None else (None, None)
-            dx, da, db, dg = impl.gated_lora_backward(
-                dy.contiguous(), x, weight, a, b, h, ctx.scale, g, ctx.dropout_p, ctx.seed,
-                (need_x, need_a, need_b, need_g), accum_a=acc_a, accum_b=acc_b)
-        accum_a, accum_b = ctx.accum
-        if active is not None:
-            R = ctx.full_rank
-            if da is not None:
-                if accum_a is not None:
-                    accum_a.index_add_(0, active, da.to(accum_a.dtype))
-                else:
-                    da = da.new_zeros(R, da.shape[1]).index_copy_(0, active, da)
-            if db is not None:
-                if accum_b is not None:
-                    accum_b.index_add_(1, active, db.to(accum_b.dtype))
-                else:
-                    db = db.new_zeros(db.shape[0], R).index_copy_(1, active, db)
-        if accum_a is not None:
-            da = None
-        if accum_b is not None:
-            db = None
-        return dx, None, None, da, db, dg, None, None, None, None, None, None
+def _compile_accum(lora_a, lora_b, accum_a, accum_b):
+    # AOTAutograd cannot yet partition a graph input that only the backward mutates ("Node ... was invalid, but
+    # is output"). When the buffer is the parameter's own .grad (ShareLoRA's in-place mode) autograd's
+    # AccumulateGrad adds the per-layer gradient into that same .grad: same values, one temporary per layer.
+    for name, buf, p in (("accum_a", accum_a, lora_a), ("accum_b", accum_b, lora_b)):
+        if buf is not None and buf is not p.grad:
+            raise NotImplementedError(f"{name} under torch.compile: only a buffer that is the matrix's own .grad "
+                                      "is supported (it then takes the autograd path)")
+    return None, None
 
 
 def lora_linear(
@@ -123,6 +72,8 @@ def lora_linear(
         with torch.autocast(x.device.type, enabled=False):
             return lora_linear(x, weight, bias, lora_a, lora_b, scale, gate, dropout_p, training,
                                active=active, seed=seed, accum_a=accum_a, accum_b=accum_b)
+    if torch.compiler.is_compiling() and (accum_a is not None or accum_b is not None):
+        accum_a, accum_b = _compile_accum(lora_a, lora_b, accum_a, accum_b)
     gate_kind = check_gated_lora_args(x, weight, bias, lora_a, lora_b, gate, dropout_p, scale)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.requires_grad and torch.is_grad_enabled():
@@ -132,12 +83,18 @@ def lora_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)                                            # [T, K]
     p = float(dropout_p) if training else 0.0
-    if p > 0 and seed is None:
-        seed = new_dropout_seed()
+    seed_t = None
+    if p > 0:
+        # A tensor, drawn exactly as new_dropout_seed draws it: under torch.compile a fresh seed per step then
+        # neither breaks the graph (.item()) nor recompiles it (a new int constant).
+        seed_t = torch.randint(0, 2**31 - 1, (1,)) if seed is None else torch.tensor([int(seed)], dtype=torch.int64)
     if gate_kind == "rank" and not gate.requires_grad and active is None:
-        active = gated.active_ranks(gate)
+        # Compaction reads the mask on the host (data-dependent shape): skipped under torch.compile, where the
+        # 0/1 gate multiplies the masked ranks' terms by exactly zero instead (same values and gradients).
+        if not torch.compiler.is_compiling():
+            active = gated.active_ranks(gate)
     elif gate_kind != "rank" or gate.requires_grad:
         active = None  # compaction would drop the switched-off ranks' gate gradient (ALGORITHMS.md §1)
-    y = GatedLoRAFunction.apply(x2, weight, bias, lora_a, lora_b, gate, float(scale), p, int(seed or 0), active,
-                                accum_a, accum_b)
+    y, _ = torch.ops.lora_kernels.gated_lora_forward(x2, weight, bias, lora_a, lora_b, gate, float(scale), p, seed_t,
+                                                     active, accum_a, accum_b)
     return y.reshape(*lead, N)

@@ -131,6 +131,9 @@ class LoRALinear(nn.Module):
         """The per-rank gate [r] the op sees (None when it is all ones and not trainable)."""
         if self.svd:
             return self.lora_E * self.rank_mask.to(self.lora_E.dtype)
+        if torch.compiler.is_compiling():
+            # No host read of the mask while tracing: a 0/1 gate zeroes the masked ranks (same values, full cost).
+            return self.rank_mask.to(self.lora_A.dtype)
         if self._mask_is_full():
             return None
         return self.rank_mask.to(self.lora_A.dtype)
@@ -160,7 +163,7 @@ class LoRALinear(nn.Module):
         if self._token_gate is not None:
             tg = self._token_gate
             gate = tg if gate is None else tg * gate.to(tg.dtype)
-        elif gate is not None and not gate.requires_grad:
+        elif gate is not None and not gate.requires_grad and not torch.compiler.is_compiling():
             active = self._active_indices()
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, gate,
                            self.dropout, self.training, active=active)

@@ -190,7 +190,7 @@ class SharedLoRALinear(LoRALinear):
         if self._token_gate is not None:
             tg = self._token_gate
             gate = tg if gate is None else tg * gate.to(tg.dtype)
-        elif gate is not None and not gate.requires_grad:
+        elif gate is not None and not gate.requires_grad and not torch.compiler.is_compiling():
             active = self._active_indices()
         if self._reuse_ok(x, gate) and x.numel():
             x2 = x.reshape(-1, self.in_features)                                   # [T, K]
