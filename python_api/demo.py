@@ -148,7 +148,10 @@ def run_shaplora(base, splits, cfg, deadline) -> dict:
 
     t0 = time.perf_counter()
     supernet = build()
-    sup = train(supernet, splits["train"], cfg, max(1, cfg.steps // 2), deadline, "shaplora super-net")
+    # The super-net, the scoring and the retrain share this method's time: the super-net may take a third, so a
+    # slow machine still leaves the retrained model (the one that is evaluated) most of its steps.
+    sup_deadline = t0 + (deadline - t0) / 3
+    sup = train(supernet, splits["train"], cfg, max(1, cfg.steps // 2), sup_deadline, "shaplora super-net")
     val = list(D.batches(splits["validation"], cfg.batch_size))
     val = val[: max(1, cfg.val_for_shapley // cfg.batch_size)]
     t1 = time.perf_counter()
