@@ -154,17 +154,22 @@ class LoRALinear(nn.Module):
         b = self.lora_B if g is None else self.lora_B * g
         return (b @ self.lora_A) * self.scaling
 
+    def op_gate(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(gate, active)`` for the op: the rank gate times the token gate, and the active-rank indices when
+        the gate is a fixed mask (compaction; never under compile, where the mask is not read on the host)."""
+        gate = self.rank_gate()
+        if self._token_gate is not None:
+            tg = self._token_gate
+            return (tg if gate is None else tg * gate.to(tg.dtype)), None
+        if gate is not None and not gate.requires_grad and not torch.compiler.is_compiling():
+            return gate, self._active_indices()
+        return gate, None
+
     # ---- forward / merge ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return nn.functional.linear(x, self.weight, self.bias)
-        gate = self.rank_gate()
-        active = None
-        if self._token_gate is not None:
-            tg = self._token_gate
-            gate = tg if gate is None else tg * gate.to(tg.dtype)
-        elif gate is not None and not gate.requires_grad and not torch.compiler.is_compiling():
-            active = self._active_indices()
+        gate, active = self.op_gate()
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, gate,
                            self.dropout, self.training, active=active)
 

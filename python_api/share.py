@@ -185,13 +185,7 @@ class SharedLoRALinear(LoRALinear):
             return nn.functional.linear(x, self.weight, self.bias)
         acc_a = self._accum_buffer(self.share_a, self.lora_A)
         acc_b = self._accum_buffer(self.share_b, self.lora_B)
-        gate = self.rank_gate()
-        active = None
-        if self._token_gate is not None:
-            tg = self._token_gate
-            gate = tg if gate is None else tg * gate.to(tg.dtype)
-        elif gate is not None and not gate.requires_grad and not torch.compiler.is_compiling():
-            active = self._active_indices()
+        gate, active = self.op_gate()
         if self._reuse_ok(x, gate) and x.numel():
             x2 = x.reshape(-1, self.in_features)                                   # [T, K]
             h = self.share_a.shrink(self, x, x2, self.lora_A, acc_a)               # [T, R]
