@@ -40,7 +40,7 @@ METHODS = ("lora", "shaplora", "sharelora", "alphalora")
 class DemoConfig:
     out_dir: str = "out"
     quick: bool = False
-    steps: int = 250            # training steps per method (the super-net gets half)
+    steps: int = 150            # training steps per method (the super-net gets half)
     batch_size: int = 16
     max_length: int = 64
     lr: float = 1e-3
@@ -53,7 +53,7 @@ class DemoConfig:
     n_test: int = 2000
     val_for_shapley: int = 256  # validation examples scored by the Shapley estimator
     seed: int = 0
-    time_budget: float = 540.0  # seconds for the whole demo (≤ 10 minutes with margin)
+    time_budget: float = 480.0  # seconds for the whole demo (≤ 10 minutes with margin for evaluation)
     methods: tuple = METHODS
     threads: int | None = None
     progress: bool = True
