@@ -3,13 +3,17 @@
     python -m bench.report
 
 Every number in the report comes from a file in bench/results/ written by a benchmark run; the report
-never measures anything itself. CPU rows are ratios measured side by side in one process.
+never measures anything itself. CPU rows are ratios measured side by side in one process. Pictures:
+a ratio bar chart per file, scaling curves where a file's shapes vary one size (tokens, rank, active
+ranks, experts, layers), accuracy bars with seed spread, and the allocations the accuracy run recorded
+(rank heatmaps, Shapley sensitivity with its spread, experts and alphas per layer).
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
+import re
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -23,13 +27,17 @@ SECTIONS = [  # (title, file prefix, what the reader should look at)
     ("ShareLoRA: parameters, optimizer state, memory, accumulation", "share", ""),
     ("AlphaLoRA: layer alphas vs weightwatcher", "alpha", ""),
     ("MoE-LoRA layer", "moe", ""),
-    ("Accuracy at equal trainable parameters", "accuracy", "mean ± std over seeds on the real offline model"),
+    ("Accuracy at equal trainable parameters", "accuracy", "test accuracy, mean ± sample std over seeds, "
+     "MiniLM-L6 on Rotten Tomatoes (both offline); `python -m bench.bench_accuracy`"),
 ]
+# columns too bulky for a table: drawn as pictures instead
+_BULKY = {"ranks", "shapley", "ranks_per_seed", "alphas", "experts", "accs"}
+_SIZE = re.compile(r"(?:^|[-_/ ])(T|d|r|R|E|L|k|active|layers)(\d+)(?=$|[-_/ ,])")
 
 
-def _load(prefix: str) -> list[tuple[str, dict]]:
+def _load(prefix: str, directory: str) -> list[tuple[str, dict]]:
     out = []
-    for path in sorted(glob.glob(os.path.join(RESULTS, f"{prefix}*.json"))):
+    for path in sorted(glob.glob(os.path.join(directory, f"{prefix}*.json"))):
         if path.endswith("_quick.json"):
             continue
         with open(path) as f:
@@ -40,11 +48,13 @@ def _load(prefix: str) -> list[tuple[str, dict]]:
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
     return str(v)
 
 
 def _table(rows: list[dict]) -> str:
-    skip = {"version", "commit", "date", "unit"}
+    skip = {"version", "commit", "date"} | _BULKY
     cols: list[str] = []
     for r in rows:
         for k in r:
@@ -52,59 +62,215 @@ def _table(rows: list[dict]) -> str:
                 cols.append(k)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+        lines.append("| " + " | ".join(_fmt(r.get(c, "")).replace("|", "/") for c in cols) + " |")
     return "\n".join(lines)
 
 
-def _plot_ratios(name: str, rows: list[dict]) -> str | None:
-    keys = [k for k in ("ratio_vs_peft", "ratio_vs_dense_rank_k", "ratio", "speedup", "overhead_vs_linear")
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, plt, plots: str, name: str) -> str:
+    os.makedirs(plots, exist_ok=True)
+    path = os.path.join(plots, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_ratios(name: str, rows: list[dict], plots: str) -> str | None:
+    keys = [k for k in ("ratio_vs_peft", "ratio_vs_dense_rank_k", "ratio_vs_python_loop", "ratio_vs_autograd",
+                        "ratio", "speedup", "speedup_vs_weightwatcher", "overhead_vs_linear")
             if any(k in r for r in rows)]
     if not keys:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _plt()
     key = keys[0]
-    pts = [(f"{r.get('provider', '')}\n{r.get('shape', '')}", r[key]) for r in rows if key in r]
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(pts)), 3.2))
+    pts = [(f"{r.get('provider', '')}\n{r.get('shape', '')}"[:60], r[key]) for r in rows
+           if isinstance(r.get(key), (int, float))]
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(pts)), 3.4))
     ax.bar(range(len(pts)), [p[1] for p in pts], color="#4c72b0")
     ax.set_xticks(range(len(pts)), [p[0] for p in pts], fontsize=6, rotation=30, ha="right")
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_ylabel(key)
     ax.set_title(name, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(PLOTS, exist_ok=True)
-    path = os.path.join(PLOTS, name.replace(".json", ".png"))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return os.path.relpath(path, HERE)
+    return _save(fig, plt, plots, name.replace(".json", ".png"))
 
 
-def build() -> str:
+def _sizes(shape) -> dict[str, int]:
+    return {k: int(v) for k, v in _SIZE.findall(str(shape))}
+
+
+def scaling_series(rows: list[dict]) -> dict[tuple[str, str, str], dict[str, list[tuple[int, float]]]]:
+    """(op, mode, varying size) → provider → [(size, median)] for timed rows whose shapes differ in exactly
+    one parsed size (T tokens, r rank, active ranks, E experts, L layers, ...); ≥ 2 points per curve."""
+    timed = [r for r in rows if r.get("unit") in ("ms", "s", "us") and isinstance(r.get("median"), (int, float))]
+    out: dict = {}
+    by_op: dict[tuple[str, str], list[dict]] = {}
+    for r in timed:
+        by_op.setdefault((r.get("op", ""), r.get("mode", "")), []).append(r)
+    for (op, mode), rs in by_op.items():
+        sizes = [_sizes(r.get("shape")) for r in rs]
+        keys = set().union(*sizes) if sizes else set()
+        for k in sorted(keys):
+            others = {kk for kk in keys if kk != k}
+            curves: dict[str, dict[tuple, list]] = {}
+            for r, s in zip(rs, sizes):
+                if k not in s:
+                    continue
+                fixed = tuple(sorted((kk, s.get(kk)) for kk in others))
+                curves.setdefault(r.get("provider", ""), {}).setdefault(fixed, []).append((s[k], r["median"]))
+            series = {}
+            for prov, groups in curves.items():
+                best = max(groups.values(), key=len)
+                pts = sorted(set(best))
+                if len({p[0] for p in pts}) >= 2:
+                    series[prov] = pts
+            if series:
+                out[(op, mode, k)] = series
+    return out
+
+
+def _plot_scaling(name: str, rows: list[dict], plots: str) -> list[str]:
+    paths = []
+    for (op, mode, k), series in scaling_series(rows).items():
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(4.6, 3.2))
+        for prov, pts in series.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=prov)
+        unit = next((r.get("unit") for r in rows if r.get("op") == op), "")
+        ax.set_xlabel({"T": "tokens", "r": "rank", "R": "max rank", "active": "active ranks", "E": "experts",
+                       "L": "layers", "layers": "layers", "d": "hidden size", "k": "top-k"}.get(k, k))
+        ax.set_ylabel(f"median ({unit})")
+        ax.set_title(f"{op} ({mode}): cost vs {k}", fontsize=9)
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, plt, plots, f"{name.replace('.json', '')}_scaling_{op}_{mode}_{k}.png"))
+    return paths
+
+
+# ---- accuracy ------------------------------------------------------------------------------------------
+def _accuracy_md(name: str, rows: list[dict], plots: str) -> tuple[list[str], list[str]]:
+    """Summary lines per group and pictures for an accuracy result file."""
+    lines, imgs = [], []
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r.get("group", "?"), []).append(r)
+    for g, rs in groups.items():
+        base = next((r for r in rs if r["provider"] in ("lora", "moe_uniform")), None)
+        lines += [f"**{g}**", "", "| method | acc mean ± std | seeds | per-seed | trainable params | "
+                  "Δ vs baseline | train s | alloc s |", "|---|---|---|---|---|---|---|---|"]
+        for r in rs:
+            std = r.get("acc_std")
+            d = "" if base is None or r is base else f"{r['acc_mean'] - base['acc_mean']:+.4f}"
+            lines.append(f"| {r['provider']} | {r['acc_mean']:.4f} ± {'n/a' if std is None else f'{std:.4f}'} | "
+                         f"{r.get('n_seeds', len(r.get('seeds', [])))} | {_fmt(r.get('accs', []))} | "
+                         f"{r.get('trainable_params')} | {d} | {r.get('train_time_s')} | {r.get('alloc_time_s')} |")
+        lines.append("")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(rows) + 1), 3.4))
+    xs = range(len(rows))
+    ax.bar(xs, [r["acc_mean"] for r in rows], yerr=[r.get("acc_std") or 0 for r in rows], capsize=3,
+           color=["#4c72b0" if r.get("group") == "rank" else "#55a868" if r.get("group") == "share" else "#c44e52"
+                  for r in rows])
+    for i, r in enumerate(rows):
+        ax.plot([i] * len(r.get("accs", [])), r.get("accs", []), "k.", ms=4)
+    ax.set_xticks(list(xs), [f"{r['provider']}\n({r.get('group')})" for r in rows], fontsize=7)
+    lo = min(min(r.get("accs") or [r["acc_mean"]]) for r in rows)
+    ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(r["acc_mean"] + (r.get("acc_std") or 0) for r in rows) + 0.03))
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{name}: mean ± std (dots: seeds)", fontsize=9)
+    imgs.append(_save(fig, plt, plots, name.replace(".json", "_bars.png")))
+    imgs += _allocation_plots(name, rows, plots)
+    return lines, imgs
+
+
+def _allocation_plots(name: str, rows: list[dict], plots: str) -> list[str]:
+    from python_api.plots import rank_heatmap
+    stem = name.replace(".json", "")
+    imgs = []
+    for r in rows:
+        if r.get("ranks"):
+            r_max = max(r["ranks"].values()) or 1
+            imgs.append(rank_heatmap(r["ranks"], os.path.join(plots, f"{stem}_ranks_{r['provider']}.png"),
+                                     title=f"{r['provider']}: kept rank per module (seed {r['seeds'][-1]})",
+                                     r_max=r_max))
+    shap = next((r for r in rows if r.get("shapley")), None)
+    if shap:
+        plt = _plt()
+        names = list(shap["shapley"])
+        vals = [[v for v in shap["shapley"][n] if v is not None] for n in names]
+        fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(names) + 2), 3.6))
+        ax.boxplot(vals, showfliers=True)
+        ax.axhline(0.0, color="k", lw=0.6)
+        ax.set_xticks(range(1, len(names) + 1), [n.replace("bert.encoder.layer.", "L").replace(".attention", "")
+                                                 for n in names], rotation=90, fontsize=6)
+        ax.set_ylabel("Shapley φ per rank (−Δ val loss)")
+        ax.set_title("ShapLoRA: Shapley sensitivity of each module's ranks (spread over ranks)", fontsize=9)
+        imgs.append(_save(fig, plt, plots, f"{stem}_shapley.png"))
+    moe = [r for r in rows if r.get("experts")]
+    if moe:
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        L = len(moe[0]["experts"])
+        w = 0.8 / len(moe)
+        for i, r in enumerate(moe):
+            ax.bar([x + i * w for x in range(L)], r["experts"], width=w, label=r["provider"])
+        ax.set_xlabel("layer")
+        ax.set_ylabel("experts")
+        alphas = next((r["alphas"] for r in moe if r.get("alphas")), None)
+        if alphas:
+            ax2 = ax.twinx()
+            ax2.plot([x + 0.4 - w / 2 for x in range(L)], alphas, "o-", color="k", label="layer alpha (Hill)")
+            ax2.set_ylabel("layer alpha")
+            ax2.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="upper left")
+        ax.set_title("experts per layer (same total) and AlphaLoRA's layer alphas", fontsize=9)
+        imgs.append(_save(fig, plt, plots, f"{stem}_experts.png"))
+    return imgs
+
+
+def build(results: str = RESULTS, out_dir: str = HERE, plots: str | None = None) -> str:
+    """Writes ``<out_dir>/RESULTS.md`` and PNGs under ``plots`` (default ``<out_dir>/plots``); returns the text."""
+    plots = plots or os.path.join(out_dir, "plots")
+    rel = (lambda p: os.path.relpath(p, out_dir))
     parts = ["# Results", "",
-             "Generated by `python -m bench.report` from the files in `bench/results/` (do not edit by hand).",
-             "CPU figures are ratios measured side by side in one process (threads pinned, median of repeats); "
-             "GPU figures name their card. A section without a file says so: nothing here is estimated.", ""]
+             "Generated by `python -m bench.report` (or `python -m bench.run_all`) from the files in "
+             "`bench/results/` (do not edit by hand). CPU figures are ratios measured side by side in one process "
+             "(threads pinned, median of repeats); GPU figures name their card. A section without a file says "
+             "so: nothing here is estimated.", ""]
     for title, prefix, note in SECTIONS:
         parts += [f"## {title}", ""]
         if note:
             parts += [f"_{note}_", ""]
-        files = _load(prefix)
+        files = _load(prefix, results)
         if not files:
             parts += ["No result file yet.", ""]
             continue
         for fname, data in files:
-            rows = data.get("rows", data if isinstance(data, list) else [])
+            rows = data.get("rows", []) if isinstance(data, dict) else data
             meta = data.get("meta", {}) if isinstance(data, dict) else {}
             parts += [f"`{fname}` — " + ", ".join(f"{k}: {v}" for k, v in meta.items()), ""]
+            if not rows:
+                parts += ["(no rows)", ""]
+                continue
+            imgs = []
+            if prefix == "accuracy":
+                lines, imgs = _accuracy_md(fname, rows, plots)
+                parts += lines
             parts += [_table(rows), ""]
-            img = _plot_ratios(fname, rows)
-            if img:
-                parts += [f"![{fname}]({img})", ""]
-    for img in sorted(glob.glob(os.path.join(PLOTS, "alloc_*.png"))):
-        parts += [f"![{os.path.basename(img)}]({os.path.relpath(img, HERE)})", ""]
+            img = _plot_ratios(fname, rows, plots)
+            imgs = ([img] if img else []) + imgs + _plot_scaling(fname, rows, plots)
+            parts += [f"![{os.path.basename(i)}]({rel(i)})" for i in imgs]
+            parts += [""]
+    extra = sorted(glob.glob(os.path.join(plots, "alloc_*.png")))
+    if extra:
+        parts += ["## Other allocation pictures", ""] + [f"![{os.path.basename(i)}]({rel(i)})" for i in extra] + [""]
     text = "\n".join(parts)
-    with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
+    with open(os.path.join(out_dir, "RESULTS.md"), "w") as f:
         f.write(text)
     return text
 

