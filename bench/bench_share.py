@@ -68,7 +68,8 @@ def _shared_stack(L: int, K: int, N: int, r: int, accumulate: str):
     torch.manual_seed(0)
     first = SharedLoRALinear.from_linear(nn.Linear(K, N), r, 2 * r)
     grp = ShareGroup("bench.lora_A", "lora_A", multi_type=False)
-    layers = [first] + [SharedLoRALinear.from_linear(nn.Linear(K, N), r, 2 * r, lora_A=first.lora_A) for _ in range(L - 1)]
+    layers = [first] + [SharedLoRALinear.from_linear(nn.Linear(K, N), r, 2 * r, lora_A=first.lora_A)
+                        for _ in range(L - 1)]
     for lay in layers:
         nn.init.normal_(lay.lora_B, std=0.02)
         lay.configure_sharing(grp, None, accumulate)

@@ -176,7 +176,7 @@ def _taylor(players: _Players, model, batches, loss_fn, num_passes, q, generator
                     raise RuntimeError("no LoRALinear ran in loss_fn's forward")
                 grads = torch.autograd.grad(losses.sum(), [lf for _, lf in leaves], allow_unused=True)
                 per_mod: dict[str, torch.Tensor] = {}
-                for (name, lf), g in zip(leaves, grads):
+                for (name, _leaf), g in zip(leaves, grads):
                     if g is not None:
                         c = -per_example_gate_grad(g, b).double()                          # [B, R]
                         per_mod[name] = per_mod[name] + c if name in per_mod else c
@@ -274,7 +274,8 @@ def allocate_ranks(scores: dict[str, torch.Tensor], budget: int, *, by: str = "s
     flat = torch.cat([torch.as_tensor(scores[n]).detach().double().cpu().reshape(-1) for n in names])
     valid = ~torch.isnan(flat)
     if not isinstance(budget, int) or not 0 <= budget <= int(valid.sum()):
-        raise ValueError(f"budget must be an int in [0, {int(valid.sum())}] (the number of scored ranks), got {budget!r}")
+        raise ValueError(f"budget must be an int in [0, {int(valid.sum())}] (the number of scored ranks), "
+                         f"got {budget!r}")
     key = flat.abs() if by == "abs" else flat.clone()
     key[~valid] = -math.inf
     order = torch.sort(key, descending=True, stable=True).indices
@@ -308,7 +309,8 @@ def to_peft_lora_config(masks: dict[str, torch.Tensor], lora_alpha: float, **kwa
 def rank_pattern_config(masks: dict[str, torch.Tensor]) -> dict:
     """This package's JSON-able allocation: module → {"r_init", "kept" (rank indices)}."""
     return {"format": "lora_kernels.rank_pattern", "version": __version__,
-            "modules": {n: {"r_init": int(m.numel()), "kept": m.nonzero().flatten().tolist()} for n, m in masks.items()}}
+            "modules": {n: {"r_init": int(m.numel()), "kept": m.nonzero().flatten().tolist()}
+                        for n, m in masks.items()}}
 
 
 def masks_from_config(cfg: dict | str) -> dict[str, torch.Tensor]:
