@@ -14,11 +14,11 @@ demo: install
 	lora-kernels demo
 
 # Triton kernels run on the CPU through the interpreter; it must be set before triton is imported.
-test: install
+test: install lint
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: install
 	$(PY) -m bench.run_all
 
 lint:
-	$(PY) -m ruff check lora_kernels python_api tests bench
+	$(PY) -m ruff check lora_kernels python_api tests bench setup.py
