@@ -30,6 +30,17 @@ from . import gated
 _NS = "lora_kernels"
 
 
+def _scatter_ranks(grad, dim, active, full_shape, accum):
+    """A compacted-rank gradient back to the full rank: added into ``accum`` (returns None) or scattered
+    into zeros of ``full_shape``; the other ranks' gradient is zero."""
+    if grad is None:
+        return None
+    if accum is not None:
+        accum.index_add_(dim, active, grad.to(accum.dtype))
+        return None
+    return grad.new_zeros(full_shape).index_copy_(dim, active, grad)
+
+
 def _h_dtype(x: Tensor) -> torch.dtype:
     # One dtype for h whatever the backend (torch keeps x's dtype, Triton writes fp32): fake and real must agree.
     return torch.promote_types(x.dtype, torch.float32)
@@ -100,18 +111,8 @@ def gated_lora_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, l
             dy.contiguous(), x, weight, a, b, h, scale, g, dropout_p, _seed(seed),
             (need_x, need_a, need_b, need_g), accum_a=acc_a, accum_b=acc_b)
         if active is not None:
-            if da is not None:
-                if accum_a is not None:
-                    accum_a.index_add_(0, active, da.to(accum_a.dtype))
-                    da = None
-                else:
-                    da = da.new_zeros(lora_a.shape).index_copy_(0, active, da)
-            if db is not None:
-                if accum_b is not None:
-                    accum_b.index_add_(1, active, db.to(accum_b.dtype))
-                    db = None
-                else:
-                    db = db.new_zeros(lora_b.shape).index_copy_(1, active, db)
+            da = _scatter_ranks(da, 0, active, lora_a.shape, accum_a)
+            db = _scatter_ranks(db, 1, active, lora_b.shape, accum_b)
     return (dx.contiguous() if dx is not None else _none_grad(dy),
             da.to(lora_a.dtype).contiguous() if da is not None else _none_grad(lora_a),
             db.to(lora_b.dtype).contiguous() if db is not None else _none_grad(lora_b),
