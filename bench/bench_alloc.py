@@ -28,29 +28,31 @@ from python_api.shaplora import shapley_sensitivity  # noqa: E402
 THREADS = int(os.environ.get("BENCH_THREADS") or 1)  # pinned: the 2-core box is shared; 1 keeps ratios stable
 REPEATS, WARMUP = 41, 5
 SHAPE = "MiniLM-L6 (h384, ffn1536, 6 layers), 36 modules, r=12"
+LAYER_SWEEP = (2, 12, 24)  # with the 6-layer run above
 
 
 def _row(op, provider, mode, stats, shape=SHAPE, unit="ms"):
     return make_row(op, provider, mode, shape, torch.float32, "cpu", stats, unit=unit, threads=THREADS)
 
 
-def _bert_config():
+def _bert_config(layers: int = 6):
     from transformers import BertConfig
-    return BertConfig(vocab_size=1000, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+    return BertConfig(vocab_size=1000, hidden_size=384, num_hidden_layers=layers, num_attention_heads=12,
                       intermediate_size=1536, max_position_embeddings=128, num_labels=2)
 
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 
-def bench_allocator(rows):
+def bench_allocator(rows, layers: int = 6, repeats: int = REPEATS, ratios: bool = True):
+    """Ours vs PEFT on one PEFT AdaLoRA BERT (h384) with ``layers`` layers; ``ratios`` adds the speedup rows."""
     import peft
     from transformers import BertForSequenceClassification
     torch.manual_seed(0)
     total = 10_000
     cfg = peft.AdaLoraConfig(init_r=12, target_r=8, target_modules=TARGETS, lora_alpha=32, total_step=total,
                              tinit=0, tfinal=0, deltaT=1, lora_dropout=0.0)
-    model = peft.get_peft_model(BertForSequenceClassification(_bert_config()), cfg)
+    model = peft.get_peft_model(BertForSequenceClassification(_bert_config(layers)), cfg)
     with torch.no_grad():
         for e, _, _ in peft_adapters(model).values():
             e.normal_()
@@ -83,12 +85,15 @@ def bench_allocator(rows):
            "ipt/lora_kernels": ours.tracker.update,
            "ipt/lora_kernels-torchref": ours_ipt_ref}
     # Masking zeroes λ: both allocators get the same weights and gradients before every timed call (untimed).
-    stats = measure(fns, warmup=WARMUP, repeats=REPEATS, setup={"alloc/peft": restore, "alloc/lora_kernels": restore})
-    shape = f"{SHAPE}, {n_params / 1e6:.2f}M adapter params"
+    stats = measure(fns, warmup=WARMUP, repeats=repeats, setup={"alloc/peft": restore, "alloc/lora_kernels": restore})
+    shape = (f"{SHAPE}, {n_params / 1e6:.2f}M adapter params" if layers == 6 else
+             f"BERT-h384-L{layers} ({layers} layers), {6 * layers} modules, r=12, {n_params / 1e6:.2f}M adapter params")
     ops = {"alloc": "update_and_allocate", "ipt": "sensitivity_update"}
     for key, st in stats.items():
         kind, prov = key.split("/")
         rows.append(_row(ops[kind], prov, "alloc", st, shape))
+    if not ratios:
+        return
     for key in ("alloc/lora_kernels", "ipt/lora_kernels", "ipt/lora_kernels-torchref"):
         kind, prov = key.split("/")
         r = stats[f"{kind}/peft"].median / stats[key].median
@@ -137,6 +142,8 @@ def main():
     pin_threads(THREADS)
     rows: list[dict] = []
     bench_allocator(rows)
+    for layers in LAYER_SWEEP:  # cost vs number of adapted layers (the report draws the curve)
+        bench_allocator(rows, layers, repeats=15, ratios=False)
     if "--alloc-only" not in sys.argv:
         bench_shapley(rows)
     path = write_results(rows, "alloc_cpu", {"threads": THREADS, "repeats": REPEATS, "warmup": WARMUP})

@@ -1,8 +1,10 @@
 """Gated LoRA linear microbenchmarks (CPU, side by side in one process).
 
 Providers: plain frozen ``nn.Linear`` (the floor), PEFT's LoRA ``Linear``, this package's ``LoRALinear``
-(torch path on CPU). Mode ``full`` = forward + backward with dx (as inside a network). Also cost vs
-active rank: a rank-R layer with k of R ranks on vs a dense rank-k layer.
+(torch path on CPU). Modes: ``full`` = forward + backward with dx (as inside a network), ``fwd`` = inference
+forward under ``no_grad``. Also: cost vs active rank (a rank-R layer with k of R ranks on vs a dense rank-k
+layer), the per-token gate [T, r] (the MoE path) vs the same math written as autograd ops, and scaling sweeps
+(cost vs tokens at r=16, cost vs rank at T=2048) whose shapes differ in one size so the report draws curves.
 
     python -m bench.bench_gated [--quick]
 """
@@ -21,6 +23,9 @@ SHAPES = {  # name: (T, d_in, d_out, r)
     "T4096-d1024-r16": (4096, 1024, 1024, 16),
 }
 QUICK_SHAPES = {"T512-d256-r8": (512, 256, 256, 8)}
+TOKEN_SWEEP = [(T, 768, 768, 16) for T in (256, 512, 1024, 4096)]      # + T2048-d768-r16 above
+RANK_SWEEP = [(2048, 768, 768, r) for r in (4, 32, 64)]                # + r8 and r16 above
+ACTIVE_FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
 
 
 def _peft_linear(base: nn.Linear, r: int, alpha: int):
@@ -48,7 +53,18 @@ def _step(layer, x, dy):
     return fn
 
 
-def bench_providers(shapes, repeats, warmup) -> list[dict]:
+def _infer(layer, x):
+    def fn():
+        with torch.no_grad():
+            layer(x)
+    return fn
+
+
+def _name(T, K, N, r) -> str:
+    return f"T{T}-d{K}-r{r}" if K == N else f"T{T}-d{K}x{N}-r{r}"
+
+
+def bench_providers(shapes, repeats, warmup, modes=("full", "fwd")) -> list[dict]:
     rows = []
     for name, (T, K, N, r) in shapes.items():
         torch.manual_seed(0)
@@ -57,12 +73,39 @@ def bench_providers(shapes, repeats, warmup) -> list[dict]:
         x = torch.randn(T, K, requires_grad=True)
         dy = torch.randn(T, N)
         layers = {"nn.Linear": base, "peft": _peft_linear(base, r, 2 * r), "lora_kernels": _ours(base, r, 2 * r)}
-        stats = measure({k: _step(v, x, dy) for k, v in layers.items()}, warmup=warmup, repeats=repeats)
-        floor, peft = stats["nn.Linear"][0], stats["peft"][0]
-        for prov, st in stats.items():
-            rows.append(make_row("lora_linear", prov, "full", name, torch.float32, "cpu", st,
-                                 ratio_vs_linear=round(st[0] / floor, 4), ratio_vs_peft=round(st[0] / peft, 4)))
+        for mode in modes:
+            fns = {k: (_step(v, x, dy) if mode == "full" else _infer(v, x)) for k, v in layers.items()}
+            stats = measure(fns, warmup=warmup, repeats=repeats)
+            floor, peft = stats["nn.Linear"][0], stats["peft"][0]
+            for prov, st in stats.items():
+                rows.append(make_row("lora_linear", prov, mode, name, torch.float32, "cpu", st,
+                                     ratio_vs_linear=round(st[0] / floor, 4), ratio_vs_peft=round(st[0] / peft, 4)))
     return rows
+
+
+def bench_token_gate(T, K, N, r, repeats, warmup) -> list[dict]:
+    """Per-token gate G [T, r] (what MoE-LoRA routing produces) through the layer vs the same math as autograd
+    ops: y = x Wᵀ + b + s ((x Aᵀ) ⊙ G) Bᵀ."""
+    torch.manual_seed(0)
+    base = nn.Linear(K, N)
+    base.requires_grad_(False)
+    ours = _ours(base, r, 2 * r)
+    a = ours.lora_A.detach().clone().requires_grad_(True)
+    b = ours.lora_B.detach().clone().requires_grad_(True)
+    x = torch.randn(T, K, requires_grad=True)
+    dy = torch.randn(T, N)
+    gate = torch.rand(T, r)
+    ours.set_token_gate(gate)
+    scale = ours.scaling
+
+    def composite():
+        x.grad = a.grad = b.grad = None
+        (base(x) + scale * ((x @ a.t()) * gate) @ b.t()).backward(dy)
+    stats = measure({"lora_kernels": _step(ours, x, dy), "autograd-composite": composite}, warmup=warmup,
+                    repeats=repeats)
+    ref = stats["autograd-composite"][0]
+    return [make_row("lora_linear_token_gate", prov, "full", _name(T, K, N, r), torch.float32, "cpu", st,
+                     ratio_vs_composite=round(st[0] / ref, 4)) for prov, st in stats.items()]
 
 
 def bench_active_rank(T, K, N, R, repeats, warmup) -> list[dict]:
@@ -73,7 +116,7 @@ def bench_active_rank(T, K, N, R, repeats, warmup) -> list[dict]:
     base.requires_grad_(False)
     x = torch.randn(T, K, requires_grad=True)
     dy = torch.randn(T, N)
-    for frac in (0.25, 0.5, 1.0):
+    for frac in ACTIVE_FRACTIONS:
         k = max(1, int(R * frac))
         masked = _ours(base, R, 2 * R)
         mask = torch.zeros(R, dtype=torch.bool)
@@ -95,7 +138,11 @@ def run(quick: bool = False) -> list[dict]:
     shapes = QUICK_SHAPES if quick else SHAPES
     repeats, warmup = (5, 2) if quick else (15, 5)
     rows = bench_providers(shapes, repeats, warmup)
+    if not quick:
+        sweep = {_name(*s): s for s in TOKEN_SWEEP + RANK_SWEEP}
+        rows += bench_providers(sweep, repeats=9, warmup=3, modes=("full",))
     rows += bench_active_rank(*((512, 256, 256, 16) if quick else (2048, 768, 768, 64)), repeats, warmup)
+    rows += bench_token_gate(*((512, 256, 256, 8) if quick else (2048, 768, 768, 16)), repeats, warmup)
     write_results(rows, "gated_cpu_quick" if quick else "gated_cpu", {"threads": threads, "quick": quick})
     return rows
 

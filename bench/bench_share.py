@@ -3,26 +3,22 @@ in-place shared-gradient accumulation and of computing the shrink once for q, k,
 
     python -m bench.bench_share [--quick]          # writes bench/results/share_cpu.{json,csv}
 
-Memory: each variant trains in a fresh subprocess (RoBERTa-base shape from its config, random weights,
-q+v, r=8, AdamW, batch 4 x 128 tokens); peak RSS during two steps minus RSS before them.
+Memory: each variant (RoBERTa-base shape from its config, random weights, q+v, r=8, AdamW, batch 4 x 128 tokens)
+takes one training step, then the CPU allocator's peak over the second step (bench.harness.peak_alloc_bytes).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
-import sys
 
 import torch
 from torch import nn
 
-from bench.harness import format_table, make_row, measure, pin_threads, write_results
+from bench.harness import format_table, make_row, measure, peak_alloc_bytes, pin_threads, write_results
 
 VARIANTS = {"lora": None, "shareA": "A", "shareB": "B", "shareAB": "AB"}
 
 
-def _train_child(share: str | None, layers: int, batch: int, seq: int) -> dict:
+def _train_memory(share: str | None, layers: int, batch: int, seq: int) -> dict:
     from transformers import RobertaConfig, RobertaModel
 
     from python_api import apply_adapters, count_trainable
@@ -32,17 +28,18 @@ def _train_child(share: str | None, layers: int, batch: int, seq: int) -> dict:
     m.train()
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, 1000, (batch, seq))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(2):
-        opt.zero_grad(set_to_none=True)
+
+    def step():
         m(ids).last_hidden_state.square().mean().backward()
         opt.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    # set_to_none outside the profiled call: the profiler does not see frees of older tensors
+    opt.zero_grad(set_to_none=True)
+    peak = peak_alloc_bytes(step)["peak"]
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                 if torch.is_tensor(t) and t.dim() > 0)
     grads = sum(p.grad.numel() * p.grad.element_size() for p in m.parameters() if p.grad is not None)
-    return {"trainable": count_trainable(m), "opt_state_bytes": state, "grad_bytes": grads,
-            "peak_rss_delta_kib": peak - before}
+    return {"trainable": count_trainable(m), "opt_state_bytes": state, "grad_bytes": grads, "peak_step_bytes": peak}
 
 
 def bench_memory(quick: bool) -> list[dict]:
@@ -50,16 +47,14 @@ def bench_memory(quick: bool) -> list[dict]:
     rows = []
     shape = f"roberta-base-L{layers}-qv-r8-B{batch}x{seq}"
     for name, share in VARIANTS.items():
-        out = subprocess.run([sys.executable, "-m", "bench.bench_share", "--child", str(share), "--layers", str(layers),
-                              "--batch", str(batch), "--seq", str(seq)], capture_output=True, text=True, check=True)
-        res = json.loads(out.stdout.strip().splitlines()[-1])
+        res = _train_memory(share, layers, batch, seq)
         rows.append(make_row("trainable_params", name, "alloc", shape, torch.float32, "cpu", res["trainable"],
                              "params"))
         rows.append(make_row("optimizer_state", name, "alloc", shape, torch.float32, "cpu",
                              res["opt_state_bytes"], "bytes", optimizer="AdamW"))
         rows.append(make_row("grad_buffers", name, "alloc", shape, torch.float32, "cpu", res["grad_bytes"], "bytes"))
-        rows.append(make_row("peak_train_rss_delta", name, "full", shape, torch.float32, "cpu",
-                             res["peak_rss_delta_kib"] / 1024, "MiB", steps=2))
+        rows.append(make_row("peak_step_bytes", name, "full", shape, torch.float32, "cpu", res["peak_step_bytes"],
+                             "bytes", step=2))
     return rows
 
 
@@ -162,15 +157,7 @@ def run(quick: bool) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--child", default=None)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=128)
     a = ap.parse_args()
-    if a.child is not None:
-        pin_threads()
-        print(json.dumps(_train_child(None if a.child == "None" else a.child, a.layers, a.batch, a.seq)))
-        return
     rows = run(a.quick)
     print(format_table(rows, cols=("op", "provider", "mode", "shape", "median", "unit")))
     for r in rows:

@@ -20,10 +20,14 @@ RESULTS = os.path.join(HERE, "results")
 PLOTS = os.path.join(HERE, "plots")
 
 SECTIONS = [  # (title, file prefix, what the reader should look at)
-    ("Gated LoRA linear (CPU)", "gated_cpu", "forward+backward vs PEFT LoRA and the frozen nn.Linear floor; "
-     "masked rank vs dense rank-k"),
+    ("Gated LoRA linear (CPU)", "gated_cpu", "forward+backward (full) and inference forward (fwd) vs PEFT LoRA and "
+     "the frozen nn.Linear floor; cost vs tokens and vs rank; masked rank vs dense rank-k; per-token gate vs the "
+     "same math as autograd ops"),
     ("Gated LoRA linear (GPU)", "gated_gpu", "T=8192, d=4096, r=16 bf16: overhead over nn.Linear (target ≤ 8%)"),
     ("Allocation overhead: sensitivity tracker vs PEFT RankAllocator", "alloc", ""),
+    ("Training memory per method (MiniLM-L6)", "memory", "trainable parameters, AdamW state, gradient bytes and "
+     "peak allocator bytes of one steady-state training step (torch profiler, CPU allocator), same model and "
+     "batch for every method; `python -m bench.bench_memory`"),
     ("ShareLoRA: parameters, optimizer state, memory, accumulation", "share", ""),
     ("AlphaLoRA: layer alphas vs weightwatcher", "alpha", ""),
     ("MoE-LoRA layer", "moe", ""),
@@ -159,8 +163,12 @@ def _accuracy_md(name: str, rows: list[dict], plots: str) -> tuple[list[str], li
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r.get("group", "?"), []).append(r)
+    lora = next((r for r in rows if r["provider"] == "lora"), None)
     for g, rs in groups.items():
         base = next((r for r in rs if r["provider"] in ("lora", "moe_uniform")), None)
+        if base is None and g == "share" and lora is not None:
+            base = lora                    # one LoRA run serves both groups: same config, seeds and data order
+            rs = [lora, *rs]
         lines += [f"**{g}**", "", "| method | acc mean ± std | seeds | per-seed | trainable params | "
                   "Δ vs baseline | train s | alloc s |", "|---|---|---|---|---|---|---|---|"]
         for r in rs:
@@ -233,6 +241,42 @@ def _allocation_plots(name: str, rows: list[dict], plots: str) -> list[str]:
     return imgs
 
 
+# ---- memory --------------------------------------------------------------------------------------------
+MEMORY_OPS = ("trainable_params", "optimizer_state", "grad_bytes", "peak_step_bytes", "peak_train_bytes")
+
+
+def _mib(v) -> str:
+    return f"{v / 2**20:.2f}" if isinstance(v, (int, float)) else ""
+
+
+def _memory_md(name: str, rows: list[dict], plots: str) -> tuple[list[str], list[str]]:
+    """One line per method (trainable params, then MiB) and a bar chart of peak training memory."""
+    by: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r.get("op") in MEMORY_OPS:
+            by.setdefault(r["provider"], {})[r["op"]] = r["median"]
+    if not by:
+        return [], []
+    lines = ["| method | trainable params | optimizer state MiB | grads MiB | peak step MiB | peak train MiB |",
+             "|---|---|---|---|---|---|"]
+    for prov, m in by.items():
+        lines.append(f"| {prov} | {m.get('trainable_params', '')} | {_mib(m.get('optimizer_state'))} | "
+                     f"{_mib(m.get('grad_bytes'))} | {_mib(m.get('peak_step_bytes'))} | "
+                     f"{_mib(m.get('peak_train_bytes'))} |")
+    lines.append("")
+    key = "peak_train_bytes" if any("peak_train_bytes" in m for m in by.values()) else "peak_step_bytes"
+    pts = [(p, m[key] / 2**20) for p, m in by.items() if key in m]
+    if not pts:
+        return lines, []
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(pts) + 1), 3.4))
+    ax.bar(range(len(pts)), [v for _, v in pts], color="#8172b2")
+    ax.set_xticks(range(len(pts)), [p for p, _ in pts], fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel(f"{key} (MiB)")
+    ax.set_title(f"{name}: {key} per method", fontsize=9)
+    return lines, [_save(fig, plt, plots, name.replace(".json", "_peak.png"))]
+
+
 def build(results: str = RESULTS, out_dir: str = HERE, plots: str | None = None) -> str:
     """Writes ``<out_dir>/RESULTS.md`` and PNGs under ``plots`` (default ``<out_dir>/plots``); returns the text."""
     plots = plots or os.path.join(out_dir, "plots")
@@ -258,8 +302,8 @@ def build(results: str = RESULTS, out_dir: str = HERE, plots: str | None = None)
                 parts += ["(no rows)", ""]
                 continue
             imgs = []
-            if prefix == "accuracy":
-                lines, imgs = _accuracy_md(fname, rows, plots)
+            if prefix in ("accuracy", "memory"):
+                lines, imgs = (_accuracy_md if prefix == "accuracy" else _memory_md)(fname, rows, plots)
                 parts += lines
             parts += [_table(rows), ""]
             img = _plot_ratios(fname, rows, plots)

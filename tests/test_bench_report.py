@@ -35,6 +35,7 @@ def _accuracy_rows():
         runs.append({**base, "method": "lora", "acc": acc})
         runs.append({**base, "method": "shaplora", "acc": acc + 0.01, "ranks": ranks,
                      "shapley": {n: [0.1, -0.05, None, 0.2] for n in ranks}})
+        runs.append({**base, "method": "shareAB", "acc": acc - 0.02, "trainable_params": 30})
         runs.append({**base, "method": "moe_uniform", "acc": acc - 0.01, "experts": [2, 2, 2]})
         runs.append({**base, "method": "alphalora", "acc": acc, "experts": [1, 2, 3], "alphas": [2.1, 2.5, 3.0]})
     return aggregate(runs, cfg, threads=1)
@@ -68,6 +69,29 @@ def test_report_builds_from_synthetic_results(tmp_path):
                  "accuracy_cpu_ranks_shaplora.png", "accuracy_cpu_shapley.png", "accuracy_cpu_experts.png"):
         assert want in plots
         assert f"plots/{want}" in text
+
+
+def _memory_rows():
+    rows = []
+    for prov, params, peak in (("lora", 1000, 3 * 2**20), ("shareAB", 100, 2 * 2**20)):
+        for op, v, unit in (("trainable_params", params, "params"), ("optimizer_state", 8 * params, "bytes"),
+                            ("peak_train_bytes", peak, "bytes")):
+            rows.append({"op": op, "provider": prov, "mode": "train", "shape": "minilm", "median": v, "p20": v,
+                         "p80": v, "unit": unit})
+    return rows
+
+
+def test_share_group_borrows_the_lora_baseline_and_memory_section(tmp_path):
+    res, out = tmp_path / "results", tmp_path / "out"
+    res.mkdir()
+    out.mkdir()
+    _write(res, "accuracy_cpu.json", _accuracy_rows())
+    _write(res, "memory_cpu.json", _memory_rows())
+    text = report.build(results=str(res), out_dir=str(out))
+    share = text.split("**share**", 1)[1].split("**", 1)[0]
+    assert "| lora | 0.7200" in share and "| shareAB | 0.7000" in share and "-0.0200" in share
+    assert "| lora | 1000 | 0.01 |  |  | 3.00 |" in text and "| shareAB | 100 | 0.00 |  |  | 2.00 |" in text
+    assert "plots/memory_cpu_peak.png" in text and (out / "plots" / "memory_cpu_peak.png").exists()
 
 
 def test_scaling_series_needs_one_varying_size():
