@@ -1,5 +1,6 @@
 """The gated LoRA linear, a ``torch.library`` custom op (:mod:`lora_kernels.ops`) dispatched per call to the
-torch / Triton / CUDA backends, so ``torch.compile`` traces it as one node with its fake implementation.
+torch / Triton / CUDA backends, so ``torch.compile`` traces it as one node with its fake implementation (eager
+calls run the same bodies through a plain autograd Function: ``lora_kernels.ops.gated_lora``).
 
     y = x Wᵀ + b + s · ((dropout(x) Aᵀ) ⊙ G) Bᵀ          (ALGORITHMS.md §1)
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from lora_kernels import gated
-from lora_kernels import ops as _ops  # noqa: F401  (registers torch.ops.lora_kernels.*)
+from lora_kernels import ops as _ops  # registers torch.ops.lora_kernels.*
 from lora_kernels.checks import check_gated_lora_args
 
 
@@ -95,6 +96,5 @@ def lora_linear(
             active = gated.active_ranks(gate)
     elif gate_kind != "rank" or gate.requires_grad:
         active = None  # compaction would drop the switched-off ranks' gate gradient (ALGORITHMS.md §1)
-    y, _ = torch.ops.lora_kernels.gated_lora_forward(x2, weight, bias, lora_a, lora_b, gate, float(scale), p, seed_t,
-                                                     active, accum_a, accum_b)
+    y = _ops.gated_lora(x2, weight, bias, lora_a, lora_b, gate, float(scale), p, seed_t, active, accum_a, accum_b)
     return y.reshape(*lead, N)
