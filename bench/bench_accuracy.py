@@ -1,7 +1,7 @@
 """Accuracy at equal trainable parameters: MiniLM-L6 fine-tuned on Rotten Tomatoes (both ship offline in pip
 packages, see python_api/models.py and python_api/data.py), mean ± std over seeds.
 
-    python -m bench.bench_accuracy [--quick] [--seeds 0 1 2] [--groups rank share moe] [--steps N]
+    python -m bench.bench_accuracy [--quick] [--seeds 0 1 2] [--groups rank share moe] [--steps N] [--out DIR]
 
 Groups (every method of a group gets the same steps, batch, learning rate and data order per seed):
 - ``rank``:  uniform LoRA r=4 vs AdaLoRA (SVD form, r_init 8 → target budget 4 × modules during training)
@@ -361,6 +361,7 @@ def run(quick: bool = False, seeds=None, groups=None, steps: int | None = None, 
                     continue
                 t1 = time.perf_counter()
                 info = run_one(task, method, seed)
+                info["total_time_s"] = round(time.perf_counter() - t1, 2)   # allocation + training + evaluation
                 rec = {"method": method, "seed": seed, "config_key": key, **info}
                 with open(runs_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
@@ -381,8 +382,9 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+")
     ap.add_argument("--groups", nargs="+", choices=list(GROUPS))
     ap.add_argument("--steps", type=int)
+    ap.add_argument("--out", default=RESULTS, help="folder for the result files (default bench/results)")
     a = ap.parse_args()
-    for r in run(a.quick, a.seeds, a.groups, a.steps):
+    for r in run(a.quick, a.seeds, a.groups, a.steps, directory=a.out):
         print(f"{r['provider']:12s} acc {r['acc_mean']:.4f} ± {r['acc_std']} (n={r['n_seeds']}) "
               f"params {r['trainable_params']}")
 

@@ -66,8 +66,7 @@ def main():
     meta = {"threads": threads, "ww_layers": len(details), "ww_encoder_matrices": len(ww_alpha),
             "ww_max_abs_alpha_diff_vs_ours_scan": diff,
             "ww_xmin_peak_powerlaw_alphas": sorted({float(a) for a in peak["alpha"]}),
-            "ours_faithful_layer_alphas": [round(a, 4) for a in layer_alphas(model)],
-            "note": "machine shared with other jobs; ratios from one interleaved measure() call"}
+            "ours_faithful_layer_alphas": [round(a, 4) for a in layer_alphas(model)]}
     print(format_table(rows, ("provider", "median", "p20", "p80", "speedup_vs_weightwatcher")))
     print({k: v for k, v in meta.items()})
     print(write_results(rows, "alpha_cpu", meta))

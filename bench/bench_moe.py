@@ -53,8 +53,7 @@ def main():
             rows.append(make_row("moe_lora_linear", p, "full", f"T{T}-d{d}-E{E}-r{r}-k{k}", torch.float32, "cpu",
                                  s, ratio_vs_python_loop=round(s.median / base, 3)))
     print(format_table(rows, ("provider", "shape", "median", "p20", "p80", "ratio_vs_python_loop")))
-    print(write_results(rows, "moe_cpu", {"threads": threads,
-                                         "note": "machine shared with other jobs; ratios within one measure()"}))
+    print(write_results(rows, "moe_cpu", {"threads": threads}))
 
 
 if __name__ == "__main__":

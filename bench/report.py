@@ -24,6 +24,9 @@ SECTIONS = [  # (title, file prefix, what the reader should look at)
      "the frozen nn.Linear floor; cost vs tokens and vs rank; masked rank vs dense rank-k; per-token gate vs the "
      "same math as autograd ops"),
     ("Gated LoRA linear (GPU)", "gated_gpu", "T=8192, d=4096, r=16 bf16: overhead over nn.Linear (target ≤ 8%)"),
+    ("GPU kernels: sensitivity update, ShareLoRA accumulation, MoE-LoRA, layer alphas", "kernels_gpu",
+     "vs a PEFT-style per-parameter loop / autograd accumulation / a loop over experts / per-matrix svdvals + "
+     "Hill; GB/s and % of the card's peak (H100: 3.35 TB/s, 990 TFLOP/s bf16)"),
     ("Allocation overhead: sensitivity tracker vs PEFT RankAllocator", "alloc", ""),
     ("Training memory per method (MiniLM-L6)", "memory", "trainable parameters, AdamW state, gradient bytes and "
      "peak allocator bytes of one steady-state training step (torch profiler, CPU allocator), same model and "

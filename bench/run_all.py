@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 
-MODULES = ["bench_gated", "bench_alloc", "bench_share", "bench_alpha", "bench_moe", "bench_accuracy"]
+MODULES = ["bench_gated", "bench_alloc", "bench_share", "bench_alpha", "bench_moe", "bench_memory", "bench_accuracy"]
 
 
 def _call(mod, quick: bool):
@@ -70,7 +70,7 @@ def run_all(quick: bool = False, only=None, skip=()) -> dict[str, str]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CI-sized variants (result files *_quick.json)")
-    ap.add_argument("--only", nargs="+", help="module names (gated, alloc, share, alpha, moe, accuracy)")
+    ap.add_argument("--only", nargs="+", help="module names (gated, alloc, share, alpha, moe, memory, accuracy)")
     ap.add_argument("--skip", nargs="+", default=[])
     a = ap.parse_args()
     status = run_all(a.quick, a.only, a.skip)
