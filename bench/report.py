@@ -313,7 +313,8 @@ def build(results: str = RESULTS, out_dir: str = HERE, plots: str | None = None)
             imgs = ([img] if img else []) + imgs + _plot_scaling(fname, rows, plots)
             parts += [f"![{os.path.basename(i)}]({rel(i)})" for i in imgs]
             parts += [""]
-    extra = sorted(glob.glob(os.path.join(plots, "alloc_*.png")))
+    shown = {os.path.basename(line.split("(", 1)[1].rstrip(")")) for line in parts if line.startswith("![")}
+    extra = [p for p in sorted(glob.glob(os.path.join(plots, "alloc_*.png"))) if os.path.basename(p) not in shown]
     if extra:
         parts += ["## Other allocation pictures", ""] + [f"![{os.path.basename(i)}]({rel(i)})" for i in extra] + [""]
     text = "\n".join(parts)

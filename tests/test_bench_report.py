@@ -58,12 +58,16 @@ def test_report_builds_from_synthetic_results(tmp_path):
     _write(res, "gated_cpu.json", _gated_rows(), {"threads": 2})
     _write(res, "gated_cpu_quick.json", _gated_rows())          # quick files stay out of the report
     _write(res, "accuracy_cpu.json", _accuracy_rows(), {"threads": 2})
+    alloc = [{**r, "op": "update_and_allocate", "shape": r["shape"].replace("T", "BERT-L")} for r in _gated_rows()]
+    _write(res, "alloc_cpu.json", alloc)                        # its scaling plot is named alloc_*.png
     text = report.build(results=str(res), out_dir=str(out))
     assert (out / "RESULTS.md").read_text() == text
     assert "gated_cpu_quick.json" not in text
     assert "No result file yet." in text                         # e.g. the GPU section
     assert "| lora | 0.7200 ± 0.0200 | 3 |" in text               # every figure comes from the file
     assert "| shaplora | 0.7300 ± 0.0200 | 3 |" in text and "+0.0100" in text
+    images = [line for line in text.splitlines() if line.startswith("![")]
+    assert len(images) == len(set(images))                      # no picture shown twice
     plots = sorted(os.listdir(out / "plots"))
     for want in ("gated_cpu.png", "gated_cpu_scaling_lora_linear_full_T.png", "accuracy_cpu_bars.png",
                  "accuracy_cpu_ranks_shaplora.png", "accuracy_cpu_shapley.png", "accuracy_cpu_experts.png"):
