@@ -10,6 +10,8 @@ Groups (every method of a group gets the same steps, batch, learning rate and da
 - ``share``: LoRA r=4 vs ShareA / ShareB / ShareAB (one matrix per module type across layers).
 - ``moe``:   MoE-LoRA (experts of rank 4) with the same total experts T = 4 × layers: uniform (4 per layer)
   vs MoLA-2468 vs AlphaLoRA (β = 2.5, faithful repair), top-k = 2 where a layer has > 1 expert.
+- ``peer`` (not in the default run): PEFT's LoRA r=4 and PEFT's AdaLoRA 8 → 4 with the same schedule, data
+  order and loop, so the ``rank`` rows can be read against the peer's own implementation.
 
 Rows use the harness schema with ``unit = "accuracy"``: median / p20 / p80 are the median and the 20th / 80th
 percentiles of the per-seed test accuracies; extras carry acc_mean, acc_std (sample std), per-seed values,
@@ -39,7 +41,9 @@ if __package__ in (None, ""):
 from bench.harness import RESULTS, make_row, pin_threads, write_results  # noqa: E402
 
 GROUPS = {"rank": ["lora", "adalora", "shaplora"], "share": ["lora", "shareA", "shareB", "shareAB"],
-          "moe": ["moe_uniform", "mola_2468", "alphalora"]}
+          "moe": ["moe_uniform", "mola_2468", "alphalora"], "peer": ["peft_lora", "peft_adalora"]}
+# The default suite (about 45 min on 2 cores); ``--groups peer`` adds PEFT's own LoRA and AdaLoRA (same config)
+DEFAULT_GROUPS = ["rank", "share", "moe"]
 # orth_reg = 0 [ours, for this short budget]: with SVD-form adapters (E = 0 at init, so the task loss gives A and B no
 # gradient until E moves) the orthogonality penalty dominates the first hundred steps. Measured here (MiniLM-L6, r=8,
 # lr 2e-3, 80 steps, 500 test examples): test accuracy 0.614 with orth_reg 0.1 vs 0.758 without; with 0.1 the 120-step
@@ -168,6 +172,54 @@ def run_lora(task, seed, share=None):
     return model, {"train_time_s": t, "alloc_time_s": 0.0, "allocated_params": count_trainable(model)}
 
 
+def adalora_schedule(cfg) -> dict:
+    """PEFT's schedule shape (AdaLoraConfig's words): warm up at r_init, cubic decrease, final fixed pattern for
+    the last fifth; ours and PEFT's AdaLoRA both run it."""
+    steps = cfg["steps"]
+    return {"total_step": steps, "tinit": steps // 10, "tfinal": steps // 5, "deltaT": max(1, steps // 20)}
+
+
+def peft_lora_model(task, seed):
+    """PEFT's LoRA (r, alpha = 2r, no dropout) on the same targets, the head trained as modules_to_save."""
+    from peft import LoraConfig, get_peft_model
+    cfg = task.cfg
+    return get_peft_model(task.fresh(seed), LoraConfig(r=cfg["r"], lora_alpha=2 * cfg["r"], lora_dropout=0.0,
+                                                       target_modules=task.targets, modules_to_save=task.heads))
+
+
+def peft_adalora_model(task, seed):
+    """PEFT's AdaLoRA (r_init → r, alpha = 2·r_init) with run_adalora's schedule; its allocator is
+    ``model.base_model.update_and_allocate``. No orthogonality term: PEFT adds it only when labels are passed."""
+    from peft import AdaLoraConfig, get_peft_model
+    cfg = task.cfg
+    return get_peft_model(task.fresh(seed), AdaLoraConfig(
+        init_r=cfg["r_init"], target_r=cfg["r"], lora_alpha=2 * cfg["r_init"], lora_dropout=0.0,
+        target_modules=task.targets, modules_to_save=task.heads, **adalora_schedule(cfg)))
+
+
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def run_peft(task, seed, method):
+    torch.manual_seed(seed)
+    if method == "peft_lora":
+        model = peft_lora_model(task, seed)
+        t = train(model, task, seed, task.cfg["steps"])
+        return model, {"train_time_s": t, "alloc_time_s": 0.0, "allocated_params": _trainable(model),
+                       "trainable_params": _trainable(model)}
+    from python_api.adalora import peft_adapters
+    model = peft_adalora_model(task, seed)
+    t = train(model, task, seed, task.cfg["steps"], allocator=model.base_model)
+    trip = peft_adapters(model)
+    ranks = {n.removeprefix("base_model.model."): int((e.detach() != 0).sum()) for n, (e, _, _) in trip.items()}
+    adapters = sum(ranks[n.removeprefix("base_model.model.")] * (a.shape[1] + b.shape[0] + 1)
+                   for n, (_, a, b) in trip.items())
+    lora_params = sum(t.numel() for trip3 in trip.values() for t in trip3)
+    return model, {"train_time_s": t, "alloc_time_s": 0.0, "allocated_params": _trainable(model),
+                   "trainable_params": adapters + _trainable(model) - lora_params, "ranks": ranks}
+
+
 def _svd_model(task, seed):
     from python_api.surgery import apply_adapters
     cfg = task.cfg
@@ -181,11 +233,8 @@ def run_adalora(task, seed):
     from python_api.surgery import count_trainable
     cfg = task.cfg
     model = _svd_model(task, seed)
-    steps = cfg["steps"]
-    # PEFT's schedule shape: warm up at r_init, cubic decrease, final fixed pattern for the last fifth
-    alloc = AdaLoRAAllocator(model, target_r=cfg["r"], total_step=steps, tinit=steps // 10, tfinal=steps // 5,
-                             deltaT=max(1, steps // 20))
-    t = train(model, task, seed, steps, orth_reg=cfg["orth_reg"], allocator=alloc)
+    alloc = AdaLoRAAllocator(model, target_r=cfg["r"], **adalora_schedule(cfg))
+    t = train(model, task, seed, cfg["steps"], orth_reg=cfg["orth_reg"], allocator=alloc)
     ranks = _ranks(model)
     return model, {"train_time_s": t, "alloc_time_s": 0.0, "allocated_params": count_trainable(model),
                    "trainable_params": _adalora_effective(model, ranks),
@@ -267,6 +316,8 @@ def run_one(task, method, seed) -> dict:
         model, info = run_shaplora(task, seed)
     elif method in GROUPS["moe"]:
         model, info = run_moe(task, seed, method)
+    elif method in GROUPS["peer"]:
+        model, info = run_peft(task, seed, method)
     else:
         raise ValueError(f"unknown method {method!r}")
     info.setdefault("trainable_params", _effective_params(model))
@@ -329,7 +380,7 @@ def aggregate(runs: list[dict], cfg: dict, threads: int) -> list[dict]:
                 row[extra] = rs[-1][extra] if extra != "experts" else rs[0][extra]
         if method == "shaplora" and rs[-1].get("shapley"):
             row["shapley"] = rs[-1]["shapley"]
-        if method in ("shaplora", "adalora"):
+        if method in ("shaplora", "adalora", "peft_adalora"):
             row["ranks_per_seed"] = {str(r["seed"]): r.get("ranks") for r in rs}
         rows.append(row)
     return rows
@@ -341,7 +392,7 @@ def run(quick: bool = False, seeds=None, groups=None, steps: int | None = None, 
         cfg["seeds"] = list(seeds)
     if steps is not None:
         cfg["steps"] = int(steps)
-    groups = list(groups or GROUPS)
+    groups = list(groups or DEFAULT_GROUPS)
     threads = pin_threads()
     name = "accuracy_cpu_quick" if quick else "accuracy_cpu"
     runs_path = os.path.join(directory, name + "_runs.jsonl")

@@ -34,7 +34,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.bench_accuracy import (FULL, Task, _adalora_effective, _effective_params, _svd_model,  # noqa: E402
-                                  moe_experts, per_example_loss)
+                                  adalora_schedule, moe_experts, peft_adalora_model, peft_lora_model, per_example_loss)
 from bench.harness import RESULTS, format_table, make_row, peak_alloc_bytes, pin_threads, write_results  # noqa: E402
 
 METHODS = ["head_only", "peft_lora", "lora", "peft_adalora", "adalora", "shaplora", "shareA", "shareB", "shareAB",
@@ -121,16 +121,8 @@ def _lora(task, share=None) -> Built:
 
 
 def _peft_lora(task) -> Built:
-    from peft import LoraConfig, get_peft_model
-    cfg = task.cfg
-    model = get_peft_model(task.fresh(0), LoraConfig(r=cfg["r"], lora_alpha=2 * cfg["r"], lora_dropout=0.0,
-                                                     target_modules=task.targets, modules_to_save=task.heads))
+    model = peft_lora_model(task, 0)
     return Built(model, _trainable(model))
-
-
-def _schedule(cfg) -> dict:
-    steps = cfg["steps"]   # run_adalora's schedule
-    return {"total_step": steps, "tinit": steps // 10, "tfinal": steps // 5, "deltaT": max(1, steps // 20)}
 
 
 def _adalora(task) -> Built:
@@ -138,18 +130,14 @@ def _adalora(task) -> Built:
     from python_api.surgery import adapter_layers
     cfg = task.cfg
     model = _svd_model(task, 0)
-    alloc = AdaLoRAAllocator(model, target_r=cfg["r"], **_schedule(cfg))
+    alloc = AdaLoRAAllocator(model, target_r=cfg["r"], **adalora_schedule(cfg))
     final = {n: cfg["r"] for n in adapter_layers(model)}   # the average rank the budget ends at
     return Built(model, _adalora_effective(model, final), alloc.update_and_allocate, [alloc],
                  extra={"effective_at": "final budget (target_r x modules)"})
 
 
 def _peft_adalora(task) -> Built:
-    from peft import AdaLoraConfig, get_peft_model
-    cfg = task.cfg
-    model = get_peft_model(task.fresh(0), AdaLoraConfig(
-        init_r=cfg["r_init"], target_r=cfg["r"], lora_alpha=2 * cfg["r_init"], lora_dropout=0.0,
-        target_modules=task.targets, modules_to_save=task.heads, **_schedule(cfg)))
+    model = peft_adalora_model(task, 0)
     return Built(model, _trainable(model), model.base_model.update_and_allocate, [model.base_model.rankallocator])
 
 

@@ -35,7 +35,8 @@ SECTIONS = [  # (title, file prefix, what the reader should look at)
     ("AlphaLoRA: layer alphas vs weightwatcher", "alpha", ""),
     ("MoE-LoRA layer", "moe", ""),
     ("Accuracy at equal trainable parameters", "accuracy", "test accuracy, mean ± sample std over seeds, "
-     "MiniLM-L6 on Rotten Tomatoes (both offline); `python -m bench.bench_accuracy`"),
+     "MiniLM-L6 on Rotten Tomatoes (both offline); `python -m bench.bench_accuracy` (`--groups peer`: PEFT's own "
+     "LoRA and AdaLoRA in the same loop)"),
 ]
 # columns too bulky for a table: drawn as pictures instead
 _BULKY = {"ranks", "shapley", "ranks_per_seed", "alphas", "experts", "accs"}
@@ -169,8 +170,8 @@ def _accuracy_md(name: str, rows: list[dict], plots: str) -> tuple[list[str], li
     lora = next((r for r in rows if r["provider"] == "lora"), None)
     for g, rs in groups.items():
         base = next((r for r in rs if r["provider"] in ("lora", "moe_uniform")), None)
-        if base is None and g == "share" and lora is not None:
-            base = lora                    # one LoRA run serves both groups: same config, seeds and data order
+        if base is None and g in ("share", "peer") and lora is not None:
+            base = lora                    # one LoRA run serves these groups: same config, seeds and data order
             rs = [lora, *rs]
         lines += [f"**{g}**", "", "| method | acc mean ± std | seeds | per-seed | trainable params | "
                   "Δ vs baseline | train s | alloc s |", "|---|---|---|---|---|---|---|---|"]
@@ -185,7 +186,7 @@ def _accuracy_md(name: str, rows: list[dict], plots: str) -> tuple[list[str], li
     fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(rows) + 1), 3.4))
     xs = range(len(rows))
     ax.bar(xs, [r["acc_mean"] for r in rows], yerr=[r.get("acc_std") or 0 for r in rows], capsize=3,
-           color=["#4c72b0" if r.get("group") == "rank" else "#55a868" if r.get("group") == "share" else "#c44e52"
+           color=[{"rank": "#4c72b0", "share": "#55a868", "moe": "#c44e52"}.get(r.get("group"), "#8c8c8c")
                   for r in rows])
     for i, r in enumerate(rows):
         ax.plot([i] * len(r.get("accs", [])), r.get("accs", []), "k.", ms=4)

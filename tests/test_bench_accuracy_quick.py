@@ -11,7 +11,8 @@ from bench import bench_accuracy  # noqa: E402
 
 
 def test_accuracy_quick_suite_runs_every_method_and_resumes(tmp_path):
-    rows = bench_accuracy.run(quick=True, directory=str(tmp_path))
+    groups = list(bench_accuracy.GROUPS)                               # the default suite and the PEFT peers
+    rows = bench_accuracy.run(quick=True, groups=groups, directory=str(tmp_path))
     by = {r["provider"]: r for r in rows}
     want = [m for ms in bench_accuracy.GROUPS.values() for m in ms]
     assert sorted(by) == sorted(set(want))
@@ -27,7 +28,10 @@ def test_accuracy_quick_suite_runs_every_method_and_resumes(tmp_path):
     runs = tmp_path / "accuracy_cpu_quick_runs.jsonl"
     n = len(runs.read_text().splitlines())
     assert n == len(set(want)) * len(bench_accuracy.QUICK["seeds"])
-    again = bench_accuracy.run(quick=True, directory=str(tmp_path))     # every (method, seed) is done: no rerun
+    assert by["peft_lora"]["trainable_params"] == by["lora"]["trainable_params"]      # same budget as the peer
+    assert sum(by["peft_adalora"]["ranks"].values()) <= bench_accuracy.QUICK["r"] * len(by["peft_adalora"]["ranks"])
+    # every (method, seed) is done: a rerun trains nothing and gives the same rows
+    again = bench_accuracy.run(quick=True, groups=groups, directory=str(tmp_path))
     assert len(runs.read_text().splitlines()) == n
     assert [r["acc_mean"] for r in again] == [r["acc_mean"] for r in rows]
     with open(os.path.join(tmp_path, "accuracy_cpu_quick.json")) as f:
