@@ -215,7 +215,7 @@ def run_peft(task, seed, method):
     ranks = {n.removeprefix("base_model.model."): int((e.detach() != 0).sum()) for n, (e, _, _) in trip.items()}
     adapters = sum(ranks[n.removeprefix("base_model.model.")] * (a.shape[1] + b.shape[0] + 1)
                    for n, (_, a, b) in trip.items())
-    lora_params = sum(t.numel() for trip3 in trip.values() for t in trip3)
+    lora_params = sum(w.numel() for triplet in trip.values() for w in triplet)
     return model, {"train_time_s": t, "alloc_time_s": 0.0, "allocated_params": _trainable(model),
                    "trainable_params": adapters + _trainable(model) - lora_params, "ranks": ranks}
 
