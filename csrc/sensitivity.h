@@ -4,22 +4,10 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "sensitivity_table.h"
+
 namespace lora_kernels {
 
-// One row of int64 per adapter tensor, kSensTableCols columns in this order (the Python wrapper builds it):
-enum SensCol : int {
-  kColParam = 0,   // device pointer to w (fp32/fp16/bf16), contiguous
-  kColGrad,        // device pointer to g (same dtype and shape as w), contiguous
-  kColIpt,         // device pointer to the fp32 EMA of I = |w g|, updated in place
-  kColUnc,         // device pointer to the fp32 EMA of |I - ipt|, updated in place
-  kColNumel,
-  kColKind,        // 0 = E [R] singular values, 1 = A [R, K], 2 = B [N, R]
-  kColDtype,       // DType code of w and g
-  kColRowLen,      // 1 for E, K for A, R for B
-  kColScoreOffset, // where this adapter's ranks start in scores
-  kColChunkBegin,  // first block of this tensor (prefix sum of ceil(numel / kSensChunk))
-  kSensTableCols
-};
 constexpr int kSensChunk = 4096;  // elements per block
 
 struct SensitivityArgs {

@@ -207,6 +207,22 @@ def _row_len(kind: int, p: torch.Tensor) -> int:
     return 1 if kind == KIND_E else p.shape[-1]
 
 
+# Columns the native loop's rows carry per call (csrc/sensitivity_table.h, SensCol); the others are static.
+_COL_PARAM, _COL_GRAD, _COL_DTYPE, _NATIVE_COLS = 0, 1, 6, 9
+
+
+def _native_table(ipt, unc, kinds, score_offsets) -> torch.Tensor:
+    """[n, 9] int64 rows for the native loop with the static columns filled (state pointers, numel, kind, row
+    length, score offset); the w / g pointers and their dtype code are written per call (:func:`_fill_native`)."""
+    return torch.tensor([(0, 0, a.data_ptr(), u.data_ptr(), a.numel(), k, 0, _row_len(k, a), off)
+                         for a, u, k, off in zip(ipt, unc, kinds, score_offsets)],
+                        dtype=torch.int64).reshape(len(kinds), _NATIVE_COLS)
+
+
+def _fill_native(rows, param_ptrs, grad_ptrs, codes) -> None:
+    rows[:, _COL_PARAM], rows[:, _COL_GRAD], rows[:, _COL_DTYPE] = param_ptrs, grad_ptrs, codes
+
+
 def sensitivity_update_native(params, grads, ipt, unc, kinds, score_offsets, scores, beta1, beta2,
                               n_threads: int = NATIVE_THREADS) -> torch.Tensor:
     """The fused one-pass CPU loop (same arguments and semantics as :func:`fused_sensitivity_update`).
@@ -223,10 +239,9 @@ def sensitivity_update_native(params, grads, ipt, unc, kinds, score_offsets, sco
                              f"tensors of one dtype in fp32/fp16/bf16")
     if not params:
         return torch.zeros((), dtype=torch.bool)
-    table = torch.tensor([(p.data_ptr(), g.data_ptr(), a.data_ptr(), u.data_ptr(), p.numel(), k,
-                           NATIVE_DTYPES[p.dtype], _row_len(k, p), off)
-                          for p, g, a, u, k, off in zip(params, grads, ipt, unc, kinds, score_offsets)],
-                         dtype=torch.int64)  # [n, SENS_TABLE_COLS]; must outlive the call
+    table = _native_table(ipt, unc, kinds, score_offsets)  # must outlive the call
+    _fill_native(table.numpy(), [p.data_ptr() for p in params], [g.data_ptr() for g in grads],
+                 [NATIVE_DTYPES[p.dtype] for p in params])
     bad = mod.sensitivity_update(table.data_ptr(), len(params), scores.data_ptr(), scores.numel(), float(beta1),
                                  float(beta2), int(n_threads))
     return torch.tensor(bad)
@@ -277,9 +292,7 @@ class SensitivityPlan:
         self._state_cpu = all(t.is_cpu for t in self.ipt + self.unc)
         # The native loop's table, static columns filled once; each step writes the w/g pointers and dtypes
         # through a numpy view (three column stores instead of building a 108 x 9 tensor from tuples).
-        self._table = torch.tensor([(0, 0, a.data_ptr(), u.data_ptr(), a.numel(), k, 0, _row_len(k, a), off)
-                                    for a, u, k, off in zip(self.ipt, self.unc, self.kinds, self.offsets)],
-                                   dtype=torch.int64).reshape(len(self.kinds), 9)
+        self._table = _native_table(self.ipt, self.unc, self.kinds, self.offsets)
         self._np = self._table.numpy()
 
     def __call__(self, params, grads, scores: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
@@ -300,7 +313,7 @@ class SensitivityPlan:
                 gp.append(g.data_ptr())
                 codes.append(code)
             else:
-                self._np[:, 0], self._np[:, 1], self._np[:, 6] = pp, gp, codes
+                _fill_native(self._np, pp, gp, codes)
                 mod = _cpu_loader.require()
                 return torch.tensor(mod.sensitivity_update(self._table.data_ptr(), n, scores.data_ptr(), self.n_scores,
                                                            float(beta1), float(beta2), NATIVE_THREADS))

@@ -9,6 +9,7 @@
 #include "sensitivity_cpu.h"
 
 namespace py = pybind11;
+using namespace lora_kernels;
 using namespace lora_kernels::cpu;
 
 namespace {
@@ -35,8 +36,8 @@ bool sensitivity_update(uintptr_t table_ptr, int64_t n_tensors, uintptr_t scores
   const int64_t* table = reinterpret_cast<const int64_t*>(table_ptr);
   // Cheap structural checks on every row (the Python wrapper validated the tensors themselves).
   for (int64_t j = 0; j < n_tensors; ++j) {
-    const int64_t* r = table + j * kCpuSensCols;
-    const int64_t numel = r[kCpuColNumel], kind = r[kCpuColKind], dtype = r[kCpuColDtype], len = r[kCpuColRowLen];
+    const int64_t* r = table + j * kSensCpuTableCols;
+    const int64_t numel = r[kColNumel], kind = r[kColKind], dtype = r[kColDtype], len = r[kColRowLen];
     check(kind >= 0 && kind <= 2, "table row ", j, ": kind must be 0, 1 or 2, got ", kind);
     check(dtype >= 0 && dtype <= 2, "table row ", j, ": dtype must be 0 (fp32), 1 (fp16) or 2 (bf16), got ", dtype);
     check(numel >= 0, "table row ", j, ": numel must be >= 0, got ", numel);
@@ -44,9 +45,9 @@ bool sensitivity_update(uintptr_t table_ptr, int64_t n_tensors, uintptr_t scores
     check(len >= 1 && numel % len == 0, "table row ", j, ": row_len ", len, " must divide numel ", numel);
     check(kind != 0 || len == 1, "table row ", j, ": kind 0 (E) needs row_len 1, got ", len);
     const int64_t ranks = kind == 0 ? numel : (kind == 1 ? numel / len : len);
-    check(r[kCpuColScoreOffset] >= 0 && r[kCpuColScoreOffset] + ranks <= n_scores, "table row ", j,
-          ": score_offset ", r[kCpuColScoreOffset], " + ", ranks, " ranks exceeds n_scores ", n_scores);
-    for (int c = kCpuColParam; c <= kCpuColUnc; ++c) check(r[c] != 0, "table row ", j, ": column ", c, " is null");
+    check(r[kColScoreOffset] >= 0 && r[kColScoreOffset] + ranks <= n_scores, "table row ", j,
+          ": score_offset ", r[kColScoreOffset], " + ", ranks, " ranks exceeds n_scores ", n_scores);
+    for (int c = kColParam; c <= kColUnc; ++c) check(r[c] != 0, "table row ", j, ": column ", c, " is null");
   }
   py::gil_scoped_release no_gil;
   return sensitivity_update_cpu(table, n_tensors, reinterpret_cast<float*>(scores_ptr), beta1, beta2, n_threads);
@@ -56,10 +57,10 @@ bool sensitivity_update(uintptr_t table_ptr, int64_t n_tensors, uintptr_t scores
 
 PYBIND11_MODULE(_lora_kernels_cpu, mod) {
   mod.doc() = "lora-kernels CPU loops (host pointers as ints; no torch, no CUDA)";
-  mod.attr("DTYPE_F32") = static_cast<int>(kCpuF32);
-  mod.attr("DTYPE_F16") = static_cast<int>(kCpuF16);
-  mod.attr("DTYPE_BF16") = static_cast<int>(kCpuBF16);
-  mod.attr("SENS_TABLE_COLS") = static_cast<int>(kCpuSensCols);
+  mod.attr("DTYPE_F32") = static_cast<int>(kF32);
+  mod.attr("DTYPE_F16") = static_cast<int>(kF16);
+  mod.attr("DTYPE_BF16") = static_cast<int>(kBF16);
+  mod.attr("SENS_TABLE_COLS") = static_cast<int>(kSensCpuTableCols);
 #ifdef _OPENMP
   mod.attr("OPENMP") = true;
 #else

@@ -25,11 +25,11 @@ struct Entry {
 };
 
 Entry entry(const int64_t* table, int64_t j) {
-  const int64_t* r = table + j * kCpuSensCols;
-  return {reinterpret_cast<const void*>(r[kCpuColParam]), reinterpret_cast<const void*>(r[kCpuColGrad]),
-          reinterpret_cast<float*>(r[kCpuColIpt]), reinterpret_cast<float*>(r[kCpuColUnc]), r[kCpuColNumel],
-          r[kCpuColRowLen], r[kCpuColScoreOffset], static_cast<int>(r[kCpuColKind]),
-          static_cast<int>(r[kCpuColDtype])};
+  const int64_t* r = table + j * kSensCpuTableCols;
+  return {reinterpret_cast<const void*>(r[kColParam]), reinterpret_cast<const void*>(r[kColGrad]),
+          reinterpret_cast<float*>(r[kColIpt]), reinterpret_cast<float*>(r[kColUnc]), r[kColNumel],
+          r[kColRowLen], r[kColScoreOffset], static_cast<int>(r[kColKind]),
+          static_cast<int>(r[kColDtype])};
 }
 
 // Loaders: plain bit arithmetic so the baseline x86-64 build vectorises them (no F16C needed).
@@ -93,8 +93,8 @@ bool any_nonfinite(const void* g, int64_t n) {
 
 bool tensor_nonfinite(const Entry& e) {
   switch (e.dtype) {
-    case kCpuF16: return any_nonfinite<F16>(e.g, e.numel);
-    case kCpuBF16: return any_nonfinite<BF16>(e.g, e.numel);
+    case kF16: return any_nonfinite<F16>(e.g, e.numel);
+    case kBF16: return any_nonfinite<BF16>(e.g, e.numel);
     default: return any_nonfinite<F32>(e.g, e.numel);
   }
 }
@@ -177,8 +177,8 @@ void update_tensor(const Entry& e, float b1, float b2, double* out) {
 
 void dispatch_tensor(const Entry& e, float b1, float b2, double* out) {
   switch (e.dtype) {
-    case kCpuF16: update_tensor<F16>(e, b1, b2, out); break;
-    case kCpuBF16: update_tensor<BF16>(e, b1, b2, out); break;
+    case kF16: update_tensor<F16>(e, b1, b2, out); break;
+    case kBF16: update_tensor<BF16>(e, b1, b2, out); break;
     default: update_tensor<F32>(e, b1, b2, out); break;
   }
 }

@@ -4,25 +4,13 @@
 
 #include <cstdint>
 
+#include "../common_types.h"
+#include "../sensitivity_table.h"
+
 namespace lora_kernels {
 namespace cpu {
 
-// Same dtype codes as common_types.h (DType) and the module attributes DTYPE_F32/F16/BF16.
-enum CpuDType : int { kCpuF32 = 0, kCpuF16 = 1, kCpuBF16 = 2 };
-
-// One row of int64 per adapter tensor, kCpuSensCols columns in this order (the Python wrapper builds it):
-enum CpuSensCol : int {
-  kCpuColParam = 0,    // host pointer to w (fp32/fp16/bf16), contiguous
-  kCpuColGrad,         // host pointer to g (same dtype and numel as w), contiguous
-  kCpuColIpt,          // host pointer to the fp32 EMA of I = |w g|, updated in place
-  kCpuColUnc,          // host pointer to the fp32 EMA of |I - ipt|, updated in place
-  kCpuColNumel,
-  kCpuColKind,         // 0 = E [R], 1 = A [R, K], 2 = B [N, R]
-  kCpuColDtype,        // CpuDType of w and g
-  kCpuColRowLen,       // 1 for E, K for A, R for B
-  kCpuColScoreOffset,  // where this adapter's ranks start in scores
-  kCpuSensCols
-};
+// Rows of the table: csrc/sensitivity_table.h (kSensCpuTableCols columns); dtype codes: common_types.h.
 
 // Returns true (and writes nothing) when some gradient holds NaN/Inf. Otherwise updates every tensor's
 // ipt/unc in one pass over w, g, ipt, unc and ADDS each tensor's per-rank score (E: s_i, A: row mean,
