@@ -483,23 +483,11 @@ def bench_shared_accumulation(device: str = "cuda", timer: Timer | None = None, 
 
 
 # ---- MoE-LoRA -----------------------------------------------------------------------------------------
-def moe_loop_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The peer: MoLA-style loop over experts, each a LoRA weighted by the top-k routing (adapters cast to x's
-    dtype per call, as autocast would)."""
-    w, _, _ = layer.routing(x)                                               # [T, E] fp32
-    y = nn.functional.linear(x, layer.weight, layer.bias)
-    r = layer.r
-    for e in range(layer.num_experts):
-        a = layer.lora_A[e * r:(e + 1) * r].to(x.dtype)                      # [r, K]
-        b = layer.lora_B[:, e * r:(e + 1) * r].to(x.dtype)                   # [N, r]
-        y = y + (w[:, e:e + 1] * layer.scaling).to(x.dtype) * ((x @ a.t()) @ b.t())
-    return y
-
-
 def bench_moe(device: str = "cuda", timer: Timer | None = None, card: str = "", T: int = 8192, d: int = 4096,
               E: int = 8, r: int = 8, top_k: int = 2, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """MoE-LoRA layer forward + backward (dx, dA, dB, d router): gated-op layer vs a loop over experts vs a plain
     LoRA of rank E·r vs the frozen nn.Linear."""
+    from bench.bench_moe import loop_forward
     from python_api.layers import LoRALinear
     from python_api.moe import MoELoRALinear
     timer = timer or do_bench_timer
@@ -511,7 +499,7 @@ def bench_moe(device: str = "cuda", timer: Timer | None = None, card: str = "", 
     xs = [torch.randn(T, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
     dy = torch.randn(T, d, device=device, dtype=dtype)
     moe_params = tuple(moe.parameters())
-    fns = {"moe-gated-op": _step(moe, xs, dy), "moe-python-loop": _step(lambda z: moe_loop_forward(moe, z), xs, dy,
+    fns = {"moe-gated-op": _step(moe, xs, dy), "moe-python-loop": _step(lambda z: loop_forward(moe, z), xs, dy,
                                                                         moe_params),
            f"plain-lora-r{E * r}": _step(lora, xs, dy), "nn.Linear-frozen": _step(base, xs, dy)}
     stats, errors = _time_all(timer, fns)

@@ -21,13 +21,15 @@ SHAPES = [(2048, 768, 8, 8, 2), (2048, 768, 4, 8, 2)]  # T, d, experts, r, top_k
 
 
 def loop_forward(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """MoLA-style reference: one LoRA per expert, weighted by the top-k routing (no dropout)."""
-    w, _, _ = layer.routing(x)
+    """The peer: MoLA-style loop over experts, one LoRA per expert weighted by the top-k routing (no dropout;
+    adapters cast to x's dtype per call, as autocast would). x [T, K] → [T, N]."""
+    w, _, _ = layer.routing(x)                                               # [T, E] fp32
     y = nn.functional.linear(x, layer.weight, layer.bias)
     r = layer.r
     for e in range(layer.num_experts):
-        a, b = layer.lora_A[e * r:(e + 1) * r], layer.lora_B[:, e * r:(e + 1) * r]
-        y = y + w[:, e:e + 1].to(x.dtype) * layer.scaling * ((x @ a.t()) @ b.t())
+        a = layer.lora_A[e * r:(e + 1) * r].to(x.dtype)                      # [r, K]
+        b = layer.lora_B[:, e * r:(e + 1) * r].to(x.dtype)                   # [N, r]
+        y = y + (w[:, e:e + 1] * layer.scaling).to(x.dtype) * ((x @ a.t()) @ b.t())
     return y
 
 
