@@ -436,27 +436,15 @@ def bench_sensitivity(device: str = "cuda", timer: Timer | None = None, card: st
 
 
 # ---- ShareLoRA accumulation ---------------------------------------------------------------------------
-def _shared_stack(L: int, d: int, r: int, accumulate: str, device, dtype) -> list[nn.Module]:
-    from python_api.share import SharedLoRALinear, ShareGroup
-    torch.manual_seed(0)
-    first = SharedLoRALinear.from_linear(_frozen_linear(d, d, device, dtype), r, 2 * r)
-    layers = [first] + [SharedLoRALinear.from_linear(_frozen_linear(d, d, device, dtype), r, 2 * r,
-                                                     lora_A=first.lora_A) for _ in range(L - 1)]
-    grp = ShareGroup("bench.lora_A", "lora_A", multi_type=False)
-    for lay in layers:
-        nn.init.normal_(lay.lora_B, std=0.02)
-        lay.configure_sharing(grp, None, accumulate)
-    return layers
-
-
 def bench_shared_accumulation(device: str = "cuda", timer: Timer | None = None, card: str = "", L: int = 32,
                               T: int = 4096, d: int = 4096, r: int = 16,
                               dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """Forward + backward of L layers sharing one A (one input each): in-place accumulation into A.grad vs
     autograd's per-layer dA summed, without and with dx (without, the adapter GEMMs are all the backward does)."""
+    from bench.bench_share import shared_stack
     timer = timer or do_bench_timer
     rows = []
-    stacks = {acc: _shared_stack(L, d, r, acc, device, dtype) for acc in ("inplace", "autograd")}
+    stacks = {acc: shared_stack(L, d, d, r, acc, device, dtype) for acc in ("inplace", "autograd")}
     for need_dx in (False, True):
         xs = [torch.randn(T, d, device=device, dtype=dtype, requires_grad=need_dx) for _ in range(L)]
         dys = [torch.randn(T, d, device=device, dtype=dtype) for _ in range(L)]

@@ -58,13 +58,16 @@ def bench_memory(quick: bool) -> list[dict]:
     return rows
 
 
-def _shared_stack(L: int, K: int, N: int, r: int, accumulate: str):
+def shared_stack(L: int, K: int, N: int, r: int, accumulate: str, device="cpu", dtype=torch.float32):
+    """L SharedLoRALinear layers [K → N], rank r, sharing one A; ``accumulate``: "inplace" or "autograd"."""
     from python_api.share import SharedLoRALinear, ShareGroup
     torch.manual_seed(0)
-    first = SharedLoRALinear.from_linear(nn.Linear(K, N), r, 2 * r)
+
+    def base():
+        return nn.Linear(K, N, device=device, dtype=dtype)
+    first = SharedLoRALinear.from_linear(base(), r, 2 * r)
     grp = ShareGroup("bench.lora_A", "lora_A", multi_type=False)
-    layers = [first] + [SharedLoRALinear.from_linear(nn.Linear(K, N), r, 2 * r, lora_A=first.lora_A)
-                        for _ in range(L - 1)]
+    layers = [first] + [SharedLoRALinear.from_linear(base(), r, 2 * r, lora_A=first.lora_A) for _ in range(L - 1)]
     for lay in layers:
         nn.init.normal_(lay.lora_B, std=0.02)
         lay.configure_sharing(grp, None, accumulate)
@@ -76,7 +79,7 @@ def bench_accumulation(quick: bool, threads: int) -> list[dict]:
     L, T, K, N, r = (4, 256, 128, 128, 8) if quick else (12, 2048, 768, 768, 8)
     rows = []
     for need_dx in (False, True):
-        stacks = {acc: _shared_stack(L, K, N, r, acc) for acc in ("inplace", "autograd")}
+        stacks = {acc: shared_stack(L, K, N, r, acc) for acc in ("inplace", "autograd")}
         xs = [torch.randn(T, K, requires_grad=need_dx) for _ in range(L)]
         dys = [torch.randn(T, N) for _ in range(L)]
 
