@@ -146,7 +146,7 @@ setup(
     version=read_version(),
     description="Kernels for masked variable-rank, gated and shared LoRA (ShapLoRA, ShareLoRA, AlphaLoRA)",
     python_requires=">=3.10",
-    packages=find_packages(include=["lora_kernels", "lora_kernels.*", "python_api", "python_api.*"]),
+    packages=find_packages(include=["lora_kernels", "lora_kernels.*", "python_api", "python_api.*", "bench"]),
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "matplotlib"],
     extras_require={
         "triton": ["triton>=3.0"],
@@ -154,7 +154,7 @@ setup(
         "alpha": ["weightwatcher", "powerlaw"],
         "test": ["pytest", "ruff"],
     },
-    entry_points={"console_scripts": ["lora-kernels = python_api.cli:main"]},
+    entry_points={"console_scripts": ["lora-kernels = python_api.app.cli:main"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -29,16 +29,13 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.harness import RESULTS, make_row, pin_threads, write_results  # noqa: E402
+from bench.harness import RESULTS, make_row, pin_threads, write_results
 
 GROUPS = {"rank": ["lora", "adalora", "shaplora"], "share": ["lora", "shareA", "shareB", "shareAB"],
           "moe": ["moe_uniform", "mola_2468", "alphalora"], "peer": ["peft_lora", "peft_adalora"]}
@@ -57,8 +54,8 @@ class Task:
     """Loaded once: the base model (deep-copied per run), tokenised splits and the target module names."""
 
     def __init__(self, cfg: dict):
-        from python_api.data import encode, rotten_tomatoes_splits
-        from python_api.models import head_modules, load_model
+        from python_api.app.data import encode, rotten_tomatoes_splits
+        from python_api.app.models import head_modules, load_model
         self.cfg = cfg
         splits = rotten_tomatoes_splits(n_val=cfg["n_val"], n_test=cfg["n_test"], seed=0)
         self.base, tok, self.targets = load_model("minilm", seed=0)
@@ -93,8 +90,8 @@ def per_example_loss(model, batch) -> torch.Tensor:
 def train(model, task: Task, seed: int, steps: int, orth_reg: float = 0.0, allocator=None, moe: bool = False) -> float:
     """AdamW with linear warmup (10%) and decay; returns wall seconds. ``allocator``: AdaLoRA's, called
     after every optimizer step as PEFT does."""
-    from python_api.adalora import orthogonality_penalty
-    from python_api.data import train_stream
+    from python_api.allocators.adalora import orthogonality_penalty
+    from python_api.app.data import train_stream
     from python_api.moe import moe_aux_loss
     cfg = task.cfg
     params = [p for p in model.parameters() if p.requires_grad]
@@ -125,7 +122,7 @@ def train(model, task: Task, seed: int, steps: int, orth_reg: float = 0.0, alloc
 
 @torch.no_grad()
 def evaluate(model, task: Task) -> float:
-    from python_api.data import batches
+    from python_api.app.data import batches
     model.eval()
     correct = 0
     with _autocast(task.cfg):
@@ -208,7 +205,7 @@ def run_peft(task, seed, method):
         t = train(model, task, seed, task.cfg["steps"])
         return model, {"train_time_s": t, "alloc_time_s": 0.0, "allocated_params": _trainable(model),
                        "trainable_params": _trainable(model)}
-    from python_api.adalora import peft_adapters
+    from python_api.allocators.adalora import peft_adapters
     model = peft_adalora_model(task, seed)
     t = train(model, task, seed, task.cfg["steps"], allocator=model.base_model)
     trip = peft_adapters(model)
@@ -229,7 +226,7 @@ def _svd_model(task, seed):
 
 
 def run_adalora(task, seed):
-    from python_api.adalora import AdaLoRAAllocator
+    from python_api.allocators.adalora import AdaLoRAAllocator
     from python_api.surgery import count_trainable
     cfg = task.cfg
     model = _svd_model(task, seed)
@@ -249,8 +246,8 @@ def _adalora_effective(model, ranks) -> int:
 
 
 def run_shaplora(task, seed):
-    from python_api.data import batches
-    from python_api.shaplora import shaplora_workflow
+    from python_api.app.data import batches
+    from python_api.allocators.shaplora import shaplora_workflow
     from python_api.surgery import count_trainable
     cfg = task.cfg
     times = []
@@ -273,7 +270,7 @@ def run_shaplora(task, seed):
 
 
 def moe_experts(task, method) -> tuple[list[int], list[float] | None, float]:
-    from python_api.alphalora import allocate_experts, layer_alphas, mola_experts
+    from python_api.allocators.alphalora import allocate_experts, layer_alphas, mola_experts
     L = task.num_layers
     total = task.cfg["experts_per_layer"] * L
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 Rows: this package's AdaLoRA allocator (fused sensitivity + mask) vs PEFT's ``RankAllocator.update_and_allocate``
 on the SAME PEFT AdaLoRA model, weights and gradients (MiniLM-L6-shaped BERT built from its config, every
 linear of the encoder adapted, r=12: 36 modules, 108 tensors, 0.50M adapter params); the sensitivity update
-alone (tracker.update with the native CPU loop, and with the pure-torch reference via LORA_KERNELS_CPU_NATIVE=0,
+alone (tracker.update with the native CPU loop, and with the pure-torch reference via LORA_KERNELS_BACKEND=torch,
 vs PEFT's update_ipt); and the cost of one ShapLoRA Taylor pass relative to one validation epoch on the same
 model with this package's LoRALinear adapters. Ratio rows (unit "ratio", peft / provider) come from the
 same interleaved measurement.
@@ -17,13 +17,11 @@ import sys
 import torch
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from bench.harness import format_table, make_row, measure, pin_threads, write_results  # noqa: E402
-from python_api.adalora import AdaLoRAAllocator, peft_adapters  # noqa: E402
-from python_api.layers import LoRALinear  # noqa: E402
-from python_api.shaplora import shapley_sensitivity  # noqa: E402
+from bench.harness import format_table, make_row, measure, pin_threads, write_results
+from python_api.allocators.adalora import AdaLoRAAllocator, peft_adapters
+from python_api.layers import LoRALinear
+from python_api.allocators.shaplora import shapley_sensitivity
 
 THREADS = int(os.environ.get("BENCH_THREADS") or 1)  # pinned: the 2-core box is shared; 1 keeps ratios stable
 REPEATS, WARMUP = 41, 5
@@ -74,11 +72,11 @@ def bench_allocator(rows, layers: int = 6, repeats: int = REPEATS, ratios: bool 
     step = 100  # early in the cubic schedule: a mask step with budget < init (5 of 432 triplets dropped)
 
     def ours_ipt_ref():
-        os.environ["LORA_KERNELS_CPU_NATIVE"] = "0"
+        os.environ["LORA_KERNELS_BACKEND"] = "torch"
         try:
             ours.tracker.update()
         finally:
-            os.environ.pop("LORA_KERNELS_CPU_NATIVE")
+            os.environ.pop("LORA_KERNELS_BACKEND")
     fns = {"alloc/peft": lambda _: ra.update_and_allocate(model.base_model.model, step),
            "alloc/lora_kernels": lambda _: ours.update_and_allocate(step),
            "ipt/peft": lambda: ra.update_ipt(model.base_model.model),

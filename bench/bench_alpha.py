@@ -14,14 +14,12 @@ import os
 import sys
 import warnings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from bench.harness import format_table, make_row, measure, pin_threads, write_results  # noqa: E402
-from python_api.alphalora import layer_alphas, target_linears  # noqa: E402
+from bench.harness import format_table, make_row, measure, pin_threads, write_results
+from python_api.allocators.alphalora import layer_alphas, target_linears
 
 SHAPE = "MiniLM-L6: 36 matrices (24×384², 12×384×1536)"
 

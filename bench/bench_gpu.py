@@ -180,7 +180,7 @@ def _lora_flops(T: int, d_in: int, d_out: int, r: int) -> tuple[float, float]:
 
 def _chosen_backend(x, gate) -> str:
     try:
-        from lora_kernels import gated
+        from lora_kernels.gated_lora import op as gated
         return gated.select_backend(x, gate, 0.0)[0]
     except Exception as e:
         return f"none ({type(e).__name__})"
@@ -347,8 +347,9 @@ def bench_sensitivity(device: str = "cuda", timer: Timer | None = None, card: st
     """Fused sensitivity update over ``layers`` × 7 projections (λ [r], A [r, K], B [N, r] each) per backend,
     vs the PEFT-style loop. ``dtype`` is the adapters' (fp32 master weights under a bf16 base)."""
     from lora_kernels.dispatch import Problem, select
-    from lora_kernels.sensitivity import KIND_A, KIND_B, KIND_E, REGISTRY, fused_sensitivity_update
-    from python_api.sensitivity import SensitivityTracker
+    from lora_kernels.sensitivity import KIND_A, KIND_B, KIND_E, fused_sensitivity_update
+    from lora_kernels.sensitivity.op import REGISTRY
+    from python_api.allocators.sensitivity import SensitivityTracker
     timer = timer or do_bench_timer
     torch.manual_seed(0)
     triplets: dict[str, tuple] = {}
@@ -541,7 +542,7 @@ def hill_loop(lam) -> float:
 
 def peer_layer_alphas(model: nn.Module) -> list[float]:
     """weightwatcher-like: one svdvals (fp32) per matrix, then a Python-loop Hill fit per matrix on the host."""
-    from python_api.alphalora import target_linears
+    from python_api.allocators.alphalora import target_linears
     per: dict[int, list[float]] = {}
     for _, li, m in target_linears(model):
         lam = torch.linalg.svdvals(m.weight.detach().float()).square()
@@ -550,7 +551,7 @@ def peer_layer_alphas(model: nn.Module) -> list[float]:
 
 
 def _alpha_config(timer: Timer, card: str, name: str, L: int, d: int, ffn: int, device, dtype) -> list[dict]:
-    from python_api.alphalora import layer_alphas, target_linears
+    from python_api.allocators.alphalora import layer_alphas, target_linears
     torch.manual_seed(0)
     model = _Blocks(L, d, ffn, device, dtype)
     mats = [m.weight.detach() for _, _, m in target_linears(model)]

@@ -24,18 +24,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench_accuracy import (FULL, Task, _adalora_effective, _effective_params, _svd_model,  # noqa: E402
+from bench.bench_accuracy import (FULL, Task, _adalora_effective, _effective_params, _svd_model,
                                   adalora_schedule, moe_experts, peft_adalora_model, peft_lora_model, per_example_loss)
-from bench.harness import RESULTS, format_table, make_row, peak_alloc_bytes, pin_threads, write_results  # noqa: E402
+from bench.harness import RESULTS, format_table, make_row, peak_alloc_bytes, pin_threads, write_results
 
 METHODS = ["head_only", "peft_lora", "lora", "peft_adalora", "adalora", "shaplora", "shareA", "shareB", "shareAB",
            "moe_uniform", "alphalora"]
@@ -47,7 +44,7 @@ class _Task(Task):
     """bench_accuracy's Task (``fresh``, ``cfg``, ``targets``, ...) without tokenising the whole data set."""
 
     def __init__(self, cfg: dict):
-        from python_api.models import head_modules, load_model
+        from python_api.app.models import head_modules, load_model
         self.cfg = cfg
         self.base, self.tokenizer, self.targets = load_model("minilm", seed=0)
         self.heads = head_modules(self.base)
@@ -126,7 +123,7 @@ def _peft_lora(task) -> Built:
 
 
 def _adalora(task) -> Built:
-    from python_api.adalora import AdaLoRAAllocator
+    from python_api.allocators.adalora import AdaLoRAAllocator
     from python_api.surgery import adapter_layers
     cfg = task.cfg
     model = _svd_model(task, 0)
@@ -203,7 +200,7 @@ def measure_method(built: Built, batch: dict) -> dict:
 def _shaplora(task, batch: dict, val: list[dict]) -> tuple[Built, int]:
     """The retrain model (ranks from one Taylor-Shapley pass on a super-network after two training steps) and
     the peak bytes of that pass."""
-    from python_api.shaplora import allocate_ranks, apply_rank_masks, shapley_sensitivity
+    from python_api.allocators.shaplora import allocate_ranks, apply_rank_masks, shapley_sensitivity
     from python_api.surgery import adapter_layers
     sup = Built(_svd_model(task, 0), 0)
     tr = _Trainer(sup, batch)
@@ -292,7 +289,7 @@ def run(quick: bool = False, methods=None, directory: str = RESULTS) -> list[dic
 
 
 def _run(quick: bool, methods, threads: int) -> tuple[list[dict], dict]:
-    from python_api.data import rotten_tomatoes_splits
+    from python_api.app.data import rotten_tomatoes_splits
     sh = SHAPES[quick]
     cfg = dict(FULL)
     task = _Task(cfg)

@@ -5,17 +5,14 @@ Run: ``python bench/bench_moe.py`` → bench/results/moe_cpu.{json,csv}.
 from __future__ import annotations
 
 import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-from bench.harness import format_table, make_row, measure, pin_threads, write_results  # noqa: E402
-from python_api.layers import LoRALinear  # noqa: E402
-from python_api.moe import MoELoRALinear  # noqa: E402
+from bench.harness import format_table, make_row, measure, pin_threads, write_results
+from python_api.layers import LoRALinear
+from python_api.moe import MoELoRALinear
 
 SHAPES = [(2048, 768, 8, 8, 2), (2048, 768, 4, 8, 2)]  # T, d, experts, r, top_k
 

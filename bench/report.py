@@ -201,7 +201,7 @@ def _accuracy_md(name: str, rows: list[dict], plots: str) -> tuple[list[str], li
 
 
 def _allocation_plots(name: str, rows: list[dict], plots: str) -> list[str]:
-    from python_api.plots import rank_heatmap
+    from python_api.app.plots import rank_heatmap
     stem = name.replace(".json", "")
     imgs = []
     for r in rows:

@@ -39,7 +39,7 @@ void shrink(uintptr_t in_ptr, int in_dtype, int64_t in_s0, int64_t in_s1, uintpt
   LK_CHECK((R + 3) / 4 <= 65535, "shrink: R must be <= 262140, got ", R);
   LK_CHECK_DTYPE(in_dtype);
   LK_CHECK_DTYPE(m_dtype);
-  LK_CHECK(gate_kind >= 0 && gate_kind <= 2, "gate_kind must be 0 (none), 1 (per-rank) or 2 (per-token), got ",
+  LK_CHECK(gate_kind >= kGateNone && gate_kind <= kGateToken, "gate_kind must be 0 (none), 1 (per-rank) or 2 (per-token), got ",
            gate_kind);
   if (T == 0 || R == 0) return;
   LK_CHECK_PTR(out_ptr);

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "codes.h"
+
 #ifdef __CUDACC__
 #define LK_HOST_DEVICE __host__ __device__ __forceinline__
 #else
@@ -12,8 +14,12 @@
 
 namespace lora_kernels {
 
-// Must match the codes the Python wrappers pass (module attributes DTYPE_F32/F16/BF16).
-enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+// The numbers come from lora_kernels/codes.py through the generated codes.h, never typed twice.
+enum DType : int { kF32 = codes::kDTypeF32, kF16 = codes::kDTypeF16, kBF16 = codes::kDTypeBF16 };
+// The gated op's gate: none, per-rank [R], per-token [T, R].
+enum GateKind : int { kGateNone = codes::kGateNone, kGateRank = codes::kGateRank, kGateToken = codes::kGateToken };
+// Adapter tensor kinds of the sensitivity table: E [R], A [R, K], B [N, R].
+enum SensKind : int { kKindE = codes::kKindE, kKindA = codes::kKindA, kKindB = codes::kKindB };
 
 // The dropout keep test of lora_kernels/reference.py::dropout_keep, bit for bit: murmur3 fmix32 of the
 // seeded row, xor the scrambled column, fmix32 again; keep iff the top 24 bits >= round(p * 2^24).

@@ -50,8 +50,8 @@ __global__ void __launch_bounds__(kShrinkWarps * 32) shrink_kernel(ShrinkArgs a,
   a.out[t * a.out_s0 + r] = v;
   if (a.hg != nullptr) {
     float g = 1.f;
-    if (a.gate_kind == 1) g = a.gate[r * a.gate_s1];
-    if (a.gate_kind == 2) g = a.gate[t * a.gate_s0 + r * a.gate_s1];
+    if (a.gate_kind == kGateRank) g = a.gate[r * a.gate_s1];
+    if (a.gate_kind == kGateToken) g = a.gate[t * a.gate_s0 + r * a.gate_s1];
     a.hg[t * a.hg_s0 + r] = v * g;
   }
 }
@@ -150,7 +150,7 @@ cudaError_t launch_shrink(const ShrinkArgs& a, cudaStream_t stream) {
   if (a.T < 0 || a.D < 0 || a.R < 0) return cudaErrorInvalidValue;
   if (!valid_dtype(a.in_dtype) || !valid_dtype(a.m_dtype)) return cudaErrorInvalidValue;
   if (a.T > INT32_MAX || (a.R + kShrinkWarps - 1) / kShrinkWarps > kMaxGridYZ) return cudaErrorInvalidValue;
-  if (a.gate_kind < 0 || a.gate_kind > 2 || (a.gate_kind != 0 && a.gate == nullptr)) return cudaErrorInvalidValue;
+  if (a.gate_kind < kGateNone || a.gate_kind > kGateToken || (a.gate_kind != kGateNone && a.gate == nullptr)) return cudaErrorInvalidValue;
   if (a.dropout.threshold > (1u << 24)) return cudaErrorInvalidValue;
   if (a.T == 0 || a.R == 0) return cudaSuccess;
   if (a.out == nullptr || (a.D > 0 && (a.in == nullptr || a.m == nullptr))) return cudaErrorInvalidValue;

@@ -69,10 +69,10 @@ __global__ void __launch_bounds__(kSensThreads) update_kernel(SensitivityArgs a)
   for (int i = threadIdx.x; i < kSensChunk; i += kSensThreads) part[i] = 0.f;
   __syncthreads();
 
-  const int64_t rank0 = e.kind == 1 ? e0 / e.row_len : (e.kind == 0 ? e0 : 0);
-  const bool shared_ok = e.kind != 2 || e.row_len <= kSensChunk;
-  const float w = e.kind == 1 ? 1.f / float(e.row_len)
-                : e.kind == 2 ? 1.f / float(e.numel / e.row_len) : 1.f;
+  const int64_t rank0 = e.kind == kKindA ? e0 / e.row_len : (e.kind == kKindE ? e0 : 0);
+  const bool shared_ok = e.kind != kKindB || e.row_len <= kSensChunk;
+  const float w = e.kind == kKindA ? 1.f / float(e.row_len)
+                : e.kind == kKindB ? 1.f / float(e.numel / e.row_len) : 1.f;
   const float b1 = a.beta1, b2 = a.beta2;
   // A thread's consecutive elements are kSensThreads apart and often share a rank (A with K >= 256,
   // B with R dividing 256): keep a running sum and flush only when the rank changes.
@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kSensThreads) update_kernel(SensitivityArgs a)
     const float unc = b2 * e.unc[i] + (1.f - b2) * fabsf(imp - ipt);
     e.ipt[i] = ipt;
     e.unc[i] = unc;
-    const int64_t rank = e.kind == 0 ? i : (e.kind == 1 ? i / e.row_len : i % e.row_len);
+    const int64_t rank = e.kind == kKindE ? i : (e.kind == kKindA ? i / e.row_len : i % e.row_len);
     if (rank != cur) {
       flush();
       cur = rank;
@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(kSensThreads) update_kernel(SensitivityArgs a)
   flush();
   if (!shared_ok) return;  // uniform per block: no thread is left waiting at the barrier
   __syncthreads();
-  const int64_t nranks = e.kind == 2 ? e.row_len : (e.kind == 1 ? (e1 - 1) / e.row_len - rank0 + 1 : e1 - e0);
+  const int64_t nranks = e.kind == kKindB ? e.row_len : (e.kind == kKindA ? (e1 - 1) / e.row_len - rank0 + 1 : e1 - e0);
   for (int64_t s = threadIdx.x; s < nranks && s < kSensChunk; s += kSensThreads) {
     const float v = part[s];
     if (v != 0.f) atomicAdd(&a.scores[e.score_offset + rank0 + s], v);

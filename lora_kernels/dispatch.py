@@ -2,8 +2,11 @@
 
 Each backend says whether it is usable at all (``availability``) and whether it supports one call
 (``supports``); the first backend in preference order that qualifies runs. ``LORA_KERNELS_BACKEND``
-(auto|torch|triton|cuda) forces one: forced-but-unusable raises with the reason, auto falls back.
+(auto|torch|native|triton|cuda) forces one: forced-but-unusable raises with the reason, auto falls back.
 When nothing qualifies the error lists every backend with its reason.
+
+Backends: ``cuda`` (the compiled CUDA module), ``triton``, ``native`` (the compiled CPU module: the fused
+sensitivity loop) and ``torch`` (the readable references, always usable). This is the only place that picks one.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from typing import Callable
 import torch
 
 ENV_VAR = "LORA_KERNELS_BACKEND"
-BACKENDS = ("cuda", "triton", "torch")  # preference order for auto on CUDA tensors
+BACKENDS = ("cuda", "triton", "native", "torch")
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("native", "torch")}
 
 
 class BackendUnavailable(RuntimeError):
@@ -30,6 +34,7 @@ class Problem:
     tokens: int = 0          # T
     gate_kind: str = "none"  # "none" | "rank" | "token"
     dropout: bool = False
+    dense: bool = True       # every operand contiguous, each (param, grad) pair of one dtype (native loop)
 
 
 def _triton_interpret() -> bool:
@@ -52,9 +57,17 @@ def _triton_availability() -> tuple[bool, str]:
     return True, f"triton {triton.__version__} on CUDA"
 
 
+def _native_availability() -> tuple[bool, str]:
+    from .compiled import cpu_module
+    mod, err = cpu_module.load()
+    if mod is None:
+        return False, f"compiled CPU module not loadable: {err}"
+    return True, "compiled CPU module (fused one-pass sensitivity loop)"
+
+
 def _cuda_availability() -> tuple[bool, str]:
-    from . import _cuda_loader
-    mod, err = _cuda_loader.load()
+    from .compiled import cuda_module
+    mod, err = cuda_module.load()
     if mod is None:
         return False, f"compiled module not loadable: {err}"
     if not torch.cuda.is_available():
@@ -65,17 +78,18 @@ def _cuda_availability() -> tuple[bool, str]:
 _AVAILABILITY: dict[str, Callable[[], tuple[bool, str]]] = {
     "torch": _torch_availability,
     "triton": _triton_availability,
+    "native": _native_availability,
     "cuda": _cuda_availability,
 }
 
 
 def available_backends() -> dict[str, dict[str, object]]:
-    """For each of ``torch``, ``triton``, ``cuda``: ``{"usable": bool, "reason": str}``.
+    """For each of ``torch``, ``native``, ``triton``, ``cuda``: ``{"usable": bool, "reason": str}``.
 
     Never initialises CUDA unless torch already can (``torch.cuda.is_available`` does not create a context).
     """
     out = {}
-    for name in ("torch", "triton", "cuda"):
+    for name in ("torch", "native", "triton", "cuda"):
         ok, why = _AVAILABILITY[name]()
         out[name] = {"usable": ok, "reason": why}
     return out
@@ -84,7 +98,7 @@ def available_backends() -> dict[str, dict[str, object]]:
 def requested_backend() -> str:
     val = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if val not in ("auto",) + BACKENDS:
-        raise ValueError(f"{ENV_VAR}={val!r} is not one of auto, torch, triton, cuda")
+        raise ValueError(f"{ENV_VAR}={val!r} is not one of auto, {', '.join(BACKENDS)}")
     return val
 
 
@@ -107,9 +121,9 @@ def select(p: Problem, registry: dict) -> tuple[str, object]:
             raise BackendUnavailable(f"{ENV_VAR}={forced} but it cannot run op {p.op!r} "
                                      f"on {p.device.type}/{p.dtype}: {why}")
         return forced, registry[forced]
-    # auto: CPU tensors always take the torch path, even with TRITON_INTERPRET=1 (the interpreter is a
-    # test vehicle, ~1000x slower than torch).
-    order = BACKENDS if p.device.type == "cuda" else ("torch",)
+    # auto: CPU tensors never take triton, even with TRITON_INTERPRET=1 (the interpreter is a test vehicle,
+    # ~1000x slower than torch).
+    order = _AUTO_ORDER.get(p.device.type, ("torch",))
     reasons = []
     for name in order:
         ok, why = _supports(name, p, registry)

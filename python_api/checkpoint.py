@@ -46,8 +46,8 @@ def _moe_cls():
 
 
 def _adapted(model: nn.Module) -> dict[str, nn.Module]:
-    moe = _moe_cls()
-    return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, moe))}
+    from .surgery import iter_adapters
+    return dict(iter_adapters(model))
 
 
 def _fingerprint(w: torch.Tensor) -> list[float]:
@@ -171,7 +171,8 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, allocator: Any =
     cfg = dict(getattr(model, _CONFIG_ATTR, None) or {})
     moe = any(not isinstance(m, LoRALinear) for m in layers.values())
     if moe:
-        cfg = {"method": "moe_lora", "version": __version__, **{k: v for k, v in cfg.items() if k == "sharing"}}
+        cfg = {"method": "moe_lora", "version": __version__,
+               **{k: v for k, v in cfg.items() if k in ("sharing", "modules_to_save")}}
     alloc_json = None
     if allocator is not None:
         if not hasattr(allocator, "state_dict"):
@@ -241,15 +242,18 @@ def _check_base(model: nn.Module, specs: dict[str, dict]) -> None:
 def _rebuild(model: nn.Module, meta: dict) -> None:
     cfg, specs = meta["adaptation"], meta["modules"]
     if cfg.get("method") == "moe_lora":
+        from .surgery import find_modules, replace_modules
         moe = _moe_cls()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for name, s in specs.items():
-            lin = model.get_submodule(name)
-            new = moe.from_linear(lin, s["num_experts"], s["r"], s["alpha"], s["dropout"], s["top_k"],
-                                  s["load_balance_coef"])
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
+        heads = cfg.get("modules_to_save") or []
+        save = find_modules(model, heads, "modules_to_save", nn.Module) if heads else []
+
+        def unfreeze_heads():
+            for n in save:
+                model.get_submodule(n).requires_grad_(True)
+
+        replace_modules(model, list(specs), lambda name, lin: moe.from_linear(
+            lin, specs[name]["num_experts"], specs[name]["r"], specs[name]["alpha"], specs[name]["dropout"],
+            specs[name]["top_k"], specs[name]["load_balance_coef"]), after=unfreeze_heads, freeze=True)
         setattr(model, _CONFIG_ATTR, dict(cfg))
     else:
         from .surgery import apply_from_config

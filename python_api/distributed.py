@@ -76,7 +76,7 @@ def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def count_examples(batches: Iterable, batch_size_fn: Callable[[Any], int] | None = None) -> int:
-    from .shaplora import _batch_size
+    from .allocators.shaplora import _batch_size
     fn = batch_size_fn or _batch_size
     return sum(int(fn(b)) for b in batches)
 
@@ -94,7 +94,7 @@ def distributed_shapley_sensitivity(model: nn.Module, batches, mode: str = "tayl
     coalitions); with random coalitions it estimates the same quantity from different draws.
     Returns module name → φ [R] (float64, NaN at ranks masked before the call), identical on every rank.
     """
-    from .shaplora import shapley_sensitivity
+    from .allocators.shaplora import shapley_sensitivity
     kwargs.pop("return_stats", None)
     batches = list(batches) if not isinstance(batches, (list, tuple)) else batches
     n = count_examples(batches, batch_size_fn)
@@ -102,7 +102,7 @@ def distributed_shapley_sensitivity(model: nn.Module, batches, mode: str = "tayl
         local = shapley_sensitivity(model, batches, mode, batch_size_fn=batch_size_fn, **kwargs)
     else:
         # An empty shard still joins the collective (zeros) so the other ranks do not wait forever.
-        from .shaplora import _Players
+        from .allocators.shaplora import _Players
         players = _Players(model)
         local = players.split(torch.zeros(len(players.index), dtype=torch.float64))
     names = list(local)

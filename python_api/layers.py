@@ -11,9 +11,10 @@ import math
 import torch
 from torch import nn
 
-from lora_kernels import gated
+from lora_kernels.gated_lora import op as gated_op
 
-from .functional import lora_linear
+
+_UNREAD = object()  # "the mask was not read on the host" (torch.compile)
 
 
 class LoRALinear(nn.Module):
@@ -68,7 +69,7 @@ class LoRALinear(nn.Module):
         self._token_gate: torch.Tensor | None = None
         self._active_cache: tuple | None = None
         self.merged = False
-        self.register_buffer("_unmerged_weight", None, persistent=False)
+        self._original_weight: list | None = None
         self.reset_lora_parameters(init_a=lora_A is None, init_b=lora_B is None)
 
     def _check_adapter_shapes(self):
@@ -131,21 +132,19 @@ class LoRALinear(nn.Module):
         """The per-rank gate [r] the op sees (None when it is all ones and not trainable)."""
         if self.svd:
             return self.lora_E * self.rank_mask.to(self.lora_E.dtype)
-        if torch.compiler.is_compiling():
-            # No host read of the mask while tracing: a 0/1 gate zeroes the masked ranks (same values, full cost).
-            return self.rank_mask.to(self.lora_A.dtype)
-        if self._mask_is_full():
+        if self._active_indices() is None:
             return None
         return self.rank_mask.to(self.lora_A.dtype)
 
-    def _mask_is_full(self) -> bool:
-        return self._active_indices() is None
-
     def _active_indices(self):
-        # Cached per mask version: a host sync only when the mask changes (load_state_dict copies in place).
+        """Active-rank indices of the mask (None: every rank on), cached per mask version so the host reads the
+        mask only when it changes (load_state_dict copies in place). Under torch.compile the mask is not read on
+        the host: the 0/1 gate then zeroes the masked ranks (same values, full-rank cost)."""
+        if torch.compiler.is_compiling():
+            return _UNREAD
         key = (self.rank_mask.data_ptr(), self.rank_mask._version)
         if self._active_cache is None or self._active_cache[0] != key:
-            self._active_cache = (key, gated.active_ranks(self.rank_mask))
+            self._active_cache = (key, gated_op.active_ranks(self.rank_mask))
         return self._active_cache[1]
 
     def delta_weight(self) -> torch.Tensor:
@@ -155,39 +154,48 @@ class LoRALinear(nn.Module):
         return (b @ self.lora_A) * self.scaling
 
     def op_gate(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(gate, active)`` for the op: the rank gate times the token gate, and the active-rank indices when
-        the gate is a fixed mask (compaction; never under compile, where the mask is not read on the host)."""
+        """``(gate, active)`` for the op: the rank gate times the token gate, and the cached active-rank indices
+        of the mask (the op decides whether to compact: :func:`lora_kernels.gated_lora.op.compacted_ranks`)."""
         gate = self.rank_gate()
         if self._token_gate is not None:
             tg = self._token_gate
             return (tg if gate is None else tg * gate.to(tg.dtype)), None
-        if gate is not None and not gate.requires_grad and not torch.compiler.is_compiling():
-            return gate, self._active_indices()
-        return gate, None
+        active = self._active_indices()
+        return gate, (active if isinstance(active, torch.Tensor) else None)
 
     # ---- forward / merge ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return nn.functional.linear(x, self.weight, self.bias)
         gate, active = self.op_gate()
-        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, gate,
-                           self.dropout, self.training, active=active)
+        # The active ranks come from this layer's own validated mask: the op trusts them (no host read per call).
+        return gated_op._lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, gate,
+                                     self.dropout, self.training, active, None, None, None, check_active=False)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W ← W + ΔW. The unmerged weight is kept so :meth:`unmerge` restores it bit-exactly."""
+        """W ← W + ΔW. The merged weight is a new Parameter and the original is kept aside untouched, so
+        :meth:`unmerge` restores it bit-exactly and a weight tied to another module (``lm_head`` ↔ ``wte``) is never
+        changed under that module. A per-token gate has no merged form: refused."""
         if self.merged:
             return
-        self._unmerged_weight = self.weight.detach().clone()
-        self.weight.add_(self.delta_weight().to(self.weight.dtype))
+        if self._token_gate is not None:
+            raise ValueError("merge() with a per-token gate set: a merged weight cannot express a per-token gate; "
+                             "call set_token_gate(None) first")
+        merged = (self.weight.to(torch.float32) + self.delta_weight().to(torch.float32)).to(self.weight.dtype)
+        self._original_weight = [self.weight]   # a list: kept out of parameters() and state_dict()
+        self.weight = nn.Parameter(merged, requires_grad=False)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        self.weight.copy_(self._unmerged_weight)
-        self._unmerged_weight = None
+        (orig,) = self._original_weight
+        if orig.device != self.weight.device:    # the layer was moved while merged
+            orig.data = orig.data.to(self.weight.device)
+        self.weight = orig
+        self._original_weight = None
         self.merged = False
 
     def extra_repr(self) -> str:

@@ -22,8 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .alphalora import layer_index
-from .functional import lora_linear
+from lora_kernels.gated_lora import lora_linear
 
 
 class MoELoRALinear(nn.Module):
@@ -128,23 +127,34 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
     return torch.stack(losses).sum() if losses else None
 
 
-def apply_moe_adapters(model: nn.Module, target_modules: Sequence[str], experts_per_layer: Sequence[int] | dict,
+def apply_moe_adapters(model: nn.Module, target_modules: Sequence[str] | str, experts_per_layer: Sequence[int] | dict,
                        r: int, alpha: float, dropout: float = 0.0, top_k: Sequence[int] | dict | int | None = None,
-                       load_balance_coef: float = 0.0) -> dict[str, MoELoRALinear]:
+                       load_balance_coef: float = 0.0,
+                       modules_to_save: Sequence[str] | None = None) -> dict[str, MoELoRALinear]:
     """Replaces target ``nn.Linear`` modules inside numbered blocks with :class:`MoELoRALinear` and freezes every
-    base parameter (only routers and experts train).
+    base parameter (only routers, experts and ``modules_to_save`` train). All or nothing: on any error the model is
+    left exactly as it was.
 
     Args:
         model: a model with numbered blocks (``model.layers.3.``, ``encoder.layer.3.``).
-        target_modules: name suffixes (e.g. ["q_proj", "v_proj"] or ["query", "value"]).
+        target_modules: names or suffixes (e.g. ["q_proj", "v_proj"] or ["query", "value"]), or one regex.
         experts_per_layer: experts per block index, as a list (index = block) or a dict {block: n}. A block with
             0 experts keeps its plain frozen linears.
         r, alpha, dropout: each expert's rank, LoRA alpha (scale alpha/r) and input dropout.
         top_k: None (2 if the block has > 1 expert else 1), one int, or per block (list/dict).
         load_balance_coef: coefficient of the Switch load-balance loss (0 = off).
+        modules_to_save: names or suffixes of modules kept trainable (a task head such as ``"classifier"``).
     Returns:
         {module name: the new MoELoRALinear}.
     """
+    from .config import check_finite, check_rank
+    from .surgery import CONFIG_ATTR, find_modules, layer_index, replace_modules
+
+    r = check_rank("r", r)
+    alpha = check_finite("alpha", alpha, positive=True)
+    dropout = check_finite("dropout", dropout, lo=0.0, hi=1.0)
+    check_finite("load_balance_coef", load_balance_coef, lo=0.0)
+
     def per_layer(v, li, what):
         if isinstance(v, dict):
             if li not in v:
@@ -156,22 +166,28 @@ def apply_moe_adapters(model: nn.Module, target_modules: Sequence[str], experts_
             raise ValueError(f"{what} has {len(v)} entries but the model has block {li}")
         return v[li]
 
-    for p in model.parameters():
-        p.requires_grad_(False)
-    targets = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in target_modules)
-               and layer_index(n) is not None]
-    if not targets:
-        raise ValueError(f"no nn.Linear inside numbered blocks matches target_modules={list(target_modules)!r}")
-    out = {}
-    for name, lin in targets:
+    names = [n for n in find_modules(model, target_modules) if layer_index(n) is not None]
+    if not names:
+        raise ValueError(f"no nn.Linear inside numbered blocks matches target_modules={target_modules!r}")
+    save = find_modules(model, list(modules_to_save), "modules_to_save", nn.Module) if modules_to_save else []
+
+    def build(name: str, lin: nn.Linear) -> MoELoRALinear | None:
         li = layer_index(name)
-        e = int(per_layer(experts_per_layer, li, "experts_per_layer"))
-        if e == 0:
-            continue
+        e = per_layer(experts_per_layer, li, "experts_per_layer")
+        if isinstance(e, bool) or not hasattr(e, "__index__") or int(e) < 0:
+            raise ValueError(f"experts_per_layer for block {li} must be an int >= 0, got {e!r}")
+        if int(e) == 0:
+            return None
         k = per_layer(top_k, li, "top_k")
-        new = MoELoRALinear.from_linear(lin, e, r, alpha, dropout, None if k is None else int(k), load_balance_coef)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        out[name] = new
+        return MoELoRALinear.from_linear(lin, int(e), r, alpha, dropout, None if k is None else int(k),
+                                         load_balance_coef)
+
+    def unfreeze_heads():
+        for n in save:
+            for p in model.get_submodule(n).parameters():
+                p.requires_grad_(True)
+
+    out = replace_modules(model, names, build, after=unfreeze_heads, freeze=True)
+    setattr(model, CONFIG_ATTR, {"method": "moe_lora", "modules_to_save": list(modules_to_save or []),
+                                 "adapted_modules": list(out)})
     return out

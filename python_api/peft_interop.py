@@ -28,11 +28,12 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 
 def _adapter_layers(model: nn.Module) -> dict[str, LoRALinear]:
     from .moe import MoELoRALinear
+    from .surgery import adapter_layers, iter_adapters
 
-    moe = [n for n, m in model.named_modules() if isinstance(m, MoELoRALinear)]
+    moe = [n for n, _ in iter_adapters(model, (MoELoRALinear,))]
     if moe:
         raise ValueError(f"MoE-LoRA layers ({moe[:3]}...) have no PEFT LoRA equivalent; export refused")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    layers = adapter_layers(model)
     if not layers:
         raise ValueError("model has no LoRALinear adapter layers to export")
     return layers

@@ -36,16 +36,13 @@ import weakref
 import torch
 from torch import nn
 
-from lora_kernels import shared as shared_ops
+from lora_kernels.gated_lora import split as shared_ops
 
-from .functional import lora_linear
+from lora_kernels.gated_lora import op as gated_op
+from .config import ACCUMULATE, ATTENTION_NAMES
 from .layers import LoRALinear
 
-ATTENTION_NAMES = frozenset({"q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v",
-                             "q_lin", "k_lin", "v_lin", "wq", "wk", "wv"})
-SHARE_MODES = {None: (), "A": ("lora_A",), "B": ("lora_B",), "AB": ("lora_A", "lora_B")}
-SCOPES = ("module_type", "attention")
-ACCUMULATE = ("inplace", "autograd")
+SHARE_MODES = {None: (), "A": ("lora_A",), "B": ("lora_B",), "AB": ("lora_A", "lora_B")}  # mode -> shared matrices
 _INPLACE_DTYPES = (torch.float32, torch.float64)
 _INDEX = re.compile(r"^\d+$")
 
@@ -191,8 +188,8 @@ class SharedLoRALinear(LoRALinear):
             h = self.share_a.shrink(self, x, x2, self.lora_A, acc_a)               # [T, R]
             y = _ExpandFn.apply(x2, self.weight, self.bias, h, self.lora_B, self.scaling, acc_b)
             return y.reshape(*x.shape[:-1], self.out_features)
-        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, gate,
-                           self.dropout, self.training, active=active, accum_a=acc_a, accum_b=acc_b)
+        return gated_op._lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, gate,
+                                     self.dropout, self.training, active, None, acc_a, acc_b, check_active=False)
 
     def extra_repr(self) -> str:
         shared = [g.param for g in (self.share_a, self.share_b) if g is not None]

@@ -1,125 +1,196 @@
-"""Model surgery: put :class:`LoRALinear` layers in place of targeted ``nn.Linear`` layers, count, merge.
+"""Model surgery, the one place that matches target names and replaces modules.
 
-Works on Hugging Face models and plain ``nn.Module`` trees alike (only module names and ``nn.Linear`` are used).
-The configuration is recorded on the model as ``model._lora_kernels_config`` (a JSON-able dict) so a checkpoint
-can rebuild the same adapters, sharing included, with :func:`apply_from_config`.
+- :func:`matches` / :func:`lookup`: PEFT's rule for names — a list entry matches the full module name or its last
+  dotted components; a single string is a regex on the full name.
+- :func:`replace_modules`: swaps modules in one transaction — every replacement is built first; if anything fails
+  the model is left exactly as it was (module types, ``requires_grad`` flags, state_dict) and a corrected retry
+  works.
+- :func:`iter_adapters`: every adapter layer (LoRA, ShareLoRA, MoE-LoRA) by name.
+
+:func:`apply_adapters` puts :class:`LoRALinear` layers in place of the targeted ``nn.Linear`` layers (Hugging Face
+models and plain ``nn.Module`` trees alike). Its :class:`~python_api.config.AdapterConfig` is recorded on the model
+as ``model._lora_kernels_config`` (JSON-able) so a checkpoint rebuilds the same adapters, sharing included, with
+:func:`apply_from_config`.
 
 Merge choice: :func:`merge_adapters` *replaces* every adapter layer with a plain ``nn.Linear`` holding
-``W + s·B_l·diag(g)·A`` (computed in fp32, rounded once to W's dtype). By default this is done in place on the
-base weight (no copy, not reversible). With ``reversible=True`` the adapter layers are kept aside with their
-original weights (one extra copy of the targeted base weights) and :func:`unmerge_adapters` puts them back
-bit-exactly.
+``W + s·B_l·diag(g)·A`` (computed in fp32, rounded once to W's dtype). By default this is done in place on the base
+weight (no copy, not reversible); a weight tied to another module (``lm_head`` ↔ ``wte``) is never written in
+place: the merged layer gets its own copy, so the other module is unchanged. With ``reversible=True`` the adapter
+layers are kept aside and :func:`unmerge_adapters` puts them back bit-exactly.
 """
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from lora_kernels import __version__
 
+from .config import AdapterConfig
 from .layers import LoRALinear
-from .share import ACCUMULATE, ATTENTION_NAMES, SCOPES, SHARE_MODES, SharedLoRALinear, ShareGroup, group_key
+from .share import SHARE_MODES, SharedLoRALinear, ShareGroup, group_key
 
 CONFIG_ATTR = "_lora_kernels_config"
 _STASH_ATTR = "_lora_kernels_unmerged"
-# apply_adapters arguments stored in the config (what apply_from_config replays)
-_APPLY_KEYS = ("target_modules", "r", "alpha", "dropout", "share", "share_scope", "rank_pattern", "svd",
-               "modules_to_save", "accumulate", "reuse_shrink")
 
 
-def _matches(name: str, keys) -> bool:
+# ---- names -----------------------------------------------------------------------------------------------------
+def matches(name: str, keys: Iterable[str] | str) -> bool:
     """PEFT's rule: a str is a regex on the full name; a list matches the full name or its last components."""
     if isinstance(keys, str):
         return re.fullmatch(keys, name) is not None
     return any(name == k or name.endswith("." + k) for k in keys)
 
 
-def _lookup(name: str, pattern: dict | None, default):
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+def layer_index(name: str) -> int | None:
+    """Block index parsed from a module name (``encoder.layer.3.attention...`` → 3), or None outside blocks."""
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def lookup(name: str, pattern: dict | None, default):
+    """The value of the first key of ``pattern`` that :func:`matches` ``name`` (exact or suffix), else default."""
     for k, v in (pattern or {}).items():
-        if name == k or name.endswith("." + k):
+        if matches(name, [k]):
             return v
     return default
 
 
-def _targets(model: nn.Module, target_modules) -> list[str]:
+def find_modules(model: nn.Module, keys: Iterable[str] | str, what: str = "target_modules",
+                 kind: type = nn.Linear) -> list[str]:
+    """Names of the ``kind`` modules of ``model`` that :func:`matches` ``keys``; a matched leaf of another type is
+    refused (TypeError naming it); no match at all is a ValueError listing some candidates."""
     names = []
     for name, mod in model.named_modules():
-        if not name or not _matches(name, target_modules):
+        if not name or not matches(name, keys):
             continue
-        if isinstance(mod, LoRALinear):
-            raise ValueError(f"module {name!r} is already a LoRALinear: apply_adapters was called twice")  # noqa: TRY004  # noqa: TRY004
+        if isinstance(mod, LoRALinear) or type(mod).__name__ == "MoELoRALinear":
+            raise ValueError(f"module {name!r} is already a {type(mod).__name__}: adapters were applied twice")
         if type(mod).__name__ == "Conv1D":
-            raise TypeError(f"module {name!r} is a GPT-2 style Conv1D (weight stored [in, out]); LoRALinear wraps "
-                            "nn.Linear only. Target a model with nn.Linear projections, or convert the Conv1D "
-                            "to nn.Linear (transpose its weight) before applying adapters")
-        if isinstance(mod, nn.Linear):
+            raise TypeError(f"module {name!r} is a GPT-2 style Conv1D (weight stored [in, out]); adapters wrap "
+                            "nn.Linear only. Target a model with nn.Linear projections, or convert the Conv1D to "
+                            "nn.Linear (transpose its weight) before applying adapters")
+        if isinstance(mod, kind):
             names.append(name)
         elif not list(mod.children()):
-            raise TypeError(f"module {name!r} matches target_modules but is a {type(mod).__name__}, "
-                            "not an nn.Linear")
+            raise TypeError(f"module {name!r} matches {what} but is a {type(mod).__name__}, not an "
+                                f"{'nn.Linear' if kind is nn.Linear else kind.__name__}")
     if not names:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
-        raise ValueError(f"target_modules={target_modules!r} matches no nn.Linear; some linear layers of this "
-                         f"model: {linears}")
+        some = [n for n, m in model.named_modules() if isinstance(m, kind)][:8]
+        what_kind = "nn.Linear" if kind is nn.Linear else "module"
+        raise ValueError(f"{what}={keys!r} matches no {what_kind}; some of this model's: {some}")
     return names
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+# ---- one transactional replace ---------------------------------------------------------------------------------
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def apply_adapters(model: nn.Module, target_modules: Iterable[str] | str, r: int = 8, alpha: float | None = None,
-                   dropout: float = 0.0, *, share: str | None = None, share_scope: str = "module_type",
-                   rank_pattern: dict[str, int] | None = None, rank_masks: dict | None = None, svd: bool = False,
-                   modules_to_save: Iterable[str] | None = None, adapter_dtype: torch.dtype | None = None,
-                   accumulate: str = "inplace", reuse_shrink: bool = True,
-                   attention_names=ATTENTION_NAMES) -> nn.Module:
+def replace_modules(model: nn.Module, names: Iterable[str], build: Callable[[str, nn.Module], nn.Module | None],
+                    after: Callable[[], None] | None = None, freeze: bool = False) -> dict[str, nn.Module]:
+    """Replaces each named module by ``build(name, old)`` (None keeps it), all or nothing.
+
+    ``freeze`` freezes every parameter of the model first. ``after`` runs once the new modules are in place (e.g.
+    marking a head trainable); if ``build``, the swap or ``after`` raises, every module and every ``requires_grad``
+    flag is put back before the error propagates. Returns ``{name: new module}``.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    swapped: list[tuple[str, nn.Module]] = []
+    try:
+        for p, _ in flags if freeze else ():
+            p.requires_grad_(False)
+        built = {}
+        for name in names:
+            new = build(name, model.get_submodule(name))
+            if new is not None:
+                built[name] = new
+        for name, new in built.items():
+            old = model.get_submodule(name)
+            _set_child(model, name, new)
+            swapped.append((name, old))
+        if after is not None:
+            after()
+        return built
+    except BaseException:
+        for name, old in reversed(swapped):
+            _set_child(model, name, old)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+
+
+def iter_adapters(model: nn.Module, kinds: tuple[type, ...] | None = None) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, layer)`` for every adapter layer of ``model`` in module order (LoRA and ShareLoRA layers, and
+    MoE-LoRA layers unless ``kinds`` narrows it)."""
+    if kinds is None:
+        from .moe import MoELoRALinear
+        kinds = (LoRALinear, MoELoRALinear)
+    for name, mod in model.named_modules():
+        if isinstance(mod, kinds):
+            yield name, mod
+
+
+def adapter_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRA / ShareLoRA layer of ``model`` by module name, in module order."""
+    return dict(iter_adapters(model, (LoRALinear,)))
+
+
+# ---- apply ---------------------------------------------------------------------------------------------------
+def _config_of(config, overrides: dict) -> AdapterConfig:
+    if isinstance(config, AdapterConfig):
+        return config.replace(**overrides) if overrides else config.validate()
+    if isinstance(config, dict):
+        return AdapterConfig.from_dict({**config, **overrides})
+    if config is None:
+        if "target_modules" not in overrides:
+            raise TypeError("apply_adapters needs target_modules (or an AdapterConfig)")
+        return AdapterConfig(**_checked(overrides))
+    return AdapterConfig(**_checked({"target_modules": config, **overrides}))   # (model, ["query", "value"], r=8)
+
+
+def _checked(kwargs: dict) -> dict:
+    names = set(AdapterConfig.__dataclass_fields__)
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise TypeError(f"unknown adapter option(s) {unknown}; the options are {sorted(names)}")
+    return kwargs
+
+
+def apply_adapters(model: nn.Module, config: AdapterConfig | Iterable[str] | str | dict | None = None,
+                   **overrides) -> nn.Module:
     """Replaces the targeted ``nn.Linear`` layers of ``model`` by LoRA layers, in place, and returns ``model``.
 
-    Args:
-        target_modules: list of names or last-name suffixes (``["query", "value"]``, ``["q_proj"]``), or one
-            regex on the full module name (PEFT's rule).
-        r, alpha, dropout: rank, scale numerator (``s = alpha / r``; alpha defaults to r), LoRA-input dropout.
-        share: None (plain LoRA), ``"A"`` (ShareA), ``"B"`` or ``"AB"`` — matrices shared by reference.
-        share_scope: ``"module_type"`` (one matrix per module type, across layers) or ``"attention"`` (one
-            matrix across q, k, v of all layers; other targets keep the module-type scope).
-        rank_pattern: module name or suffix -> r for that module (PEFT's ``rank_pattern``).
-        rank_masks: module name or suffix -> 0/1 mask [r] applied with ``set_rank_mask``.
-        svd: SVD-form adapters ``ΔW = B diag(E) A`` (AdaLoRA / ShapLoRA); E is never shared.
-        modules_to_save: names or suffixes of modules kept trainable (a task head such as ``"classifier"``).
-        accumulate: ``"inplace"`` (shared gradients added in place into one buffer) or ``"autograd"``.
-        reuse_shrink: compute ``H = x Aᵀ`` once for projections sharing A on the same input.
-    Every base parameter is frozen. GPT-2 ``Conv1D`` layers are refused (TypeError).
+    ``config`` is an :class:`~python_api.config.AdapterConfig` (or its dict), or — the short form — the
+    ``target_modules`` themselves; keyword ``overrides`` set or change any option:
+    ``apply_adapters(model, ["query", "value"], r=8, alpha=16)`` or ``apply_adapters(model, cfg, r=4)``.
+    Every base parameter is frozen. GPT-2 ``Conv1D`` layers are refused (TypeError). All or nothing: on any error
+    the model is left exactly as before.
     """
-    if share not in SHARE_MODES:
-        raise ValueError(f"share must be None, 'A', 'B' or 'AB', got {share!r}")
-    if share_scope not in SCOPES:
-        raise ValueError(f"share_scope must be one of {SCOPES}, got {share_scope!r}")
-    if accumulate not in ACCUMULATE:
-        raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {accumulate!r}")
-    if isinstance(target_modules, str):
-        targets_spec = target_modules
-    else:
-        targets_spec = list(target_modules)
-        if not targets_spec:
-            raise ValueError("target_modules is empty")
-    names = _targets(model, targets_spec)
-    for p in model.parameters():
-        p.requires_grad_(False)
-
-    shared_params = SHARE_MODES[share]
-    keys = {n: group_key(n, share_scope, attention_names) for n in names}
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    cfg = _config_of(config, overrides)
+    names = find_modules(model, cfg.target_modules)
+    for key, what in ((cfg.rank_pattern, "rank_pattern"), (cfg.rank_masks, "rank_masks")):
+        stray = [k for k in key if not any(matches(n, [k]) for n in names)]
+        if stray:
+            raise ValueError(f"{what} keys {stray} match none of the adapted modules ({names[:6]}...)")
+    save = find_modules(model, cfg.modules_to_save, "modules_to_save", nn.Module) if cfg.modules_to_save else []
+    shared = SHARE_MODES[cfg.share]
+    keys = {n: group_key(n, cfg.share_scope, cfg.attention_names) for n in names}
     groups: dict[str, ShareGroup] = {}
     owners: dict[str, tuple[str, LoRALinear]] = {}   # group id -> (first module, its layer)
-    for name in names:
-        base = model.get_submodule(name)
-        rank = int(_lookup(name, rank_pattern, r))
+
+    def build(name: str, base: nn.Module) -> LoRALinear:
+        rank = int(lookup(name, cfg.rank_pattern, cfg.r))
         mine = {}
-        for pname in shared_params:
+        for pname in shared:
             gid = f"{keys[name]}.{pname}"
             if gid in owners:
                 owner_name, owner = owners[gid]
@@ -127,42 +198,39 @@ def apply_adapters(model: nn.Module, target_modules: Iterable[str] | str, r: int
                 have = tuple(getattr(owner, pname).shape)
                 if have != want:
                     raise ValueError(f"cannot share {pname} of {name!r} with {owner_name!r}: shapes {want} vs {have} "
-                                     f"(share_scope={share_scope!r}, r={rank}); use another scope or rank")
+                                     f"(share_scope={cfg.share_scope!r}, r={rank}); use another scope or rank")
                 mine[pname] = getattr(owner, pname)
-        cls = SharedLoRALinear if shared_params else LoRALinear
-        layer = cls.from_linear(base, rank, alpha, dropout, svd=svd, lora_A=mine.get("lora_A"),
-                                lora_B=mine.get("lora_B"), adapter_dtype=adapter_dtype)
-        if shared_params:
+        cls = SharedLoRALinear if shared else LoRALinear
+        try:
+            layer = cls.from_linear(base, rank, cfg.alpha, cfg.dropout, svd=cfg.svd, lora_A=mine.get("lora_A"),
+                                    lora_B=mine.get("lora_B"), adapter_dtype=cfg.adapter_dtype)
+            mask = lookup(name, cfg.rank_masks, None)
+            if mask is not None:
+                layer.set_rank_mask(mask)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"module {name!r}: {e}") from None
+        if shared:
             grp = {}
-            for pname in shared_params:
+            for pname in shared:
                 gid = f"{keys[name]}.{pname}"
                 if gid not in owners:
                     owners[gid] = (name, layer)
-                    groups[gid] = ShareGroup(gid, pname, multi_type=keys[name] != _type_of(name))
+                    groups[gid] = ShareGroup(gid, pname, multi_type=keys[name] != group_key(name, "module_type"))
                 groups[gid].modules.append(name)
                 grp[pname] = groups[gid]
-            layer.configure_sharing(grp.get("lora_A"), grp.get("lora_B"), accumulate, reuse_shrink)
-        mask = _lookup(name, rank_masks, None)
-        if mask is not None:
-            layer.set_rank_mask(mask)
-        _replace(model, name, layer)
+            layer.configure_sharing(grp.get("lora_A"), grp.get("lora_B"), cfg.accumulate, cfg.reuse_shrink)
+        return layer
 
-    saved = []
-    if modules_to_save:
-        for n, m in model.named_modules():
-            if n and _matches(n, list(modules_to_save)):
-                saved.append(n)
-                for p in m.parameters():
-                    p.requires_grad_(True)
-        if not saved:
-            raise ValueError(f"modules_to_save={list(modules_to_save)!r} matches no module")
+    def unfreeze_heads():
+        for n in save:
+            for p in model.get_submodule(n).parameters():
+                p.requires_grad_(True)
 
+    replace_modules(model, names, build, after=unfreeze_heads, freeze=True)
     setattr(model, CONFIG_ATTR, {
-        "method": "sharelora" if share else ("svd_lora" if svd else "lora"),
+        **cfg.to_dict(),
+        "method": "sharelora" if cfg.share else ("svd_lora" if cfg.svd else "lora"),
         "version": __version__,
-        "target_modules": targets_spec, "r": r, "alpha": alpha, "dropout": dropout,
-        "share": share, "share_scope": share_scope, "rank_pattern": dict(rank_pattern or {}), "svd": svd,
-        "modules_to_save": list(modules_to_save or []), "accumulate": accumulate, "reuse_shrink": reuse_shrink,
         "adapted_modules": names,
         # shared matrix id -> the modules holding that one Parameter (the first one owns it in checkpoints)
         "sharing": {gid: list(g.modules) for gid, g in groups.items()},
@@ -170,34 +238,47 @@ def apply_adapters(model: nn.Module, target_modules: Iterable[str] | str, r: int
     return model
 
 
-def _type_of(name: str) -> str:
-    return group_key(name, "module_type")
+_RECORD_ONLY = ("method", "version", "adapted_modules", "sharing", "merged")
 
 
-def apply_from_config(model: nn.Module, config: dict) -> nn.Module:
+def config_from_record(record: dict) -> AdapterConfig:
+    """The :class:`AdapterConfig` inside a recorded ``_lora_kernels_config`` (a checkpoint's ``config``)."""
+    opts = {k: v for k, v in record.items() if k not in _RECORD_ONLY}
+    opts.pop("rank_masks", None)   # masks are restored from the checkpoint's tensors
+    return AdapterConfig.from_dict(opts)
+
+
+def apply_from_config(model: nn.Module, record: dict) -> nn.Module:
     """Replays :func:`apply_adapters` from a recorded ``_lora_kernels_config`` (checkpoint loading) and checks
     that the sharing map comes out identical."""
-    kwargs = {k: config[k] for k in _APPLY_KEYS if k in config}
-    apply_adapters(model, **kwargs)
+    apply_adapters(model, config_from_record(record))
     got = getattr(model, CONFIG_ATTR)["sharing"]
-    if "sharing" in config and got != config["sharing"]:
-        raise ValueError(f"rebuilt sharing map {got} differs from the recorded one {config['sharing']}")
+    if "sharing" in record and got != record["sharing"]:
+        raise ValueError(f"rebuilt sharing map {got} differs from the recorded one {record['sharing']}")
     return model
 
 
-def adapter_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every adapter layer of ``model`` by module name, in module order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
+# ---- counting, state ---------------------------------------------------------------------------------------------
 def count_trainable(model: nn.Module, adapters_only: bool = False) -> int:
-    """Number of trainable scalars, each Parameter counted once however many layers share it.
-
-    ``adapters_only`` counts the adapter matrices (A, B, E) only, leaving out a trainable head."""
+    """Number of trainable scalars that take part in the model, each Parameter counted once however many layers
+    share it. Masked-off ranks of a fixed rank mask are not counted (their rows of A and columns of B never train:
+    the op runs on the active ranks only). ``adapters_only`` leaves out a trainable head."""
+    inactive = 0
+    for _, layer in iter_adapters(model, (LoRALinear,)):
+        off = 0 if layer.rank_mask.is_meta else layer.r - layer.active_rank
+        for p, size in ((layer.lora_A, layer.in_features), (layer.lora_B, layer.out_features), (layer.lora_E, 1)):
+            if off and p is not None and p.requires_grad and not _is_shared(layer, p):
+                inactive += off * size
     if adapters_only:
-        seen = {id(p): p for m in adapter_layers(model).values() for p in m.parameters() if p.requires_grad}
-        return sum(p.numel() for p in seen.values())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)   # parameters() yields each once
+        seen = {id(p): p for _, m in iter_adapters(model) for p in m.parameters() if p.requires_grad}
+        return sum(p.numel() for p in seen.values()) - inactive
+    return sum(p.numel() for p in model.parameters() if p.requires_grad) - inactive   # parameters() yields each once
+
+
+def _is_shared(layer: LoRALinear, p: torch.Tensor) -> bool:
+    # A shared matrix serves other layers' active ranks too: its masked rows are not unused.
+    return (getattr(layer, "share_a", None) is not None and p is layer.lora_A) or \
+           (getattr(layer, "share_b", None) is not None and p is layer.lora_B)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -251,6 +332,19 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], st
             raise KeyError(f"unexpected keys in adapter checkpoint: {extra[:8]}")
 
 
+# ---- merge -----------------------------------------------------------------------------------------------------
+def tied_elsewhere(model: nn.Module, param: torch.Tensor, owner: str) -> list[str]:
+    """Names of parameters of ``model``, outside module ``owner``, that are the same tensor as ``param``
+    (or share its storage): a tied weight such as GPT-2's ``lm_head.weight`` ↔ ``transformer.wte.weight``."""
+    out = []
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if n.rpartition(".")[0] == owner:
+            continue
+        if p is param or (p.untyped_storage().data_ptr() == param.untyped_storage().data_ptr() and p.numel()):
+            out.append(n)
+    return out
+
+
 @torch.no_grad()
 def _merged_linear(layer: LoRALinear, in_place: bool) -> nn.Linear:
     w = layer.weight
@@ -267,22 +361,26 @@ def _merged_linear(layer: LoRALinear, in_place: bool) -> nn.Linear:
 
 
 def merge_adapters(model: nn.Module, reversible: bool = False) -> nn.Module:
-    """Replaces every adapter layer by an ``nn.Linear`` with weight ``W + s·B·diag(g)·A`` (shared A/B read
-    per layer) and returns ``model``. ``reversible=True`` keeps the adapter layers aside (one copy of the
-    targeted base weights) for :func:`unmerge_adapters`; otherwise W is overwritten in place."""
+    """Replaces every adapter layer by an ``nn.Linear`` with weight ``W + s·B·diag(g)·A`` (shared A/B read per
+    layer) and returns ``model``. ``reversible=True`` keeps the adapter layers aside (one copy of the targeted
+    base weights) for :func:`unmerge_adapters`; otherwise W is overwritten in place — except a weight tied to
+    another module, which gets a merged copy so the other module keeps its weight. A layer with a per-token gate
+    set (MoE routing, coalitions) has no single merged weight: refused."""
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("model has no adapter layers to merge")
-    stash = {}
     for name, layer in layers.items():
         if layer.merged:
             raise ValueError(f"layer {name!r} is merged in place already (LoRALinear.merge); unmerge it first")
-        _replace(model, name, _merged_linear(layer, in_place=not reversible))
-        if reversible:
-            stash[name] = layer
+        if layer._token_gate is not None:
+            raise ValueError(f"layer {name!r} has a per-token gate set: a merged weight cannot express it; call "
+                             "set_token_gate(None) first")
+    tied = {n: bool(tied_elsewhere(model, layer.weight, n)) for n, layer in layers.items()}
+    replace_modules(model, list(layers),
+                    lambda n, layer: _merged_linear(layer, in_place=not reversible and not tied[n]))
     if reversible:
         # a plain attribute, not a submodule: the merged model's parameters/state_dict stay those of the base
-        object.__setattr__(model, _STASH_ATTR, stash)
+        object.__setattr__(model, _STASH_ATTR, layers)
     cfg = getattr(model, CONFIG_ATTR, None)
     if cfg is not None:
         cfg["merged"] = True
@@ -297,7 +395,7 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     for name, layer in stash.items():
         cur = model.get_submodule(name)
         layer.to(device=cur.weight.device)
-        _replace(model, name, layer)
+        _set_child(model, name, layer)
     object.__delattr__(model, _STASH_ATTR)
     cfg = getattr(model, CONFIG_ATTR, None)
     if cfg is not None:

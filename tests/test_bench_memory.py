@@ -39,7 +39,7 @@ def test_storage_bytes_dedups_shared_storage():
 
 
 def test_quick_run_rows(tmp_path):
-    from python_api.data import AssetMissing
+    from python_api.app.data import AssetMissing
     try:
         rows = bench_memory.run(quick=True, directory=str(tmp_path))
     except AssetMissing as e:

@@ -154,7 +154,7 @@ void update_tensor(const Entry& e, float b1, float b2, double* out) {
   using T = typename D::T;
   const T* p = static_cast<const T*>(e.p);
   const T* g = static_cast<const T*>(e.g);
-  if (e.kind == 0) {  // E [R]: every element is a rank
+  if (e.kind == kKindE) {  // E [R]: every element is a rank
     const float c1 = 1.f - b1, c2 = 1.f - b2;
     for (int64_t i = 0; i < e.numel; ++i) {
       const float imp = std::fabs(D::load(p[i]) * D::load(g[i]));
@@ -164,7 +164,7 @@ void update_tensor(const Entry& e, float b1, float b2, double* out) {
       e.unc[i] = u;
       out[i] = double(a * u);
     }
-  } else if (e.kind == 1) {  // A [R, K]: row means
+  } else if (e.kind == kKindA) {  // A [R, K]: row means
     const int64_t K = e.row_len, R = e.numel / K;
     for (int64_t r = 0; r < R; ++r) out[r] = update_span<D>(p, g, e.ipt, e.unc, r * K, (r + 1) * K, b1, b2) / double(K);
   } else {  // B [N, R]: column means
@@ -185,7 +185,7 @@ void dispatch_tensor(const Entry& e, float b1, float b2, double* out) {
 
 int64_t ranks_of(const Entry& e) {
   if (e.numel == 0) return 0;
-  return e.kind == 0 ? e.numel : (e.kind == 1 ? e.numel / e.row_len : e.row_len);
+  return e.kind == kKindE ? e.numel : (e.kind == kKindA ? e.numel / e.row_len : e.row_len);
 }
 
 }  // namespace

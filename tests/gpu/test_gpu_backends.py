@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import python_api
-from lora_kernels import reference
+from lora_kernels.gated_lora import reference
 from tests.helpers import assert_close, randn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

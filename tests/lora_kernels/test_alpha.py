@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lora_kernels import alpha as A
+from lora_kernels.spectra import alpha as A
 from tests.helpers import assert_close, randn
 
 

@@ -8,7 +8,10 @@ import sys
 import pytest
 import torch
 
-from lora_kernels import _cuda_loader, cuda_gated, cuda_sensitivity, reference
+from lora_kernels.compiled import cuda_module
+from lora_kernels.gated_lora import cuda as cuda_gated
+from lora_kernels.gated_lora import reference
+from lora_kernels.sensitivity import cuda as cuda_sensitivity
 from lora_kernels.dispatch import Problem
 
 CPU = torch.device("cpu")
@@ -16,7 +19,7 @@ CUDA = torch.device("cuda")  # constructing a device object needs no GPU
 
 
 def _module_or_skip():
-    mod, err = _cuda_loader.load()
+    mod, err = cuda_module.load()
     if mod is None:
         pytest.skip(f"compiled CUDA module not loadable here: {err}")
     return mod
@@ -47,61 +50,30 @@ def test_sensitivity_supports():
     assert cuda_sensitivity.supports(Problem("sensitivity", CUDA, torch.bfloat16))[0]
 
 
-# ---------------------------------------------------------------- gated argument validation
+# ---------------------------------------------------------------- argument validation happens at the op boundary
+# The backends assume valid input (lora_kernels.gated_lora.op / lora_kernels.sensitivity.op validate once); these
+# are the mistakes the CUDA wrappers used to catch themselves, now caught before any backend is chosen.
 def _gated_args(T=3, K=10, N=7, R=4, dtype=torch.float32):
     return {"x": torch.randn(T, K, dtype=dtype), "weight": torch.randn(N, K, dtype=dtype), "bias": None,
-            "lora_a": torch.randn(R, K), "lora_b": torch.randn(N, R), "scale": 0.5, "gate": None, "dropout_p": 0.0,
-            "seed": 0}
+            "lora_a": torch.randn(R, K), "lora_b": torch.randn(N, R), "scale": 0.5, "gate": None, "dropout_p": 0.0}
 
 
 @pytest.mark.parametrize("change, exc, words", [
-    ({}, ValueError, "x is on cpu"),
     ({"lora_b": torch.randn(7, 5)}, ValueError, "lora_b must be [N, R]"),
     ({"gate": torch.ones(5)}, ValueError, "gate"),
     ({"dropout_p": 1.0}, ValueError, "dropout_p"),
-    ({"x": torch.randn(3, 10, dtype=torch.float64), "weight": torch.randn(7, 10, dtype=torch.float64)},
-     TypeError, "x has dtype torch.float64"),
-    ({"x": torch.randn(2, 3, 10)}, ValueError, "x must be 2-D"),
     ({"seed": 1.5}, TypeError, "seed"),
+    ({"seed": 2**70}, ValueError, "seed"),
+    ({"accum_a": torch.zeros(4, 10, dtype=torch.float16)}, TypeError, "accum_a must be an fp32"),
+    ({"accum_b": torch.zeros(4, 7)}, ValueError, "accum_b must have the shape of its matrix [7, 4]"),
 ])
-def test_forward_validation_names_the_argument(change, exc, words):
+def test_op_validation_names_the_argument(change, exc, words):
+    from lora_kernels.gated_lora import lora_linear
     with pytest.raises(exc) as info:
-        cuda_gated.check_forward_args(**{**_gated_args(), **change})
+        lora_linear(**{**_gated_args(), **change})
     assert words in str(info.value)
 
 
-def test_forward_refuses_cpu_tensors():
-    with pytest.raises(ValueError, match="x is on cpu"):
-        cuda_gated.gated_lora_forward(**_gated_args())
-
-
-@pytest.mark.parametrize("change, words", [
-    ({"dy": torch.randn(3, 8)}, "dy must be a [T, N] = [3, 7]"),
-    ({"dy": torch.randn(3, 7, dtype=torch.float16)}, "dy has dtype"),
-    ({"h": torch.randn(3, 5)}, "h must be the [T, R] = [3, 4]"),
-    ({"needs": (True, True)}, "needs"),
-    ({"accum_a": torch.zeros(4, 10, dtype=torch.float16)}, "accum_a must be an fp32 buffer of shape [4, 10]"),
-    ({"accum_b": torch.zeros(4, 7)}, "accum_b must be an fp32 buffer of shape [7, 4]"),
-    ({}, "x is on cpu"),
-])
-def test_backward_validation_names_the_argument(change, words):
-    args = _gated_args()
-    args.pop("bias")
-    args.update(dy=torch.randn(3, 7), h=torch.randn(3, 4), needs=(True, True, True, True), accum_a=None,
-                accum_b=None)
-    args.update(change)
-    with pytest.raises((ValueError, TypeError)) as info:
-        cuda_gated.check_backward_args(**args)
-    assert words in str(info.value)
-
-
-def test_cuda_tensor_check_names_the_argument():
-    with pytest.raises(ValueError, match="gate is on cpu"):
-        cuda_gated.check_cuda_tensor("gate", torch.ones(3))
-    cuda_gated.check_cuda_tensor("gate", None)
-
-
-# ---------------------------------------------------------------- sensitivity argument validation
 def _sens_args(R=4, K=6, N=5, dtype=torch.float32):
     params = [torch.randn(R, dtype=dtype), torch.randn(R, K, dtype=dtype), torch.randn(N, R, dtype=dtype)]
     return {"params": params, "grads": [torch.randn_like(p) for p in params],
@@ -109,38 +81,30 @@ def _sens_args(R=4, K=6, N=5, dtype=torch.float32):
             "kinds": [0, 1, 2], "score_offsets": [0, 0, 0], "scores": torch.zeros(R), "beta1": 0.85, "beta2": 0.85}
 
 
-def test_sensitivity_validation_accepts_good_args_and_returns_ranks():
-    assert cuda_sensitivity.check_sensitivity_args(**_sens_args(), require_cuda=False) == [(4, 1), (4, 6), (4, 4)]
-
-
 @pytest.mark.parametrize("edit, words", [
     (lambda a: a["grads"].pop(), "grads has 2 entries but params has 3"),
-    (lambda a: a["kinds"].__setitem__(1, 3), "kinds[1] must be 0 (E), 1 (A) or 2 (B), got 3"),
-    (lambda a: a["grads"].__setitem__(2, torch.randn(4, 5)), "grads[2] must match params[2]"),
-    (lambda a: a["ipt"].__setitem__(1, torch.zeros(6, 4).t()), "ipt[1] must be a contiguous fp32 tensor"),
-    (lambda a: a["unc"].__setitem__(0, torch.zeros(4, dtype=torch.float16)), "unc[0] must be a contiguous fp32"),
-    (lambda a: a["score_offsets"].__setitem__(2, 1), "score_offsets[2] = 1"),
-    (lambda a: a["kinds"].__setitem__(0, 1), "params[0] has kind 1"),
+    (lambda a: a["kinds"].__setitem__(1, 3), "kinds[1] must be 0"),
+    (lambda a: a["grads"].__setitem__(2, torch.randn(4, 5)), "grads[2] has shape (4, 5) but params[2] has (5, 4)"),
+    (lambda a: a["ipt"].__setitem__(1, torch.zeros(6, 4).t()), "ipt[1] must be contiguous"),
+    (lambda a: a["unc"].__setitem__(0, torch.zeros(4, dtype=torch.float16)), "unc[0] must be float32"),
+    (lambda a: a["score_offsets"].__setitem__(2, 1), "score_offsets[2]=1"),
+    (lambda a: a["kinds"].__setitem__(0, 1), "params[0] (kind 1) must have 2 dims"),
     (lambda a: a.__setitem__("beta2", 1.0), "beta2 must be in [0, 1)"),
-    (lambda a: a.__setitem__("scores", torch.zeros(4, dtype=torch.float64)), "scores must be a 1-D fp32 tensor"),
+    (lambda a: a.__setitem__("scores", torch.zeros(4, dtype=torch.float64)), "scores must be a 1-D float32 tensor"),
 ])
 def test_sensitivity_validation_names_the_argument(edit, words):
+    from lora_kernels.sensitivity import fused_sensitivity_update
     args = _sens_args()
     edit(args)
     with pytest.raises((ValueError, TypeError)) as info:
-        cuda_sensitivity.check_sensitivity_args(**args, require_cuda=False)
+        fused_sensitivity_update(**args)
     assert words in str(info.value)
 
 
-def test_sensitivity_params_dtype_checked():
-    args = _sens_args(dtype=torch.float64)
-    with pytest.raises(TypeError, match=r"params\[0\] has dtype torch.float64"):
-        cuda_sensitivity.check_sensitivity_args(**args, require_cuda=False)
-
-
-def test_sensitivity_refuses_cpu_tensors():
-    with pytest.raises(ValueError, match="scores is on cpu"):
-        cuda_sensitivity.fused_sensitivity_update(**_sens_args())
+def test_sensitivity_ranks_and_row_lengths():
+    args = _sens_args()
+    assert [cuda_sensitivity._ranks_and_row_len(p, k) for p, k in zip(args["params"], args["kinds"])] == \
+        [(4, 1), (4, 6), (4, 4)]
 
 
 # ---------------------------------------------------------------- the compiled module, where it loads
@@ -167,11 +131,11 @@ def test_kernel_dropout_hash_matches_reference(seed, p):
 def test_wrapper_dtype_codes_match_module():
     mod = _module_or_skip()
     codes = {torch.float32: mod.DTYPE_F32, torch.float16: mod.DTYPE_F16, torch.bfloat16: mod.DTYPE_BF16}
-    assert cuda_gated.KERNEL_DTYPES == codes == cuda_sensitivity.KERNEL_DTYPES
+    assert cuda_gated.KERNEL_DTYPES == codes == cuda_sensitivity.KERNEL_DTYPES  # all from lora_kernels.codes
 
 
 def test_importing_wrappers_loads_nothing_compiled():
-    code = ("import sys, lora_kernels.cuda_gated, lora_kernels.cuda_sensitivity; "
+    code = ("import sys, lora_kernels.gated_lora.cuda, lora_kernels.sensitivity.cuda; "
             "assert 'lora_kernels._lora_kernels_cuda' not in sys.modules, 'compiled module loaded at import'; "
             "assert 'triton' not in sys.modules, 'triton imported'; "
             "import torch; assert not torch.cuda.is_initialized()")

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 import lora_kernels
-from lora_kernels import dispatch, gated
+from lora_kernels import dispatch
+from lora_kernels.gated_lora import op as gated
 
 
 def test_available_backends_reports_each_with_reason():
     info = lora_kernels.available_backends()
-    assert set(info) == {"torch", "triton", "cuda"}
+    assert set(info) == {"torch", "native", "triton", "cuda"}
     for name, v in info.items():
         assert isinstance(v["usable"], bool) and v["reason"], name
     assert info["torch"]["usable"]

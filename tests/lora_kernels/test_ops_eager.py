@@ -5,7 +5,7 @@ custom op."""
 import pytest
 import torch
 
-from lora_kernels import ops
+from lora_kernels.gated_lora import op as ops
 from tests.helpers import randn
 
 

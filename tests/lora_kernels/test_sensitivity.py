@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from lora_kernels.sensitivity import fused_sensitivity_update, per_example_gate_grad, sensitivity_update_ref
+from lora_kernels.sensitivity import fused_sensitivity_update, per_example_gate_grad
+from lora_kernels.sensitivity.reference import sensitivity_update_ref
 from tests.helpers import assert_close, randn
 
 SHAPES = [(0, (5,)), (1, (5, 7)), (2, (9, 5)), (0, (1,)), (1, (1, 1100)), (2, (13, 1)), (0, (3,)), (1, (3, 17)),

@@ -7,13 +7,15 @@ import pytest
 import torch
 
 import lora_kernels.sensitivity as S
-from lora_kernels import _cpu_loader
+from lora_kernels.sensitivity import native_cpu, op
+from lora_kernels.sensitivity.reference import sensitivity_update_ref
+from lora_kernels.compiled import cpu_module
 from tests.helpers import assert_close, randn
 from tests.lora_kernels.test_sensitivity import SHAPES, _inputs, _oracle
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-native = pytest.mark.skipif(_cpu_loader.load()[0] is None,
-                            reason=f"CPU module not built: {_cpu_loader.load()[1]}")
+native = pytest.mark.skipif(cpu_module.load()[0] is None,
+                            reason=f"CPU module not built: {cpu_module.load()[1]}")
 
 
 def _copy(ts):
@@ -26,9 +28,9 @@ def test_native_matches_oracle_and_reference(dtype):
     P, G, ipt, unc, kinds, offs = _inputs(dtype, seed=3)
     ei, eu, es = _oracle(P, G, ipt, unc, kinds, offs, 0.85, 0.7, 9)
     ri, ru, rs = _copy(ipt), _copy(unc), torch.zeros(9)
-    assert not bool(S.sensitivity_update_ref(P, G, ri, ru, kinds, offs, rs, 0.85, 0.7))
+    assert not bool(sensitivity_update_ref(P, G, ri, ru, kinds, offs, rs, 0.85, 0.7))
     scores = torch.zeros(9)
-    bad = S.sensitivity_update_native(P, G, ipt, unc, kinds, offs, scores, 0.85, 0.7)
+    bad = native_cpu.fused_sensitivity_update(P, G, ipt, unc, kinds, offs, scores, 0.85, 0.7)
     assert bad.dim() == 0 and bad.dtype == torch.bool and not bool(bad)
     for j in range(len(P)):
         assert_close(ipt[j], ei[j], torch.float32, name=f"ipt[{j}]")
@@ -52,7 +54,7 @@ def test_native_odd_shapes_accumulate_into_scores(shape_r):
     offs = [2, 2, 2]
     ei, eu, es = _oracle(P, G, ipt, unc, kinds, offs, 0.85, 0.85, r + 3)
     scores = torch.full((r + 3,), 0.5)  # accumulated into, not overwritten
-    assert not bool(S.sensitivity_update_native(P, G, ipt, unc, kinds, offs, scores, 0.85, 0.85))
+    assert not bool(native_cpu.fused_sensitivity_update(P, G, ipt, unc, kinds, offs, scores, 0.85, 0.85))
     assert_close(scores, es + 0.5, torch.float32, name="scores")
     for j in range(3):
         assert_close(ipt[j], ei[j], torch.float32, name=f"ipt[{j}]")
@@ -67,7 +69,7 @@ def test_native_decodes_every_finite_half_value_exactly(dtype):
     g = torch.ones_like(p)
     ipt, unc, scores = torch.full(p.shape, 3.0), torch.full(p.shape, 3.0), torch.zeros(p.numel())
     # beta1 = beta2 = 0: ipt = |w g| exactly as decoded, unc = 0
-    assert not bool(S.sensitivity_update_native([p], [g], [ipt], [unc], [0], [0], scores, 0.0, 0.0))
+    assert not bool(native_cpu.fused_sensitivity_update([p], [g], [ipt], [unc], [0], [0], scores, 0.0, 0.0))
     assert torch.equal(ipt, p.float().abs())
     assert torch.equal(unc, torch.zeros_like(unc))
 
@@ -80,7 +82,7 @@ def test_native_nonfinite_grad_leaves_state_untouched(dtype, bad_value):
     G[-1][1, 2] = bad_value                          # the LAST tensor: nothing before it may be written
     before = _copy(ipt + unc)
     scores = torch.full((9,), 7.0)
-    assert bool(S.sensitivity_update_native(P, G, ipt, unc, kinds, offs, scores, 0.85, 0.85))
+    assert bool(native_cpu.fused_sensitivity_update(P, G, ipt, unc, kinds, offs, scores, 0.85, 0.85))
     assert all(torch.equal(a, b) for a, b in zip(before, ipt + unc))
     assert torch.equal(scores, torch.full((9,), 7.0))
 
@@ -91,7 +93,7 @@ def test_native_is_deterministic_across_thread_counts():
     out = []
     for n in (1, 2, 3):
         i, u, s = _copy(ipt), _copy(unc), torch.zeros(9)
-        S.sensitivity_update_native(P, G, i, u, kinds, offs, s, 0.85, 0.85, n_threads=n)
+        native_cpu.fused_sensitivity_update(P, G, i, u, kinds, offs, s, 0.85, 0.85, n_threads=n)
         out.append((i, u, s))
     for i, u, s in out[1:]:
         assert torch.equal(s, out[0][2])
@@ -100,20 +102,20 @@ def test_native_is_deterministic_across_thread_counts():
 
 @native
 def test_native_empty_and_zero_size_tensors():
-    assert not bool(S.sensitivity_update_native([], [], [], [], [], [], torch.zeros(2), 0.85, 0.85))
+    assert not bool(native_cpu.fused_sensitivity_update([], [], [], [], [], [], torch.zeros(2), 0.85, 0.85))
     z = torch.zeros(0, 4)
     scores = torch.zeros(2)
-    assert not bool(S.sensitivity_update_native([z], [z.clone()], [z.clone()], [z.clone()], [1], [0], scores,
+    assert not bool(native_cpu.fused_sensitivity_update([z], [z.clone()], [z.clone()], [z.clone()], [1], [0], scores,
                                                 0.85, 0.85))
     assert torch.equal(scores, torch.zeros(2))
     with pytest.raises(ValueError, match="params\\[0\\]"):
-        S.sensitivity_update_native([randn(3, 4)[:, ::2]], [randn(3, 2)], [torch.zeros(3, 2)], [torch.zeros(3, 2)],
+        native_cpu.fused_sensitivity_update([randn(3, 4)[:, ::2]], [randn(3, 2)], [torch.zeros(3, 2)], [torch.zeros(3, 2)],
                                     [1], [0], scores, 0.85, 0.85)
 
 
 @native
 def test_module_checks_table_rows():
-    mod = _cpu_loader.require()
+    mod = cpu_module.require()
     t = torch.tensor([[1, 1, 1, 1, 4, 3, 0, 1, 0]], dtype=torch.int64)
     s = torch.zeros(4)
     with pytest.raises(ValueError, match="row 0: kind"):
@@ -127,36 +129,37 @@ def test_module_checks_table_rows():
 
 def _spy(monkeypatch):
     calls = []
-    for name in ("sensitivity_update_native", "sensitivity_update_ref"):
-        fn = getattr(S, name)
-        monkeypatch.setattr(S, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
+    for name, mod, attr in (("native", native_cpu, "fused_sensitivity_update"),
+                            ("torch", op.REGISTRY["torch"], "fused_sensitivity_update")):
+        fn = getattr(mod, attr)
+        monkeypatch.setattr(mod, attr, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
     return calls
 
 
 @native
 def test_dispatch_native_for_contiguous_reference_otherwise(monkeypatch):
-    monkeypatch.delenv("LORA_KERNELS_BACKEND", raising=False)
+    """The dispatcher (lora_kernels.dispatch, the only place that picks a backend) gives dense CPU problems to the
+    native loop and anything else to the reference; LORA_KERNELS_BACKEND=torch forces the reference."""
     calls = _spy(monkeypatch)
-    _, impl = S.select(S.Problem("sensitivity", torch.device("cpu"), torch.float32), S.REGISTRY)
-    assert "native" in S.REGISTRY["torch"].supports(S.Problem("sensitivity", torch.device("cpu"), torch.float32))[1]
-    for noncontig, env, want in ((False, "1", "sensitivity_update_native"), (True, "1", "sensitivity_update_ref"),
-                                 (False, "0", "sensitivity_update_ref")):
-        monkeypatch.setenv(S.NATIVE_ENV, env)
+    for noncontig, env, want in ((False, "auto", "native"), (True, "auto", "torch"), (False, "torch", "torch"),
+                                 (False, "native", "native")):
+        monkeypatch.setenv("LORA_KERNELS_BACKEND", env)
         P, G, ipt, unc, kinds, offs = _inputs(torch.bfloat16, noncontig=noncontig)
         ei, eu, es = _oracle(P, G, ipt, unc, kinds, offs, 0.85, 0.85, 9)
         scores = torch.zeros(9)
         S.fused_sensitivity_update(P, G, ipt, unc, kinds, offs, scores, 0.85, 0.85)
         assert calls[-1] == want, (noncontig, env, calls)
         assert_close(scores, es, torch.float32, name=f"scores ({want})")
-    monkeypatch.setenv(S.NATIVE_ENV, "0")
-    assert "reference" in S.REGISTRY["torch"].supports(S.Problem("sensitivity", torch.device("cpu"),
-                                                                 torch.float32))[1]
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "native")
+    P, G, ipt, unc, kinds, offs = _inputs(torch.bfloat16, noncontig=True)
+    with pytest.raises(Exception, match="contiguous"):   # forced but unusable: raises with the reason
+        S.fused_sensitivity_update(P, G, ipt, unc, kinds, offs, torch.zeros(9), 0.85, 0.85)
 
 
 @native
-@pytest.mark.parametrize("env", ["1", "0"])
+@pytest.mark.parametrize("env", ["auto", "torch"])
 def test_plan_matches_oracle_and_falls_back(monkeypatch, env):
-    monkeypatch.setenv(S.NATIVE_ENV, env)
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", env)
     P, G, ipt, unc, kinds, offs = _inputs(torch.float16, seed=7)
     P[0], G[0] = P[0].view(-1, 1), G[0].view(-1, 1)     # PEFT's λ is [R, 1]
     plan = S.SensitivityPlan(P, ipt, unc, kinds, offs, 9)
@@ -179,7 +182,7 @@ def test_plan_matches_oracle_and_falls_back(monkeypatch, env):
 
 
 def test_import_does_not_load_cpu_module():
-    code = ("import sys, lora_kernels, python_api, lora_kernels.sensitivity, python_api.sensitivity; "
+    code = ("import sys, lora_kernels, python_api, lora_kernels.sensitivity, python_api.allocators.sensitivity; "
             "print('lora_kernels._lora_kernels_cpu' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert res.stdout.strip().splitlines()[-1] == "False"

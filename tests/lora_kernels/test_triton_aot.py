@@ -20,7 +20,7 @@ _SCRIPT = r"""
 import json, sys, time
 import torch, triton
 from triton.backends.compiler import GPUTarget
-from lora_kernels import triton_gated as tg
+from lora_kernels.gated_lora import triton as tg
 cap = int(sys.argv[1])
 done, failed, t0 = [], [], time.time()
 for spec in tg.KERNELS:
@@ -55,7 +55,7 @@ def test_aot_compile_every_kernel_for_sm80_and_sm90():
     procs = {cap: subprocess.Popen([sys.executable, "-c", _SCRIPT, str(cap)], cwd=ROOT, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for cap in (80, 90)}
-    from lora_kernels import triton_gated as tg
+    from lora_kernels.gated_lora import triton as tg
     expected = sum(len(s.variants) for s in tg.KERNELS)
     for cap, proc in procs.items():
         out, err = proc.communicate(timeout=900)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_kernels import _alloc, reference
+from lora_kernels import _alloc
+from lora_kernels.gated_lora import reference
 from lora_kernels.dispatch import Problem
 from tests.helpers import assert_close, randn
 

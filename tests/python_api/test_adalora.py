@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from python_api.adalora import AdaLoRAAllocator, budget_schedule, orthogonality_penalty, peft_adapters
+from python_api.allocators.adalora import AdaLoRAAllocator, budget_schedule, orthogonality_penalty, peft_adapters
 from python_api.layers import LoRALinear
 from tests.helpers import assert_close
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from lora_kernels.alpha import eigenvalues
+from lora_kernels.spectra.alpha import eigenvalues
 from python_api import allocate_experts, alpha_hill, layer_alphas
-from python_api.alphalora import layer_index, mola_experts, top_k_for
+from python_api.allocators.alphalora import layer_index, mola_experts, top_k_for
 
 
 def heavy(df, shape=(200, 500), seed=0):

@@ -107,7 +107,7 @@ def test_moe_roundtrip(tmp_path):
 
 
 def test_allocator_resume_gives_same_next_decision(tmp_path):
-    from python_api.adalora import AdaLoRAAllocator
+    from python_api.allocators.adalora import AdaLoRAAllocator
 
     def run(model, alloc, steps, start=0):
         opt_gen = torch.Generator().manual_seed(start)
@@ -137,7 +137,7 @@ def test_allocator_resume_gives_same_next_decision(tmp_path):
 def test_allocator_requested_but_absent_and_bad_paths(tmp_path):
     m = _adapted(svd=True)
     save_adapters(m, tmp_path)
-    from python_api.sensitivity import SensitivityTracker
+    from python_api.allocators.sensitivity import SensitivityTracker
     with pytest.raises(CheckpointError, match="no allocator state"):
         load_adapters(m, tmp_path, allocator=SensitivityTracker(m))
     with pytest.raises(CheckpointError, match="not a lora-kernels adapter checkpoint"):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from python_api.cli import main
+from python_api.app.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

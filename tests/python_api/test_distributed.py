@@ -129,7 +129,7 @@ def train(kind: str, wrap: str | None, rank: int = 0, world: int = 1) -> dict:
 
 def adalora(rank: int = 0, world: int = 1) -> dict:
     """AdaLoRA under DDP: the tracker reads the already-reduced gradients; rank patterns must agree."""
-    from python_api.adalora import AdaLoRAAllocator
+    from python_api.allocators.adalora import AdaLoRAAllocator
     from python_api.distributed import same_on_all_ranks
     model = _build("lora", svd=True)
     net = model

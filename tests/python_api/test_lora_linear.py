@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import python_api
-from lora_kernels import reference
+from lora_kernels.gated_lora import reference
 from tests.helpers import assert_close, randn
 
 GATES = ["none", "rank", "rank_zeros", "token"]

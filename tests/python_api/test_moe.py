@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from lora_kernels.reference import dropout_mask
+from lora_kernels.gated_lora.reference import dropout_mask
 from python_api import MoELoRALinear
-from python_api.functional import new_dropout_seed
+from lora_kernels.gated_lora import new_dropout_seed
 from python_api.moe import apply_moe_adapters, moe_aux_loss
 from tests.helpers import assert_close, randn
 

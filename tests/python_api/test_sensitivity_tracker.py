@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from python_api.layers import LoRALinear
-from python_api.sensitivity import SensitivityTracker
+from python_api.allocators.sensitivity import SensitivityTracker
 from tests.helpers import assert_close
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from python_api.layers import LoRALinear
-from python_api.shaplora import (
+from python_api.allocators.shaplora import (
     allocate_ranks,
     apply_rank_masks,
     exact_shapley,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from python_api import models
+from python_api.app import models
 
 try:
     models.smollm2_gguf()

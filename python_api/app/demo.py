@@ -120,7 +120,7 @@ def _bar(total: int, desc: str, cfg: DemoConfig):
 def _count(model: nn.Module) -> int:
     """Trainable scalars that act: ranks switched off by a rank mask are left out (a deployed rank pattern
     drops them, as PEFT's rank_pattern does)."""
-    from .surgery import adapter_layers, count_trainable
+    from ..surgery import adapter_layers, count_trainable
     n = count_trainable(model)
     for layer in adapter_layers(model).values():
         off = layer.r - layer.active_rank
@@ -129,7 +129,7 @@ def _count(model: nn.Module) -> int:
 
 
 def run_lora(base, splits, cfg, deadline, share=None, name="lora") -> dict:
-    from .surgery import apply_adapters
+    from ..surgery import apply_adapters
 
     model = apply_adapters(copy.deepcopy(base), MINILM_TARGETS, r=cfg.r, alpha=2 * cfg.r, share=share,
                            modules_to_save=["classifier"])
@@ -139,8 +139,8 @@ def run_lora(base, splits, cfg, deadline, share=None, name="lora") -> dict:
 
 
 def run_shaplora(base, splits, cfg, deadline) -> dict:
-    from .shaplora import allocate_ranks, rank_pattern_config, shapley_sensitivity
-    from .surgery import apply_adapters
+    from ..allocators.shaplora import allocate_ranks, rank_pattern_config, shapley_sensitivity
+    from ..surgery import apply_adapters
 
     def build(masks=None):
         return apply_adapters(copy.deepcopy(base), MINILM_TARGETS, r=cfg.r_init, alpha=2 * cfg.r, svd=True,
@@ -171,8 +171,8 @@ def run_shaplora(base, splits, cfg, deadline) -> dict:
 
 
 def run_alphalora(base, splits, cfg, deadline) -> dict:
-    from .alphalora import allocate_experts, layer_alphas
-    from .moe import apply_moe_adapters
+    from ..allocators.alphalora import allocate_experts, layer_alphas
+    from ..moe import apply_moe_adapters
 
     model = copy.deepcopy(base)
     t0 = time.perf_counter()
@@ -301,7 +301,7 @@ def allocation_report(method: str, cfg: DemoConfig, log=print) -> dict:
     os.makedirs(cfg.out_dir, exist_ok=True)
     t0 = time.perf_counter()
     if method == "alphalora":
-        from .alphalora import allocate_experts, layer_alphas, top_k_for
+        from ..allocators.alphalora import allocate_experts, layer_alphas, top_k_for
 
         base, _ = load_minilm(num_labels=2, seed=cfg.seed)
         alphas = layer_alphas(base, MINILM_TARGETS)
@@ -333,8 +333,8 @@ def allocation_report(method: str, cfg: DemoConfig, log=print) -> dict:
 
 
 def run_shaplora_allocation(base, splits, cfg, deadline) -> dict:
-    from .shaplora import allocate_ranks, rank_pattern_config, shapley_sensitivity
-    from .surgery import apply_adapters
+    from ..allocators.shaplora import allocate_ranks, rank_pattern_config, shapley_sensitivity
+    from ..surgery import apply_adapters
 
     net = apply_adapters(copy.deepcopy(base), MINILM_TARGETS, r=cfg.r_init, alpha=2 * cfg.r, svd=True,
                          modules_to_save=["classifier"])
@@ -349,8 +349,8 @@ def run_shaplora_allocation(base, splits, cfg, deadline) -> dict:
 
 
 def run_adalora_allocation(base, splits, cfg, deadline) -> dict:
-    from .adalora import AdaLoRAAllocator
-    from .surgery import apply_adapters
+    from ..allocators.adalora import AdaLoRAAllocator
+    from ..surgery import apply_adapters
 
     net = apply_adapters(copy.deepcopy(base), MINILM_TARGETS, r=cfg.r_init, alpha=2 * cfg.r, svd=True,
                          modules_to_save=["classifier"])
@@ -382,7 +382,7 @@ def profile_allocators(cfg: DemoConfig, repeats: int = 5, log=print) -> list[dic
     """Median time per training step of LoRA on MiniLM-L6 and of each allocator component next to it."""
     import statistics
 
-    from .surgery import apply_adapters
+    from ..surgery import apply_adapters
 
     base, splits = _setup(cfg)
     net = apply_adapters(copy.deepcopy(base), MINILM_TARGETS, r=cfg.r_init, alpha=2 * cfg.r, svd=True,
@@ -410,19 +410,19 @@ def profile_allocators(cfg: DemoConfig, repeats: int = 5, log=print) -> list[dic
     rows = [{"component": "train step (SVD-LoRA, forward+backward+AdamW)", "ms": timed(lambda: step(next(it)))}]
     components = []
     try:
-        from .sensitivity import SensitivityTracker
+        from ..allocators.sensitivity import SensitivityTracker
         tracker = SensitivityTracker(net)
         components.append(("AdaLoRA sensitivity update (SensitivityTracker.update)", tracker.update))
     except Exception as e:
         rows.append({"component": "AdaLoRA sensitivity update", "ms": None, "note": f"not available: {e}"})
     try:
-        from .adalora import AdaLoRAAllocator
+        from ..allocators.adalora import AdaLoRAAllocator
         alloc = AdaLoRAAllocator(net, target_r=cfg.r, total_step=1000, tinit=0, tfinal=0)
         components.append(("AdaLoRA mask to budget", lambda: alloc.mask_to_budget(alloc.init_bgt)))
     except Exception as e:
         rows.append({"component": "AdaLoRA mask to budget", "ms": None, "note": f"not available: {e}"})
     try:
-        from .shaplora import shapley_sensitivity
+        from ..allocators.shaplora import shapley_sensitivity
         vb = list(D.batches(splits["validation"], cfg.batch_size))[:1]
         components.append(("ShapLoRA Shapley scoring (one validation batch)",
                            lambda: shapley_sensitivity(net, vb, "taylor", loss_fn=_per_example_loss,
@@ -430,7 +430,7 @@ def profile_allocators(cfg: DemoConfig, repeats: int = 5, log=print) -> list[dic
     except Exception as e:
         rows.append({"component": "ShapLoRA scoring", "ms": None, "note": f"not available: {e}"})
     try:
-        from .alphalora import layer_alphas
+        from ..allocators.alphalora import layer_alphas
         components.append(("AlphaLoRA layer alphas (once per run)", lambda: layer_alphas(base, MINILM_TARGETS)))
     except Exception as e:
         rows.append({"component": "AlphaLoRA alphas", "ms": None, "note": f"not available: {e}"})

@@ -1,4 +1,8 @@
-"""Loads a compiled module of this package on first use, never at package import, and keeps the load error."""
+"""The package's compiled modules, each loaded on first use (never at package import), keeping the load error.
+
+``cpu_module``: lora_kernels._lora_kernels_cpu (the native sensitivity loop, csrc/cpu);
+``cuda_module``: lora_kernels._lora_kernels_cuda (csrc/*.cu).
+"""
 from __future__ import annotations
 
 import importlib
@@ -24,3 +28,13 @@ class CompiledModule:
         if mod is None:
             raise RuntimeError(f"the compiled module {self.name} is not available: {err}. {self.build_hint}")
         return mod
+
+
+cpu_module = CompiledModule(
+    "lora_kernels._lora_kernels_cpu",
+    "Build it with `pip install -e . --no-build-isolation` (needs cmake and a C++17 compiler; "
+    "LORA_KERNELS_BUILD_CPU=1 makes a failed build an error).")
+cuda_module = CompiledModule(
+    "lora_kernels._lora_kernels_cuda",
+    "Build it with `pip install -e . --no-build-isolation` on a machine with nvcc (LORA_KERNELS_BUILD_CUDA=1 "
+    "forces the build).")

@@ -27,14 +27,15 @@ from torch import nn
 from lora_kernels import __version__
 from lora_kernels.sensitivity import per_example_gate_grad
 
-from .layers import LoRALinear
+from ..layers import LoRALinear
+from ..surgery import adapter_layers
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]   # (model, batch) -> per-example losses [B]
 MAX_EXACT_PLAYERS = 12
 
 
 def _layers(model: nn.Module) -> dict[str, LoRALinear]:
-    out = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    out = adapter_layers(model)
     if not out:
         raise ValueError(f"model ({type(model).__name__}) contains no LoRALinear layer")
     return out

@@ -127,15 +127,7 @@ def cmd_alloc(args) -> int:
 
 
 def _bench_module(name: str):
-    try:
-        return importlib.import_module(f"bench.{name}")
-    except ModuleNotFoundError as e:
-        if e.name not in ("bench", f"bench.{name}"):
-            raise
-    # bench/ lives at the repository root, beside python_api/ (not installed as a package)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.isdir(os.path.join(root, "bench")) and root not in sys.path:
-        sys.path.insert(0, root)
+    # bench/ ships as a package in the wheel (setup.py), so this import works installed or from a checkout.
     return importlib.import_module(f"bench.{name}")
 
 

@@ -24,37 +24,23 @@ Provenance of each choice ([paper] AlphaLoRA, [code] peijunallin/alphalora ``exp
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from lora_kernels import alpha as _alpha
+from lora_kernels.spectra import alpha as _alpha
+
+from ..surgery import layer_index, matches
 
 XMIN_MODES = _alpha.XMIN_MODES
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
-
-
-def layer_index(name: str) -> int | None:
-    """Block index parsed from a module name (``encoder.layer.3.attention...`` → 3), or None outside blocks."""
-    m = _LAYER_RE.search(name)
-    return int(m.group(1)) if m else None
-
-
-def _matches(name: str, target_modules: Sequence[str] | None) -> bool:
-    if target_modules is None:
-        return True
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
 def target_linears(model: nn.Module, target_modules: Sequence[str] | None = None) -> list[tuple[str, int, nn.Linear]]:
     """``(name, layer index, module)`` for every nn.Linear inside a numbered block whose name ends with one of
     ``target_modules`` (suffix match on dotted names, e.g. "q_proj", "attention.output.dense"; None = all)."""
     out = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and _matches(name, target_modules):
+        if isinstance(mod, nn.Linear) and (target_modules is None or matches(name, target_modules)):
             li = layer_index(name)
             if li is not None:
                 out.append((name, li, mod))

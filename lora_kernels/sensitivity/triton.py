@@ -1,4 +1,4 @@
-"""Triton backend of :func:`lora_kernels.sensitivity.fused_sensitivity_update` (ALGORITHMS.md §2).
+"""Triton backend of :func:`lora_kernels.sensitivity.op.fused_sensitivity_update` (ALGORITHMS.md §2).
 
 Multi-tensor by a pointer table: one int64 row per adapter tensor (addresses of p, g, Ī, Ū; numel; kind;
 the divisor that maps an element to its rank; the score offset) and one row per program (tensor index,
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import Problem
+from ..dispatch import Problem
 
 BLOCK = 1024
 _NCOL = 8  # p, g, ipt, unc addresses; numel; kind; divisor; score offset
@@ -101,7 +101,7 @@ def _tables(idx, params, grads, ipt, unc, kinds, offsets, device):
 
 
 def fused_sensitivity_update(params, grads, ipt, unc, kinds, score_offsets, scores, beta1, beta2) -> torch.Tensor:
-    """Same contract as :func:`lora_kernels.sensitivity.fused_sensitivity_update` (arguments validated there)."""
+    """Same contract as :func:`lora_kernels.sensitivity.op.fused_sensitivity_update` (arguments validated there)."""
     device = scores.device
     flag = torch.zeros(1, dtype=torch.int32, device=device)
     # Strided inputs are copied; the copies live until the launches below are queued (stream-ordered).

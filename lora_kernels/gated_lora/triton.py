@@ -27,12 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _alloc
-from .checks import check_gated_lora_args, check_tensor
+from .. import _alloc
+from ..codes import GATE_CODES as _GATE_CODE
+from ..codes import GATE_NONE, GATE_RANK, GATE_TOKEN, gate_kind
 from .reference import dropout_threshold
 
-GATE_NONE, GATE_RANK, GATE_TOKEN = 0, 1, 2
-_GATE_CODE = {"none": GATE_NONE, "rank": GATE_RANK, "token": GATE_TOKEN}
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 SUPPORTED_DTYPES = tuple(_TL_DTYPE)
 
@@ -428,25 +427,6 @@ def supports(problem) -> tuple[bool, str]:
     return True, "triton: shrink + base GEMM with fused expand; dy pass + dx GEMM with fused dH·A + dA pass"
 
 
-def _check_device(x: torch.Tensor):
-    if x.device.type == "cuda":
-        return
-    if x.device.type == "cpu" and _interpret():
-        return
-    raise ValueError(f"x is on {x.device}: the triton backend needs CUDA tensors (or CPU with TRITON_INTERPRET=1)")
-
-
-def _check_common(x, weight, bias, lora_a, lora_b, gate, dropout_p, scale) -> str:
-    kind = check_gated_lora_args(x, weight, bias, lora_a, lora_b, gate, dropout_p, scale)
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [T, K] for the backend (flatten leading dims), got shape {tuple(x.shape)}")
-    _check_device(x)
-    for name, t in (("x", x), ("lora_a", lora_a), ("gate", gate)):
-        if t is not None and t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}: the triton backend supports fp16/bf16/fp32")
-    return kind
-
-
 def _gate_strides(gate, kind) -> tuple[int, int]:
     if kind == "token":
         return gate.stride(0), gate.stride(1)
@@ -468,8 +448,9 @@ def gated_lora_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(y [T, N] in x.dtype, h [T, R] fp32)``, ``h = dropout(x) Aᵀ`` ungated (saved for backward).
 
-    Same semantics as :func:`lora_kernels.reference.gated_lora_forward`; inputs may be non-contiguous."""
-    kind = _check_common(x, weight, bias, lora_a, lora_b, gate, dropout_p, scale)
+    Same semantics as :func:`.reference.gated_lora_forward`; inputs (validated by :mod:`.op`) may be
+    non-contiguous."""
+    kind = gate_kind(gate)
     T, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
     y = _alloc.empty(T, N, dtype=x.dtype, device=x.device)
@@ -499,18 +480,6 @@ def gated_lora_forward(
     return y, h
 
 
-def _check_accum(name: str, buf: torch.Tensor, shape: tuple, device: torch.device):
-    check_tensor(name, buf, dims=2)
-    if buf.dtype != torch.float32:
-        raise TypeError(f"{name} must be a float32 buffer, got dtype {buf.dtype}")
-    if tuple(buf.shape) != shape:
-        raise ValueError(f"{name} must have shape {list(shape)}, got {tuple(buf.shape)}")
-    if buf.device != device:
-        raise ValueError(f"{name} is on {buf.device} but x is on {device}")
-    if not buf.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (the kernel adds into it in place), got strides {buf.stride()}")
-
-
 def gated_lora_backward(
     dy: torch.Tensor,           # [T, N]
     x: torch.Tensor,            # [T, K]
@@ -527,33 +496,16 @@ def gated_lora_backward(
     accum_b: torch.Tensor | None = None,   # fp32 [N, R], contiguous: dB is added here in place
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients ``(dx [T,K] in dy.dtype, dA [R,K] in lora_a.dtype, dB [N,R] in lora_b.dtype,
-    dG [R] or [T,R] in gate.dtype)``; same semantics as :func:`lora_kernels.reference.gated_lora_backward`.
+    dG [R] or [T,R] in gate.dtype)``; same semantics as :func:`.reference.gated_lora_backward`.
 
     Entries of ``needs`` (dx, dA, dB, dG) that are False come back as None and their work is skipped.
     With ``accum_a`` / ``accum_b`` the gradient is added into the buffer in place and returned as None.
     dB and a per-rank dG are summed over token tiles with fp32 atomics (not bit-reproducible)."""
-    kind = _check_common(x, weight, None, lora_a, lora_b, gate, dropout_p, scale)
+    kind = gate_kind(gate)
     T, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
-    check_tensor("dy", dy, dims=2)
-    if tuple(dy.shape) != (T, N):
-        raise ValueError(f"dy must be [T, N] = [{T}, {N}], got shape {tuple(dy.shape)}")
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy has dtype {dy.dtype} but x has {x.dtype}")
-    check_tensor("h", h, dims=2)
-    if tuple(h.shape) != (T, R):
-        raise ValueError(f"h must be [T, R] = [{T}, {R}] (the forward's second output), got shape {tuple(h.shape)}")
-    for name, t in (("dy", dy), ("h", h)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if len(needs) != 4:
-        raise ValueError(f"needs must be 4 booleans (dx, dA, dB, dG), got {needs!r}")
     need_x, need_a, need_b, need_g = (bool(v) for v in needs)
     need_g = need_g and gate is not None
-    if need_a and accum_a is not None:
-        _check_accum("accum_a", accum_a, (R, K), x.device)
-    if need_b and accum_b is not None:
-        _check_accum("accum_b", accum_b, (N, R), x.device)
 
     dx = da = db = dg = None
     dev = x.device

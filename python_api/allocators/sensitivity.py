@@ -12,7 +12,7 @@ from torch import nn
 
 from lora_kernels.sensitivity import KIND_A, KIND_B, KIND_E, SensitivityPlan
 
-from .layers import LoRALinear
+from ..surgery import adapter_layers
 
 Triplet = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]  # (λ [R] or [R,1] or None, A [R,K], B [N,R])
 
@@ -20,7 +20,7 @@ Triplet = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]  # (λ [R] or [
 def find_adapters(model: nn.Module) -> dict[str, Triplet]:
     """Module name → (lora_E or None, lora_A, lora_B) for every :class:`LoRALinear` in ``model``.
     A shared A/B (ShareLoRA) appears under every module that uses it."""
-    out = {name: (m.lora_E, m.lora_A, m.lora_B) for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    out = {name: (m.lora_E, m.lora_A, m.lora_B) for name, m in adapter_layers(model).items()}
     if not out:
         raise ValueError(f"model ({type(model).__name__}) contains no LoRALinear layer")
     return out
