@@ -6,7 +6,7 @@ Families (``--only`` names) and the file their rows go to (bench.harness schema,
   gated_gpu_<card>.{json,csv}
     training    T=8192, d=4096, r=16, bf16, forward+backward (dx, dA, dB; no dW): frozen nn.Linear (floor), eager
                 PEFT-like LoRA (separate kernels, fp32 adapters cast per call), LoRALinear (auto backend).
-                Overhead over the floor and TFLOP/s (PERFORMANCE.md: limit ≈1.2%, practical ≈5%, target ≤ 8%).
+                Overhead over the floor and TFLOP/s (PERFORMANCE.md: limit ≈1.2%, target ≤ 5%).
     token_gate  per-token gate G [T, r] through LoRALinear vs the same math as eager autograd ops, and the floor.
     masked      k of R ranks active vs a dense rank-k layer.
     decode      T = 1..64 forward: torch vs triton vs cuda backends; GB/s (weight-streaming bound).
