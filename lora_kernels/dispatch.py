@@ -10,8 +10,10 @@ sensitivity loop) and ``torch`` (the readable references, always usable). This i
 """
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -131,3 +133,21 @@ def select(p: Problem, registry: dict) -> tuple[str, object]:
             return name, registry[name]
         reasons.append(f"{name}: {why}")
     raise BackendUnavailable(f"no backend can run op {p.op!r} on {p.device.type}/{p.dtype}: " + "; ".join(reasons))
+
+
+class LazyBackend:
+    """A backend module imported on first attribute access (keeps ``import lora_kernels`` free of triton and of
+    the compiled modules). ``module`` is relative to ``package``."""
+
+    def __init__(self, module: str, package: str):
+        self._module, self._package, self._mod = module, package, None
+
+    def __getattr__(self, item):
+        if self._mod is None:
+            self._mod = importlib.import_module(self._module, self._package)
+        return getattr(self._mod, item)
+
+
+def reference_backend(**functions) -> SimpleNamespace:
+    """The always-usable ``torch`` backend of an op family: its readable reference functions."""
+    return SimpleNamespace(supports=lambda p: (True, "pure-torch reference"), **functions)

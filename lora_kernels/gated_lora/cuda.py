@@ -69,17 +69,8 @@ def _expand_add(mod, y, h, m, m_strides, alpha, dropout, stream):
 _NO_DROPOUT = {"seed": 0, "dropout_threshold": 0, "dropout_scale": 1.0}
 
 
-def gated_lora_forward(
-    x: torch.Tensor,            # [T, K]
-    weight: torch.Tensor,       # [N, K]
-    bias: torch.Tensor | None,  # [N]
-    lora_a: torch.Tensor,       # [R, K]
-    lora_b: torch.Tensor,       # [N, R]
-    scale: float,
-    gate: torch.Tensor | None = None,  # None | [R] | [T, R]
-    dropout_p: float = 0.0,
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_lora_forward(x, weight, bias, lora_a, lora_b, scale, gate=None, dropout_p=0.0, seed=0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(y [T, N] in x.dtype, h [T, R] fp32)`` with ``h = dropout(x) Aᵀ`` (ungated)."""
     T, R = x.shape[0], lora_a.shape[0]
     with torch.cuda.device(x.device):
@@ -97,21 +88,8 @@ def gated_lora_forward(
     return y, h
 
 
-def gated_lora_backward(
-    dy: torch.Tensor,           # [T, N]
-    x: torch.Tensor,            # [T, K]
-    weight: torch.Tensor,       # [N, K]
-    lora_a: torch.Tensor,       # [R, K]
-    lora_b: torch.Tensor,       # [N, R]
-    h: torch.Tensor,            # [T, R]
-    scale: float,
-    gate: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    seed: int = 0,
-    needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
-    accum_a: torch.Tensor | None = None,   # fp32 [R, K], dA added in place
-    accum_b: torch.Tensor | None = None,   # fp32 [N, R], dB added in place
-) -> tuple[torch.Tensor | None, ...]:
+def gated_lora_backward(dy, x, weight, lora_a, lora_b, h, scale, gate=None, dropout_p=0.0, seed=0,
+                        needs=(True, True, True, True), accum_a=None, accum_b=None) -> tuple[torch.Tensor | None, ...]:
     """Gradients ``(dx [T,K], dA [R,K], dB [N,R], dG [R] or [T,R])`` as in the reference; entries of ``needs``
     that are False, and dA / dB accumulated into ``accum_a`` / ``accum_b``, come back as None."""
     need_x, need_a, need_b, need_g = needs

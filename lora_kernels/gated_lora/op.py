@@ -28,7 +28,6 @@ Importing this module registers the ops; it imports neither triton nor the compi
 """
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Optional
 
@@ -36,39 +35,20 @@ import torch
 from torch import Tensor
 
 from .. import codes
-from ..dispatch import Problem, select
+from ..dispatch import LazyBackend, Problem, reference_backend, select
 from . import reference
 
 _NS = "lora_kernels"
 
 
 # ---- backends ------------------------------------------------------------------------------------------------
-class _Lazy:
-    """A backend module imported on first attribute access (keeps ``import lora_kernels`` free of triton)."""
-
-    def __init__(self, module: str):
-        self._module, self._mod = module, None
-
-    def __getattr__(self, item):
-        if self._mod is None:
-            self._mod = importlib.import_module(self._module, __package__)
-        return getattr(self._mod, item)
-
-
-class _TorchBackend:
-    @staticmethod
-    def supports(p: Problem) -> tuple[bool, str]:
-        return True, "reference"
-
-    gated_lora_forward = staticmethod(reference.gated_lora_forward)
-    gated_lora_backward = staticmethod(reference.gated_lora_backward)
-
-
 # Every backend implements, on valid 2-D tensors, ``supports(problem) -> (bool, reason)``,
 # ``gated_lora_forward(x, weight, bias, lora_a, lora_b, scale, gate, dropout_p, seed) -> (y, h)`` and
 # ``gated_lora_backward(dy, x, weight, lora_a, lora_b, h, scale, gate, dropout_p, seed, needs, accum_a, accum_b)
 # -> (dx, dA, dB, dG)`` with exactly the semantics of :mod:`.reference`.
-REGISTRY = {"torch": _TorchBackend(), "triton": _Lazy(".triton"), "cuda": _Lazy(".cuda")}
+REGISTRY = {"torch": reference_backend(gated_lora_forward=reference.gated_lora_forward,
+                                      gated_lora_backward=reference.gated_lora_backward),
+            "triton": LazyBackend(".triton", __package__), "cuda": LazyBackend(".cuda", __package__)}
 
 
 def select_backend(x: Tensor, gate: Optional[Tensor], dropout_p: float):
@@ -402,9 +382,11 @@ def compacted_ranks(gate: Optional[Tensor], kind: str) -> Optional[Tensor]:
     """The one compaction decision: a fixed per-rank gate (no gradient) runs on its active ranks. Never under
     torch.compile (a data-dependent shape): there the 0/1 gate zeroes the masked ranks' terms instead (same values
     and gradients, full-rank cost). A gate that needs a gradient is never compacted (docs/ALGORITHMS.md §1)."""
-    if kind != "rank" or gate.requires_grad or torch.compiler.is_compiling():
-        return None
-    return active_ranks(gate)
+    return active_ranks(gate) if _may_compact(gate, kind) else None
+
+
+def _may_compact(gate: Optional[Tensor], kind: str) -> bool:
+    return kind == "rank" and not gate.requires_grad and not torch.compiler.is_compiling()
 
 
 def lora_linear(
@@ -476,9 +458,9 @@ def _lora_linear(x, weight, bias, lora_a, lora_b, scale, gate, dropout_p, traini
         # A tensor, drawn exactly as new_dropout_seed draws it: under torch.compile a fresh seed per step then
         # neither breaks the graph (.item()) nor recompiles it (a new int constant).
         seed_t = torch.randint(0, 2**31 - 1, (1,)) if seed is None else torch.tensor([int(seed)], dtype=torch.int64)
-    if active is None:
-        active = compacted_ranks(gate, kind)
-    elif kind != "rank" or gate.requires_grad or torch.compiler.is_compiling():
+    if not _may_compact(gate, kind):
         active = None
+    elif active is None:
+        active = active_ranks(gate)
     y = gated_lora(x2, weight, bias, lora_a, lora_b, gate, float(scale), p, seed_t, active, accum_a, accum_b)
     return y.reshape(*lead, N)

@@ -435,17 +435,8 @@ def _gate_strides(gate, kind) -> tuple[int, int]:
     return 0, 0
 
 
-def gated_lora_forward(
-    x: torch.Tensor,            # [T, K]
-    weight: torch.Tensor,       # [N, K]
-    bias: torch.Tensor | None,  # [N]
-    lora_a: torch.Tensor,       # [R, K]
-    lora_b: torch.Tensor,       # [N, R]
-    scale: float,
-    gate: torch.Tensor | None = None,  # None | [R] | [T, R]
-    dropout_p: float = 0.0,
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_lora_forward(x, weight, bias, lora_a, lora_b, scale, gate=None, dropout_p=0.0, seed=0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(y [T, N] in x.dtype, h [T, R] fp32)``, ``h = dropout(x) Aᵀ`` ungated (saved for backward).
 
     Same semantics as :func:`.reference.gated_lora_forward`; inputs (validated by :mod:`.op`) may be
@@ -480,21 +471,8 @@ def gated_lora_forward(
     return y, h
 
 
-def gated_lora_backward(
-    dy: torch.Tensor,           # [T, N]
-    x: torch.Tensor,            # [T, K]
-    weight: torch.Tensor,       # [N, K]
-    lora_a: torch.Tensor,       # [R, K]
-    lora_b: torch.Tensor,       # [N, R]
-    h: torch.Tensor,            # [T, R]
-    scale: float,
-    gate: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    seed: int = 0,
-    needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
-    accum_a: torch.Tensor | None = None,   # fp32 [R, K], contiguous: dA is added here in place
-    accum_b: torch.Tensor | None = None,   # fp32 [N, R], contiguous: dB is added here in place
-) -> tuple[torch.Tensor | None, ...]:
+def gated_lora_backward(dy, x, weight, lora_a, lora_b, h, scale, gate=None, dropout_p=0.0, seed=0,
+                        needs=(True, True, True, True), accum_a=None, accum_b=None) -> tuple[torch.Tensor | None, ...]:
     """Gradients ``(dx [T,K] in dy.dtype, dA [R,K] in lora_a.dtype, dB [N,R] in lora_b.dtype,
     dG [R] or [T,R] in gate.dtype)``; same semantics as :func:`.reference.gated_lora_backward`.
 

@@ -19,12 +19,10 @@ Backends (one signature, see :func:`fused_sensitivity_update`), picked by :mod:`
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from ..codes import FLOAT_DTYPES, KIND_A, KIND_B, KIND_E
-from ..dispatch import Problem, select
+from ..dispatch import LazyBackend, Problem, reference_backend, select
 from . import native_cpu, reference
 
 __all__ = ["fused_sensitivity_update", "SensitivityPlan", "per_example_gate_grad", "check_sensitivity_args",
@@ -133,27 +131,8 @@ class SensitivityPlan:
                                         self.offsets, scores, beta1, beta2)
 
 
-class _Lazy:
-    """A backend module imported on first attribute access (keeps ``import lora_kernels`` free of triton)."""
-
-    def __init__(self, module: str):
-        self._module, self._mod = module, None
-
-    def __getattr__(self, item):
-        if self._mod is None:
-            self._mod = importlib.import_module(self._module, __package__)
-        return getattr(self._mod, item)
-
-
-class _TorchBackend:
-    @staticmethod
-    def supports(p: Problem) -> tuple[bool, str]:
-        return True, "pure-torch reference"
-
-    fused_sensitivity_update = staticmethod(reference.sensitivity_update_ref)
-
-
-REGISTRY = {"torch": _TorchBackend(), "native": native_cpu, "triton": _Lazy(".triton"), "cuda": _Lazy(".cuda")}
+REGISTRY = {"torch": reference_backend(fused_sensitivity_update=reference.sensitivity_update_ref), "native": native_cpu,
+            "triton": LazyBackend(".triton", __package__), "cuda": LazyBackend(".cuda", __package__)}
 
 
 def _problem(params, grads, device) -> Problem:

@@ -11,7 +11,7 @@ from lora_kernels.sensitivity import native_cpu, op
 from lora_kernels.sensitivity.reference import sensitivity_update_ref
 from lora_kernels.compiled import cpu_module
 from tests.helpers import assert_close, randn
-from tests.lora_kernels.test_sensitivity import SHAPES, _inputs, _oracle
+from tests.lora_kernels.sensitivity.test_op import SHAPES, _inputs, _oracle
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 native = pytest.mark.skipif(cpu_module.load()[0] is None,
