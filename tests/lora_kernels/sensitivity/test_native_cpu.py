@@ -109,8 +109,8 @@ def test_native_empty_and_zero_size_tensors():
                                                 0.85, 0.85))
     assert torch.equal(scores, torch.zeros(2))
     with pytest.raises(ValueError, match="params\\[0\\]"):
-        native_cpu.fused_sensitivity_update([randn(3, 4)[:, ::2]], [randn(3, 2)], [torch.zeros(3, 2)], [torch.zeros(3, 2)],
-                                    [1], [0], scores, 0.85, 0.85)
+        native_cpu.fused_sensitivity_update([randn(3, 4)[:, ::2]], [randn(3, 2)], [torch.zeros(3, 2)],
+                                            [torch.zeros(3, 2)], [1], [0], scores, 0.85, 0.85)
 
 
 @native

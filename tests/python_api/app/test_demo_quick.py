@@ -21,7 +21,7 @@ def test_demo_quick(tmp_path):
     env.pop("TRITON_INTERPRET", None)   # the demo runs the CPU torch path as a user would
     # 2 minutes on an idle 2-core CI machine; the extra margin absorbs a loaded machine, the demo's own
     # time guard keeps it bounded
-    res = subprocess.run([sys.executable, "-m", "python_api.cli", "demo", "--quick", "--no-progress",
+    res = subprocess.run([sys.executable, "-m", "python_api.app.cli", "demo", "--quick", "--no-progress",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     out = res.stdout
