@@ -127,9 +127,7 @@ py::bytes dropout_keep_host(uint32_t seed, int64_t rows, int64_t cols, uint32_t 
 
 PYBIND11_MODULE(_lora_kernels_cuda, mod) {
   mod.doc() = "lora-kernels CUDA launchers (raw device pointers, element strides, stream handles as ints)";
-  mod.attr("DTYPE_F32") = static_cast<int>(kF32);
-  mod.attr("DTYPE_F16") = static_cast<int>(kF16);
-  mod.attr("DTYPE_BF16") = static_cast<int>(kBF16);
+  export_dtype_codes(mod);
   mod.attr("SENS_CHUNK") = kSensChunk;
   mod.attr("SENS_TABLE_COLS") = static_cast<int>(kSensTableCols);
 #ifdef LK_CUDA_ARCHS

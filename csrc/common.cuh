@@ -31,25 +31,25 @@ template <> __device__ __forceinline__ void load8<float>(const float* p, float (
   out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
   out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
 }
-template <> __device__ __forceinline__ void load8<__half>(const __half* p, float (&out)[8]) {
+// Half types: one 16-byte load of 8 values, converted pairwise (__half2 / __nv_bfloat162).
+__device__ __forceinline__ float2 to_float2(__half2 v) { return __half22float2(v); }
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+template <typename Pair, typename T>
+__device__ __forceinline__ void load8_pairs(const T* p, float (&out)[8]) {
   const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const __half2* h = reinterpret_cast<const __half2*>(&raw);
+  const Pair* h = reinterpret_cast<const Pair*>(&raw);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float2 f = __half22float2(h[i]);
+    const float2 f = to_float2(h[i]);
     out[2 * i] = f.x;
     out[2 * i + 1] = f.y;
   }
 }
+template <> __device__ __forceinline__ void load8<__half>(const __half* p, float (&out)[8]) {
+  load8_pairs<__half2>(p, out);
+}
 template <> __device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* p, float (&out)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
-  }
+  load8_pairs<__nv_bfloat162>(p, out);
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

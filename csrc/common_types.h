@@ -36,4 +36,12 @@ LK_HOST_DEVICE bool dropout_keep(uint32_t row_hash, uint32_t col, uint32_t thres
   return (fmix32(row_hash ^ (col * 0x85EBCA6Bu)) >> 8) >= threshold;
 }
 
+// The dtype codes as attributes of a pybind11 module (both compiled modules export them).
+template <typename Module>
+inline void export_dtype_codes(Module& mod) {
+  mod.attr("DTYPE_F32") = static_cast<int>(kF32);
+  mod.attr("DTYPE_F16") = static_cast<int>(kF16);
+  mod.attr("DTYPE_BF16") = static_cast<int>(kBF16);
+}
+
 }  // namespace lora_kernels

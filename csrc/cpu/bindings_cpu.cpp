@@ -57,9 +57,7 @@ bool sensitivity_update(uintptr_t table_ptr, int64_t n_tensors, uintptr_t scores
 
 PYBIND11_MODULE(_lora_kernels_cpu, mod) {
   mod.doc() = "lora-kernels CPU loops (host pointers as ints; no torch, no CUDA)";
-  mod.attr("DTYPE_F32") = static_cast<int>(kF32);
-  mod.attr("DTYPE_F16") = static_cast<int>(kF16);
-  mod.attr("DTYPE_BF16") = static_cast<int>(kBF16);
+  export_dtype_codes(mod);
   mod.attr("SENS_TABLE_COLS") = static_cast<int>(kSensCpuTableCols);
 #ifdef _OPENMP
   mod.attr("OPENMP") = true;

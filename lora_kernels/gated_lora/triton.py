@@ -115,6 +115,24 @@ def _load_gate(g_ptr, rows, offs_r, mask2, sgt, sgr):
 
 
 @triton.jit
+def _gemm_rows(a_ptr, b_ptr, rows, rmask, cols, cmask, L, sa_row, sa_l, sb_l, sb_col,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_T: tl.constexpr,
+               PREC: tl.constexpr):
+    """fp32 tile [BLOCK_M, BLOCK_N] of A [M, L] @ B [L, C] for rows ``rows`` and columns ``cols`` (both strided):
+    the main loop the base GEMM (x Wᵀ) and the dx GEMM (dy W) share; their epilogues differ."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for l0 in range(0, L, BLOCK_K):
+        offs_l = l0 + tl.arange(0, BLOCK_K)
+        lmask = offs_l < L
+        a = tl.load(a_ptr + rows[:, None] * sa_row + offs_l[None, :] * sa_l,
+                    mask=rmask[:, None] & lmask[None, :], other=0.0).to(tl.float32)        # [BM, BK]
+        b = tl.load(b_ptr + offs_l[:, None] * sb_l + cols[None, :] * sb_col,
+                    mask=lmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)        # [BK, BN]
+        acc = tl.dot(a.to(DOT_T), b.to(DOT_T), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def _fwd_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, g_ptr, b_ptr, y_ptr,
     T, N, K, R,
@@ -130,15 +148,9 @@ def _fwd_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask, nmask = offs_m < T, offs_n < N
     rows = offs_m.to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        kmask = offs_k < K
-        x = tl.load(x_ptr + rows[:, None] * sxt + offs_k[None, :] * sxk,
-                    mask=mmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-        wt = tl.load(w_ptr + offs_n[None, :] * swn + offs_k[:, None] * swk,
-                     mask=kmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)  # Wᵀ tile [BK, BN]
-        acc = tl.dot(x.to(DOT_T), wt.to(DOT_T), acc, input_precision=PREC)
+    # x [T, K] @ Wᵀ [K, N]
+    acc = _gemm_rows(x_ptr, w_ptr, rows, mmask, offs_n, nmask, K, sxt, sxk, swk, swn, BLOCK_M, BLOCK_N, BLOCK_K,
+                     DOT_T, PREC)
     # Epilogue: the expand s·(H ⊙ G) Bᵀ from the saved H, rank chunk by rank chunk.
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -221,15 +233,9 @@ def _bwd_dx_kernel(
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask, cmask = offs_m < T, offs_c < K
     rows = offs_m.to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_K):
-        offs_n = n0 + tl.arange(0, BLOCK_K)
-        nmask = offs_n < N
-        dy = tl.load(dy_ptr + rows[:, None] * sdt + offs_n[None, :] * sdn,
-                     mask=mmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + offs_n[:, None] * swn + offs_c[None, :] * swk,
-                    mask=nmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # W tile [BK, BN]
-        acc = tl.dot(dy.to(DOT_T), w.to(DOT_T), acc, input_precision=PREC)
+    # dy [T, N] @ W [N, K]
+    acc = _gemm_rows(dy_ptr, w_ptr, rows, mmask, offs_c, cmask, N, sdt, sdn, swn, swk, BLOCK_M, BLOCK_N, BLOCK_K,
+                     DOT_T, PREC)
     # Epilogue: mask ⊙ (dH A), the LoRA part of dx, from the dH the dy pass saved.
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):

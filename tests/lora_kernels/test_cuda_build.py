@@ -64,6 +64,20 @@ def test_every_cu_file_is_listed_in_cmake():
     assert not missing, f"csrc files not compiled (add them to LORA_KERNELS_CUDA_SOURCES): {missing}"
 
 
+def _cmake_build(tmp_path_factory, name: str, extra: list[str], timeout: int):
+    """Configures and builds the project with CMake into a fresh directory; returns ``(build dir, output dir)``."""
+    import pybind11
+    build = tmp_path_factory.mktemp(name)
+    out = build / "out"
+    cmd = ["cmake", "-S", ROOT, "-B", str(build), *extra, f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+           f"-DPython_EXECUTABLE={sys.executable}", f"-DLORA_KERNELS_OUTPUT_DIR={out}"] + \
+        (["-G", "Ninja"] if shutil.which("ninja") else [])
+    for step in (cmd, ["cmake", "--build", str(build), "--parallel", str(os.cpu_count() or 2)]):
+        res = subprocess.run(step, check=False, capture_output=True, text=True, timeout=timeout)
+        assert res.returncode == 0, f"{' '.join(step)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    return build, out
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """``(path to the .so, build dir or None when the installed module was reused)``."""
@@ -72,15 +86,7 @@ def built(tmp_path_factory):
     for so in glob.glob(os.path.join(ROOT, "lora_kernels", "_lora_kernels_cuda*.so")):
         if os.path.getmtime(so) > newest_src:
             return so, None
-    import pybind11
-    build = tmp_path_factory.mktemp("cmake_build")
-    out = build / "out"
-    cmd = ["cmake", "-S", ROOT, "-B", str(build), f"-DCMAKE_CUDA_COMPILER={NVCC}",
-           f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DPython_EXECUTABLE={sys.executable}",
-           f"-DLORA_KERNELS_OUTPUT_DIR={out}"] + (["-G", "Ninja"] if shutil.which("ninja") else [])
-    for step in (cmd, ["cmake", "--build", str(build), "--parallel", str(os.cpu_count() or 2)]):
-        res = subprocess.run(step, check=False, capture_output=True, text=True, timeout=1200)
-        assert res.returncode == 0, f"{' '.join(step)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    build, out = _cmake_build(tmp_path_factory, "cmake_build", [f"-DCMAKE_CUDA_COMPILER={NVCC}"], timeout=1200)
     sos = glob.glob(str(out / "_lora_kernels_cuda*.so"))
     assert len(sos) == 1, f"expected one module in {out}, found {sos}"
     return sos[0], str(build)
@@ -182,15 +188,7 @@ def test_every_cpu_source_is_listed_in_cmake():
 @pytest.fixture(scope="module")
 def built_cpu(tmp_path_factory):
     """A fresh CPU-only build (LORA_KERNELS_BUILD_CUDA=OFF, no CUDA compiler passed): ~15 s on 2 cores."""
-    import pybind11
-    build = tmp_path_factory.mktemp("cmake_cpu")
-    out = build / "out"
-    cmd = ["cmake", "-S", ROOT, "-B", str(build), "-DLORA_KERNELS_BUILD_CUDA=OFF",
-           f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DPython_EXECUTABLE={sys.executable}",
-           f"-DLORA_KERNELS_OUTPUT_DIR={out}"] + (["-G", "Ninja"] if shutil.which("ninja") else [])
-    for step in (cmd, ["cmake", "--build", str(build), "--parallel", str(os.cpu_count() or 2)]):
-        res = subprocess.run(step, check=False, capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, f"{' '.join(step)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    build, out = _cmake_build(tmp_path_factory, "cmake_cpu", ["-DLORA_KERNELS_BUILD_CUDA=OFF"], timeout=600)
     sos = glob.glob(str(out / "_lora_kernels_c*.so"))
     assert len(sos) == 1 and "_lora_kernels_cpu" in sos[0], f"expected only the CPU module in {out}, found {sos}"
     with open(build / "compile_commands.json") as f:
