@@ -153,3 +153,23 @@ def test_cli_without_cuda_exits_cleanly():
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, (p.returncode, p.stderr)
     assert "no CUDA device" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_summary_table_and_verdict(tmp_path):
+    """gpu_summary reads what run_suite wrote: one row per docs/PERFORMANCE.md §4 target, exit 0 with no
+    correctness failure; a provider that raised (not a budget skip) or a kernel off its peer makes it exit 1."""
+    from bench import gpu_summary
+    only = ["training", "masked", "decode", "sensitivity"]
+    bench_gpu.run_suite("cpu", "cpu card", only=only, timer=one_call_timer, sizes={k: TINY[k] for k in only},
+                        results_dir=str(tmp_path), log=lambda s: None)
+    # on CPU the triton/cuda decode providers cannot run (BackendUnavailable rows); on a GPU those are failures
+    rows = [r for r in gpu_summary._rows(str(tmp_path)) if "BackendUnavailable" not in r.get("error", "")]
+    table = gpu_summary.render(rows)
+    assert len(table.splitlines()) == 2 + 5 and "fused overhead" in table and "sensitivity update" in table
+    assert [t[2] for t in gpu_summary.targets(rows)][:4].count("no result") == 0, table
+    assert gpu_summary.correctness_failures(rows) == []
+    bad = rows + [{"op": "lora_linear", "provider": "x", "error": "RuntimeError: boom"},
+                  {"op": "sensitivity_update", "provider": "kernel[cuda]", "rel_err_vs_peer": 0.5}]
+    assert len(gpu_summary.correctness_failures(bad)) == 2
+    assert gpu_summary.correctness_failures([{"op": "a", "error": "skipped: suite time budget"}]) == []
+    assert gpu_summary.main([str(tmp_path / "empty")]) == 1    # nothing ran is not a pass
