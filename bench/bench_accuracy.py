@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 
-from bench.harness import RESULTS, make_row, pin_threads, write_results
+from bench.harness import make_row, pin_threads, results_dir, write_results
 
 GROUPS = {"rank": ["lora", "adalora", "shaplora"], "share": ["lora", "shareA", "shareB", "shareAB"],
           "moe": ["moe_uniform", "mola_2468", "alphalora"], "peer": ["peft_lora", "peft_adalora"]}
@@ -383,7 +383,9 @@ def aggregate(runs: list[dict], cfg: dict, threads: int) -> list[dict]:
     return rows
 
 
-def run(quick: bool = False, seeds=None, groups=None, steps: int | None = None, directory: str = RESULTS) -> list[dict]:
+def run(quick: bool = False, seeds=None, groups=None, steps: int | None = None,
+        directory: str | None = None) -> list[dict]:
+    directory = directory or results_dir()
     cfg = dict(QUICK if quick else FULL)
     if seeds is not None:
         cfg["seeds"] = list(seeds)
@@ -430,7 +432,7 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+")
     ap.add_argument("--groups", nargs="+", choices=list(GROUPS))
     ap.add_argument("--steps", type=int)
-    ap.add_argument("--out", default=RESULTS, help="folder for the result files (default bench/results)")
+    ap.add_argument("--out", default=results_dir(), help="folder for the result files (default bench/results)")
     a = ap.parse_args()
     for r in run(a.quick, a.seeds, a.groups, a.steps, directory=a.out):
         print(f"{r['provider']:12s} acc {r['acc_mean']:.4f} ± {r['acc_std']} (n={r['n_seeds']}) "

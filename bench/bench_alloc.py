@@ -7,7 +7,8 @@ alone (tracker.update with the native CPU loop, and with the pure-torch referenc
 vs PEFT's update_ipt); and the cost of one ShapLoRA Taylor pass relative to one validation epoch on the same
 model with this package's LoRALinear adapters. Ratio rows (unit "ratio", peft / provider) come from the
 same interleaved measurement.
-Run: ``python bench/bench_alloc.py`` → bench/results/alloc_cpu.{json,csv}. BENCH_THREADS overrides THREADS.
+Run: ``python -m bench.bench_alloc`` → bench/results/alloc_cpu.{json,csv}. BENCH_THREADS overrides THREADS.
+``run(quick=True)`` (``lora-kernels bench --quick``): a 2-layer model, 5 repeats, no layer sweep → alloc_cpu_quick.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 
-from bench.harness import format_table, make_row, measure, pin_threads, write_results
+from bench.harness import format_table, make_row, measure, pin_threads, results_dir, write_results
 from python_api.allocators.adalora import AdaLoRAAllocator, peft_adapters
 from python_api.layers import LoRALinear
 from python_api.allocators.shaplora import shapley_sensitivity
@@ -27,6 +28,7 @@ THREADS = int(os.environ.get("BENCH_THREADS") or 1)  # pinned: the 2-core box is
 REPEATS, WARMUP = 41, 5
 SHAPE = "MiniLM-L6 (h384, ffn1536, 6 layers), 36 modules, r=12"
 LAYER_SWEEP = (2, 12, 24)  # with the 6-layer run above
+QUICK = {"layers": 2, "repeats": 5, "warmup": 1}
 
 
 def _row(op, provider, mode, stats, shape=SHAPE, unit="ms"):
@@ -42,7 +44,7 @@ def _bert_config(layers: int = 6):
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 
-def bench_allocator(rows, layers: int = 6, repeats: int = REPEATS, ratios: bool = True):
+def bench_allocator(rows, layers: int = 6, repeats: int = REPEATS, ratios: bool = True, warmup: int = WARMUP):
     """Ours vs PEFT on one PEFT AdaLoRA BERT (h384) with ``layers`` layers; ``ratios`` adds the speedup rows."""
     import peft
     from transformers import BertForSequenceClassification
@@ -83,7 +85,7 @@ def bench_allocator(rows, layers: int = 6, repeats: int = REPEATS, ratios: bool 
            "ipt/lora_kernels": ours.tracker.update,
            "ipt/lora_kernels-torchref": ours_ipt_ref}
     # Masking zeroes λ: both allocators get the same weights and gradients before every timed call (untimed).
-    stats = measure(fns, warmup=WARMUP, repeats=repeats, setup={"alloc/peft": restore, "alloc/lora_kernels": restore})
+    stats = measure(fns, warmup=warmup, repeats=repeats, setup={"alloc/peft": restore, "alloc/lora_kernels": restore})
     shape = (f"{SHAPE}, {n_params / 1e6:.2f}M adapter params" if layers == 6 else
              f"BERT-h384-L{layers} ({layers} layers), {6 * layers} modules, r=12, {n_params / 1e6:.2f}M adapter params")
     ops = {"alloc": "update_and_allocate", "ipt": "sensitivity_update"}
@@ -99,10 +101,10 @@ def bench_allocator(rows, layers: int = 6, repeats: int = REPEATS, ratios: bool 
         print(f"{ops[kind]}: peft / {prov} = {r:.2f}x (medians, {THREADS} thread(s))")
 
 
-def bench_shapley(rows):
+def bench_shapley(rows, layers: int = 6, batches: int = 4, repeats: int = 7):
     from transformers import BertForSequenceClassification
     torch.manual_seed(0)
-    model = BertForSequenceClassification(_bert_config())
+    model = BertForSequenceClassification(_bert_config(layers))
     model.requires_grad_(False)
     for name, mod in list(model.named_modules()):
         for cname, child in list(mod.named_children()):
@@ -115,7 +117,7 @@ def bench_shapley(rows):
     model.eval()
     g = torch.Generator().manual_seed(0)
     val = [(torch.randint(0, 1000, (16, 64), generator=g), torch.randint(0, 2, (16,), generator=g))
-           for _ in range(4)]
+           for _ in range(batches)]
 
     def loss_fn(m, b):
         return nn.functional.cross_entropy(m(input_ids=b[0]).logits, b[1], reduction="none")
@@ -127,8 +129,9 @@ def bench_shapley(rows):
 
     def shap(_):
         shapley_sensitivity(model, val, "taylor", loss_fn=loss_fn, generator=g)
-    stats = measure({"val": val_epoch, "shap": shap}, warmup=1, repeats=7, setup=lambda: None)
-    shape = "MiniLM-L6 BERT, 36 LoRALinear(svd) r=12, 4 batches x 16 x 64 tokens"
+    stats = measure({"val": val_epoch, "shap": shap}, warmup=1, repeats=repeats, setup=lambda: None)
+    shape = (f"{'MiniLM-L6' if layers == 6 else f'BERT-h384-L{layers}'} BERT, {6 * layers} LoRALinear(svd) r=12, "
+             f"{batches} batches x 16 x 64 tokens")
     rows.append(_row("validation_epoch", "lora_kernels", "fwd", stats["val"], shape))
     rows.append(_row("shapley_taylor_pass", "lora_kernels", "full", stats["shap"], shape))
     r = stats["shap"].median / stats["val"].median
@@ -136,17 +139,33 @@ def bench_shapley(rows):
     print(f"one Shapley (taylor) pass = {r:.2f}x one validation epoch")
 
 
-def main():
+def run(quick: bool = False, shapley: bool = True) -> list[dict]:
+    """The allocator rows (and the Shapley pass unless ``shapley`` is False); writes alloc_cpu[_quick]."""
     pin_threads(THREADS)
     rows: list[dict] = []
-    bench_allocator(rows)
-    for layers in LAYER_SWEEP:  # cost vs number of adapted layers (the report draws the curve)
-        bench_allocator(rows, layers, repeats=15, ratios=False)
-    if "--alloc-only" not in sys.argv:
-        bench_shapley(rows)
-    path = write_results(rows, "alloc_cpu", {"threads": THREADS, "repeats": REPEATS, "warmup": WARMUP})
+    if quick:
+        bench_allocator(rows, QUICK["layers"], repeats=QUICK["repeats"], warmup=QUICK["warmup"])
+    else:
+        bench_allocator(rows)
+        for layers in LAYER_SWEEP:  # cost vs number of adapted layers (the report draws the curve)
+            bench_allocator(rows, layers, repeats=15, ratios=False)
+    if shapley:
+        if quick:
+            bench_shapley(rows, QUICK["layers"], batches=1, repeats=QUICK["repeats"])
+        else:
+            bench_shapley(rows)
+    repeats, warmup = (QUICK["repeats"], QUICK["warmup"]) if quick else (REPEATS, WARMUP)
+    write_results(rows, _NAME[quick], {"threads": THREADS, "repeats": repeats, "warmup": warmup, "quick": quick})
+    return rows
+
+
+_NAME = {False: "alloc_cpu", True: "alloc_cpu_quick"}
+
+
+def main():
+    rows = run(shapley="--alloc-only" not in sys.argv)
     print(format_table(rows))
-    print(f"wrote {len(rows)} rows to {path}")
+    print(f"wrote {len(rows)} rows to {os.path.join(results_dir(), _NAME[False] + '.json')}")
 
 
 if __name__ == "__main__":

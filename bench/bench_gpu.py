@@ -40,7 +40,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from bench.harness import RESULTS, format_table, make_row, write_results
+from bench.harness import format_table, make_row, write_results
 
 Timer = Callable[[Callable[[], object]], tuple[float, float, float]]
 BACKEND_ENV = "LORA_KERNELS_BACKEND"
@@ -628,16 +628,16 @@ def _free(device: str) -> None:
 
 
 def run_suite(device: str, card: str, only=None, timer: Timer | None = None, sizes: dict | None = None,
-              results_dir: str = RESULTS, out_dir: str | None = None, budget_s: float | None = None,
-              log: Callable[[str], None] = print) -> dict[str, list[dict]]:
+              results_dir: str | None = None, out_dir: str | None = None, budget_s: float | None = None,
+              log: Callable[[str], None] = print, suffix: str = "") -> dict[str, list[dict]]:
     """Runs the families (``only``: names of FAMILIES, default all) in order; writes each result file after every
     family (a killed run keeps what finished) and copies it to ``out_dir``. ``sizes``: per-family kwargs overriding
-    the defaults; ``budget_s``: families that would start after this many seconds are recorded as skipped.
-    Returns {"gated": rows, "kernels": rows}."""
+    the defaults; ``budget_s``: families that would start after this many seconds are recorded as skipped;
+    ``suffix`` is appended to the result file names. Returns {"gated": rows, "kernels": rows}."""
     sizes = sizes or {}
     names = list(only or FAMILIES)
     tag = card_tag(card)
-    files = {"gated": f"gated_gpu_{tag}", "kernels": f"kernels_gpu_{tag}"}
+    files = {"gated": f"gated_gpu_{tag}{suffix}", "kernels": f"kernels_gpu_{tag}{suffix}"}
     rows: dict[str, list[dict]] = {"gated": [], "kernels": []}
     tflops, gbps = peaks_for(card)
     seconds: dict[str, float] = {}
@@ -667,6 +667,30 @@ def run_suite(device: str, card: str, only=None, timer: Timer | None = None, siz
             for ext in (".json", ".csv"):
                 shutil.copy(path[:-len(".json")] + ext, out_dir)
     return rows
+
+
+# ``lora-kernels bench --quick`` on a GPU: every family at a fraction of its size (rows go to *_quick files).
+QUICK_SIZES = {
+    "training": {"T": 2048, "d": 1024},
+    "token_gate": {"T": 2048, "d": 1024},
+    "masked": {"T": 2048, "d": 1024, "configs": ((16, 4), (16, 16))},
+    "decode": {"d": 1024, "tokens": (1, 16)},
+    "sensitivity": {"layers": 4},
+    "share": {"L": 8, "T": 1024, "d": 1024},
+    "moe": {"T": 2048, "d": 1024},
+    "alpha": {"configs": (("MiniLM-L6-like", 6, 384, 1536),)},
+}
+
+
+def run(quick: bool = False) -> list[dict]:
+    """The suite on the first CUDA device (``quick``: QUICK_SIZES, a 120 s budget); [] when there is none."""
+    if not torch.cuda.is_available():
+        print("bench_gpu: skipped: no CUDA device")
+        return []
+    card = torch.cuda.get_device_name()
+    rows = run_suite("cuda", card, sizes=QUICK_SIZES if quick else None, budget_s=120.0 if quick else 360.0,
+                     suffix="_quick" if quick else "")
+    return rows["gated"] + rows["kernels"]
 
 
 def main(argv=None):

@@ -32,7 +32,7 @@ import torch
 
 from bench.bench_accuracy import (FULL, Task, _adalora_effective, _effective_params, _svd_model,
                                   adalora_schedule, moe_experts, peft_adalora_model, peft_lora_model, per_example_loss)
-from bench.harness import RESULTS, format_table, make_row, peak_alloc_bytes, pin_threads, write_results
+from bench.harness import format_table, make_row, peak_alloc_bytes, pin_threads, write_results
 
 METHODS = ["head_only", "peft_lora", "lora", "peft_adalora", "adalora", "shaplora", "shareA", "shareB", "shareAB",
            "moe_uniform", "alphalora"]
@@ -274,7 +274,7 @@ def to_rows(results: dict[str, dict], shape: str, threads: int) -> list[dict]:
     return rows
 
 
-def run(quick: bool = False, methods=None, directory: str = RESULTS) -> list[dict]:
+def run(quick: bool = False, methods=None, directory: str | None = None) -> list[dict]:
     """Measures ``methods`` (default: all, or the quick six) and writes ``<directory>/memory_cpu[_quick]``."""
     # One thread unless $BENCH_THREADS says otherwise: the bytes came out identical with 1 and 2 threads, and
     # a single thread is ~4x faster when other jobs share the cores.

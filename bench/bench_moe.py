@@ -1,6 +1,7 @@
 """MoE-LoRA layer forward+backward on CPU, side by side: the gated-op layer vs a Python loop over experts,
 and vs a plain LoRA of the same total rank E·r (the cost floor of the shrink/expand GEMMs).
-Run: ``python bench/bench_moe.py`` → bench/results/moe_cpu.{json,csv}.
+Run: ``python -m bench.bench_moe`` → bench/results/moe_cpu.{json,csv}. ``run(quick=True)`` (``lora-kernels bench
+--quick``): one small shape, 3 repeats → moe_cpu_quick.
 """
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import os
 import torch
 from torch import nn
 
-from bench.harness import format_table, make_row, measure, pin_threads, write_results
+from bench.harness import format_table, make_row, measure, pin_threads, results_dir, write_results
 from python_api.layers import LoRALinear
 from python_api.moe import MoELoRALinear
 
 SHAPES = [(2048, 768, 8, 8, 2), (2048, 768, 4, 8, 2)]  # T, d, experts, r, top_k
+QUICK_SHAPES = [(256, 128, 4, 4, 2)]
 
 
 def loop_forward(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tensor:
@@ -30,10 +32,12 @@ def loop_forward(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def main():
+def run(quick: bool = False) -> list[dict]:
+    """Every provider at every shape (``quick``: one small shape, 3 repeats); writes moe_cpu[_quick]."""
     threads = pin_threads(int(os.environ.get("BENCH_THREADS") or 2))
+    repeats = 3 if quick else int(os.environ.get("BENCH_REPEATS") or 7)
     rows = []
-    for T, d, E, r, k in SHAPES:
+    for T, d, E, r, k in QUICK_SHAPES if quick else SHAPES:
         torch.manual_seed(0)
         moe = MoELoRALinear.from_linear(nn.Linear(d, d), E, r, alpha=16, top_k=k)
         nn.init.normal_(moe.lora_B)
@@ -46,13 +50,20 @@ def main():
         fns = {"moe-gated-op": run(moe), "moe-python-loop": run(lambda z, m=moe: loop_forward(m, z)),
                f"plain-lora-r{E * r}": run(lora),
                "nn.Linear-frozen": run(lambda z, m=moe: nn.functional.linear(z, m.weight, m.bias))}
-        stats = measure(fns, warmup=2, repeats=int(os.environ.get("BENCH_REPEATS") or 7))
+        stats = measure(fns, warmup=1 if quick else 2, repeats=repeats)
         base = stats["moe-python-loop"].median
         for p, s in stats.items():
             rows.append(make_row("moe_lora_linear", p, "full", f"T{T}-d{d}-E{E}-r{r}-k{k}", torch.float32, "cpu",
                                  s, ratio_vs_python_loop=round(s.median / base, 3)))
+    meta = {"threads": threads, "repeats": repeats, "quick": quick} if quick else {"threads": threads}
+    write_results(rows, "moe_cpu_quick" if quick else "moe_cpu", meta)
+    return rows
+
+
+def main():
+    rows = run()
     print(format_table(rows, ("provider", "shape", "median", "p20", "p80", "ratio_vs_python_loop")))
-    print(write_results(rows, "moe_cpu", {"threads": threads}))
+    print(os.path.join(results_dir(), "moe_cpu.json"))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     threads = pin_threads()
     stats = measure({"ours": f, "peft": g}, warmup=3, repeats=10)
     rows = [make_row("lora_linear", p, "full", "T2048-d768-r8", torch.float32, "cpu", s) for p, s in stats.items()]
-    write_results(rows, "gated_cpu", {"threads": threads})      # bench/results/gated_cpu.{json,csv}
+    write_results(rows, "gated_cpu", {"threads": threads})      # results_dir()/gated_cpu.{json,csv}
 
 Providers are interleaved within every repeat (their order rotated) so drift in clock speed or machine load
 hits all of them alike; report ratios between providers of one ``measure`` call, not bare times.
@@ -25,6 +25,13 @@ SCHEMA = ("op", "provider", "mode", "shape", "dtype", "device", "median", "p20",
           "commit", "date")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
+RESULTS_ENV = "LORA_KERNELS_BENCH_RESULTS"
+
+
+def results_dir() -> str:
+    """Where result files go: $LORA_KERNELS_BENCH_RESULTS when set (``lora-kernels bench --out`` sets it, so an
+    installed package never writes into site-packages), else the checkout's bench/results. Read at call time."""
+    return os.environ.get(RESULTS_ENV) or RESULTS
 
 
 class Stats(NamedTuple):
@@ -118,8 +125,10 @@ def make_row(op: str, provider: str, mode: str, shape, dtype, device: str, stats
 row = make_row
 
 
-def write_results(rows: list[dict], name: str, meta: dict | None = None, directory: str = RESULTS) -> str:
-    """Writes ``<directory>/<name>.json`` ({"meta", "rows"}) and ``.csv`` (schema columns, then extras)."""
+def write_results(rows: list[dict], name: str, meta: dict | None = None, directory: str | None = None) -> str:
+    """Writes ``<directory>/<name>.json`` ({"meta", "rows"}) and ``.csv`` (schema columns, then extras);
+    ``directory`` defaults to ``results_dir()``."""
+    directory = directory or results_dir()
     os.makedirs(directory, exist_ok=True)
     meta = {**(meta or {}), "torch": torch.__version__}
     path = os.path.join(directory, name + ".json")

@@ -2,7 +2,7 @@
 
     lora-kernels demo [--quick] [--out DIR]       the allocators side by side on MiniLM-L6 + Rotten Tomatoes
     lora-kernels alloc --method shaplora|adalora|alphalora [--out DIR]   allocation report (table, PNG, JSON)
-    lora-kernels bench [--quick]                  kernel microbenchmarks (bench/bench_*.py run functions)
+    lora-kernels bench [--quick] [--out DIR]      every benchmark family (bench/bench_*.py run functions)
     lora-kernels profile                          allocator overhead per training step, per component
     lora-kernels info                             versions, backends usable and why not, offline assets
 
@@ -17,7 +17,9 @@ import os
 import sys
 
 PROG = "lora-kernels"
-BENCH_MODULES = ("bench_gated", "bench_share", "bench_alloc", "bench_alpha")
+BENCH_MODULES = ("bench_gated", "bench_share", "bench_alloc", "bench_alpha", "bench_moe", "bench_memory", "bench_step",
+                 "bench_gpu")
+BENCH_OPTIONAL = ("bench_step",)  # merged from another branch: absent in some builds
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--beta", type=_positive_float, default=2.5, help="AlphaLoRA exponent")
     b = sub.add_parser("bench", help="kernel microbenchmarks")
     b.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    b.add_argument("--out", default="bench-results", help="folder for the result files (default ./bench-results)")
     b.add_argument("--only", default=None, help=f"comma list of modules among {','.join(BENCH_MODULES)}")
     pr = sub.add_parser("profile", help="allocator overhead per training step, per component")
     _common(pr, "unused")
@@ -132,27 +135,58 @@ def _bench_module(name: str):
 
 
 def cmd_bench(args) -> int:
+    from bench.harness import RESULTS_ENV
+
     names = BENCH_MODULES if not args.only else tuple(n.strip() for n in args.only.split(",") if n.strip())
     bad = [n for n in names if n not in BENCH_MODULES]
     if bad:
         raise ValueError(f"--only: unknown benchmark modules {bad}; choose from {list(BENCH_MODULES)}")
-    ran = 0
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    # Every write_results call reads this at call time: results land in --out, never inside the installed package.
+    old = os.environ.get(RESULTS_ENV)
+    os.environ[RESULTS_ENV] = out
+    try:
+        failed = _run_benches(names, args.quick)
+    finally:
+        if old is None:
+            os.environ.pop(RESULTS_ENV, None)
+        else:
+            os.environ[RESULTS_ENV] = old
+    print(f"results: {out}")
+    if failed:
+        raise RuntimeError(f"benchmark modules failed: {', '.join(failed)}")
+    return 0
+
+
+def _run_benches(names, quick: bool) -> list[str]:
+    """Runs each module's run(quick) and prints its table; one failure does not stop the others."""
+    import time
+    import traceback
+
+    failed = []
     for name in names:
         try:
             mod = _bench_module(name)
         except ModuleNotFoundError as e:
-            print(f"{name}: not available ({e})")
+            if e.name == f"bench.{name}" and name in BENCH_OPTIONAL:
+                print(f"{name}: not in this build")
+                continue
+            failed.append(name)
+            print(f"{name}: FAILED at import: {type(e).__name__}: {e}")
             continue
-        if not hasattr(mod, "run"):
-            print(f"{name}: no run(quick) function, skipped")
+        t0 = time.perf_counter()
+        try:
+            rows = mod.run(quick)
+        except Exception as e:  # noqa: BLE001 - report it and run the next family
+            traceback.print_exc()
+            failed.append(name)
+            print(f"{name}: FAILED: {type(e).__name__}: {e}")
             continue
-        rows = mod.run(args.quick)
-        ran += 1
-        print(f"== {name} ({len(rows)} rows)")
-        print(_table(rows))
-    if not ran:
-        raise RuntimeError("no benchmark module could run (bench/ not found next to python_api/)")
-    return 0
+        print(f"== {name} ({len(rows)} rows, {time.perf_counter() - t0:.1f} s)", flush=True)
+        if rows:
+            print(_table(rows), flush=True)
+    return failed
 
 
 def _table(rows: list[dict]) -> str:
