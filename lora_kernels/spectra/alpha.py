@@ -216,8 +216,8 @@ def alphas_of(mats: Sequence[torch.Tensor], xmin: str = "faithful", method: str 
               dtype: torch.dtype = torch.float64, device=None, threshold: float = 0.0,
               return_degenerate: bool = False):
     """α of each matrix [len(mats)] (fp64, on CPU): eigenvalues and fits batched per shape. Degenerate spectra
-    (see the module docstring; ε is each matrix's own dtype's) get NaN; ``return_degenerate`` also returns the
-    [len(mats)] bool mask of them."""
+    (see the module docstring; ε is each matrix's own dtype's) and, outside faithful mode, spectra with no
+    candidate α > 1 get NaN; ``return_degenerate`` also returns the [len(mats)] bool mask of them."""
     evs = eigenvalues(mats, method=method, dtype=dtype, device=device)
     out = torch.empty(len(mats), dtype=torch.float64)
     deg = torch.zeros(len(mats), dtype=torch.bool)
@@ -228,6 +228,8 @@ def alphas_of(mats: Sequence[torch.Tensor], xmin: str = "faithful", method: str 
         by_len[(ev.shape[0], ev.device, eps)].append(i)
     for (_, _, eps), idx in by_len.items():
         res = hill_fit(torch.stack([evs[i] for i in idx]), xmin=xmin, threshold=threshold, eps=eps)
-        out[idx] = res["alpha"].to("cpu", torch.float64)
-        deg[idx] = res["degenerate"].cpu()
+        nofit = res["degenerate"] | (~res["ok"] if xmin != "faithful" else False)
+        # Outside faithful mode a row with no candidate α > 1 has no fit either (faithful keeps the published 0.0).
+        out[idx] = torch.where(nofit, torch.full_like(res["alpha"], math.nan), res["alpha"]).to("cpu", torch.float64)
+        deg[idx] = nofit.cpu()
     return (out, deg) if return_degenerate else out

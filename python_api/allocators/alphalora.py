@@ -62,7 +62,8 @@ def alpha_hill(eigenvalues: torch.Tensor | np.ndarray | Sequence[float], xmin: s
     Returns:
         α as a float. A degenerate spectrum (fewer than 2 eigenvalues above the round-off floor or ``threshold``,
         or a near-constant one: see :mod:`lora_kernels.spectra.alpha`) has no power law: NaN and a RuntimeWarning.
-        Otherwise, when no candidate has α > 1: the published loop's value (0.0) in faithful mode, NaN otherwise.
+        Otherwise, when no candidate has α > 1: the published loop's value (0.0) in faithful mode, NaN and a
+        RuntimeWarning otherwise.
     """
     if isinstance(eigenvalues, (str, bytes)) or eigenvalues is None:
         raise TypeError(f"eigenvalues must be a tensor, array or sequence of floats, got {type(eigenvalues).__name__}")
@@ -85,6 +86,8 @@ def alpha_hill(eigenvalues: torch.Tensor | np.ndarray | Sequence[float], xmin: s
                       "eigenvalues): no power law, alpha is NaN", RuntimeWarning, stacklevel=2)
         return math.nan
     if not bool(res["ok"][0]) and xmin != "faithful":
+        warnings.warn(f"alpha_hill: no x_min candidate of {_what(name)} has a tail to fit (xmin={xmin!r}): alpha is "
+                      "NaN", RuntimeWarning, stacklevel=2)
         return math.nan
     return float(res["alpha"][0])
 
@@ -129,7 +132,7 @@ def layer_alphas(model: nn.Module, target_modules: Sequence[str] | None = None, 
             raise ValueError(f"layer_alphas: {name}.weight contains NaN or Inf: no spectrum")
     a, deg = _alpha.alphas_of([m.weight for _, _, m in found], xmin=xmin, method=method, dtype=dtype,
                               device=device, threshold=threshold, return_degenerate=True)
-    reasons = {name: "degenerate spectrum (low rank or near-constant eigenvalues)"
+    reasons = {name: "no power-law fit (low rank or near-constant spectrum, or no x_min candidate to fit)"
                for (name, _, _), d in zip(found, deg.tolist()) if d}
     if len(reasons) == len(found):
         raise ValueError(f"layer_alphas: every target matrix has a degenerate spectrum (no power law): "
@@ -250,6 +253,8 @@ def allocate_experts(alphas: Sequence[float], total: int, beta: float = 2.5, rep
         raise ValueError(f"beta={beta} too large: beta·ln(alpha) overflows float64")
     w = np.exp(logw - logw.max())
     w /= w.sum()                                         # Σ ≥ 1 before the division: no 0/0
+    if total == 0:                                       # (then m = 0) nothing to share; the repairs divide by T
+        return [0] * L
     quota = w * total
     if repair == "largest_remainder":
         n = min_experts + _largest_remainder(w * (total - L * min_experts), total - L * min_experts)
