@@ -16,7 +16,10 @@ Provenance of each choice ([paper] AlphaLoRA, [code] peijunallin/alphalora ``exp
   comparing the UNNORMALISED s_l = α_l^β with the counts n_l (first index on ties).
 - largest-remainder repair [ours]: floor of the quotas T·s_l/Σs, the leftover to the largest fractional parts.
 - ``min_experts`` m [ours]: largest remainder gives m to each layer and shares T − L·m by the quotas; faithful
-  repair runs as published, then lifts layers below m, taking from the layers most above their quota.
+  repair runs as published, then lifts layers below m, taking from the layers most above their quota. Default 1
+  (``DEFAULT_MIN_EXPERTS``: a MoE layer needs an expert); 0 is the published behaviour.
+- degenerate input [ours]: low-rank or near-constant spectra are flagged by module name and left out (see
+  :func:`layer_alphas`); the expert weights are normalised in the log domain (see :func:`allocate_experts`).
 - MoLA baselines [paper: MoLA]: "2468" gives 2, 4, 6, 8 experts per quarter of depth (exactly 2/4/6/8 at L = 32,
   T = 160); at other (L, T) the 2:4:6:8 weights are scaled to T by largest remainder [ours]. "uniform": T // L
   each, the remainder to the first layers [ours].
