@@ -81,6 +81,8 @@ def eigenvalues(mats: Sequence[torch.Tensor], method: str = "gram", dtype: torch
             raise TypeError(f"mats[{i}] must be floating point, got dtype {w.dtype}")
         if min(w.shape) == 0:
             raise ValueError(f"mats[{i}] has an empty dimension: shape {tuple(w.shape)}")
+        if not bool(torch.isfinite(w).all()):  # else eigvalsh fails with an opaque _LinAlgError
+            raise ValueError(f"mats[{i}] contains NaN or Inf: no spectrum")
         dev = torch.device(device) if device is not None else w.device
         groups[(tuple(w.shape), dev)].append(i)
     out: list[torch.Tensor | None] = [None] * len(mats)

@@ -84,6 +84,13 @@ def test_layer_alphas_nan_weight_names_the_module():
         layer_alphas(model)
 
 
+def test_eigenvalues_nan_matrix_is_a_value_error():
+    w = gaussian(6, 9)
+    w[1, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"mats\[1\] contains NaN or Inf"):   # was: _LinAlgError
+        eigenvalues([gaussian(6, 9), w])
+
+
 def test_layer_alphas_empty_weight_names_the_module():
     model = Blocks([gaussian(8, 12, 0), torch.empty(0, 12)])
     with pytest.raises(ValueError, match=r"layers\.1\.proj\.weight has an empty dimension"):  # was: "mats[1]"
