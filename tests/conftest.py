@@ -1,6 +1,12 @@
 import os
 
 import pytest
+from hypothesis import settings
+
+# Property tests: >= 200 generated cases per entry point in CI, reproducible; HYPOTHESIS_PROFILE=nightly for more.
+settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True)
+settings.register_profile("nightly", max_examples=2000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def interpreter_on() -> bool:

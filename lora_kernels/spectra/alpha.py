@@ -29,9 +29,20 @@ Which candidates are scanned (``xmin`` mode):
     scan       [paper: Clauset et al.; code: weightwatcher WWFit] every candidate i < n − 1.
 Non-positive eigenvalues (exact zeros of rank-deficient matrices) are dropped before the fit [ours: AlphaLoRA
 would take log 0]; the optional ``threshold`` drops λ ≤ threshold as weightwatcher does (EVALS_THRESH = 1e-5).
+
+Degenerate spectra [ours] have no power law to fit, and the fit of their round-off is meaningless (a fp32 orthogonal
+matrix gets α ≈ 1e7, a fp32 rank-1 matrix an α fitted to λ₂/λ₁ ≈ 1e-16). With ε the machine epsilon of the
+MATRIX the eigenvalues came from (``eps``; float32's by default) a row is degenerate when
+    low rank:       fewer than ``MIN_EIGS`` eigenvalues above the round-off floor max(threshold, λ_max·max(ε², n·ε₆₄))
+                    (rounding W to ε leaves singular values ~ε·σ_max, i.e. λ ~ ε²·λ_max: measured ≤ 0.02·ε²·λ_max
+                    for rank-1 matrices in fp32/bf16/fp16; n·ε₆₄·λ_max is the fp64 Gram's own error), or
+    near-constant:  (λ_max − λ_min) / λ_max ≤ ``FLAT_EPS``·ε over the eigenvalues above the floor (rounding an
+                    orthogonal matrix spreads its λ by ≤ 1.2·ε, measured for n = 4..256 in fp32/bf16/fp16).
+``hill_fit`` returns ``degenerate`` [B] (bool) and NaN alpha for such rows instead of a number.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -41,6 +52,8 @@ XMIN_MODES = ("faithful", "corrected", "median", "scan")
 HIST_BINS = 100
 _TILE_ELEMS = 1 << 22  # elements per [B, C, n] KS tile (32 MiB in fp64)
 _TILE_CANDIDATES = 32  # small tiles skip most of the lower triangle j < i
+MIN_EIGS = 2          # eigenvalues above the round-off floor a fit needs (a tail of one point has no slope)
+FLAT_EPS = 8.0        # near-constant: relative spread ≤ FLAT_EPS·ε (round-off spreads measured ≤ 1.2·ε)
 
 
 def eigenvalues(mats: Sequence[torch.Tensor], method: str = "gram", dtype: torch.dtype = torch.float64,
@@ -68,6 +81,8 @@ def eigenvalues(mats: Sequence[torch.Tensor], method: str = "gram", dtype: torch
             raise TypeError(f"mats[{i}] must be floating point, got dtype {w.dtype}")
         if min(w.shape) == 0:
             raise ValueError(f"mats[{i}] has an empty dimension: shape {tuple(w.shape)}")
+        if not bool(torch.isfinite(w).all()):  # else eigvalsh fails with an opaque _LinAlgError
+            raise ValueError(f"mats[{i}] contains NaN or Inf: no spectrum")
         dev = torch.device(device) if device is not None else w.device
         groups[(tuple(w.shape), dev)].append(i)
     out: list[torch.Tensor | None] = [None] * len(mats)
@@ -112,16 +127,33 @@ def _candidates(lam: torch.Tensor, valid: torch.Tensor, start: torch.Tensor, mod
     return base & (lam >= lower) & (lam <= 1.5 * peak)
 
 
-def hill_fit(lam: torch.Tensor, xmin: str = "faithful", threshold: float = 0.0) -> dict[str, torch.Tensor]:
+def degenerate_rows(lam: torch.Tensor, eps: float, threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(low_rank [B], flat [B])`` bool masks of the degenerate rows of sorted eigenvalues (module docstring)."""
+    n = lam.shape[1]
+    top = lam[:, -1:]                                                          # [B, 1] λ_max
+    rel = max(float(eps) ** 2, n * torch.finfo(torch.float64).eps)
+    floor = torch.clamp_min(top * rel, max(float(threshold), 0.0))             # [B, 1]
+    above = lam > floor
+    low_rank = above.sum(1) < MIN_EIGS
+    lo = torch.where(above, lam, top).amin(1)                                  # smallest λ above the floor
+    flat = ~low_rank & ((top.squeeze(1) - lo) <= FLAT_EPS * float(eps) * top.squeeze(1))
+    return low_rank, flat
+
+
+def hill_fit(lam: torch.Tensor, xmin: str = "faithful", threshold: float = 0.0,
+             eps: float | None = None) -> dict[str, torch.Tensor]:
     """Power-law fit of each row of sorted eigenvalues.
 
     Args:
         lam: [B, n] eigenvalues, each row sorted ascending (fp32 or fp64).
         xmin: one of ``XMIN_MODES`` (see the module docstring).
         threshold: eigenvalues ≤ max(threshold, 0) are ignored.
+        eps: machine epsilon of the matrices the eigenvalues came from (default: float32's), for the
+            degenerate-spectrum test.
     Returns:
         dict of [B] tensors: ``alpha``, ``D`` (KS distance), ``xmin`` (chosen λ), ``n_tail`` (tail size, long),
-        ``ok`` (bool: some candidate had α > 1; otherwise alpha is what the published loop returns, usually 0).
+        ``ok`` (bool: some candidate had α > 1; otherwise alpha is what the published loop returns, usually 0),
+        ``degenerate`` (bool: low-rank or near-constant spectrum, see the module docstring; alpha is NaN there).
     """
     if xmin not in XMIN_MODES:
         raise ValueError(f"xmin must be one of {XMIN_MODES}, got {xmin!r}")
@@ -133,16 +165,18 @@ def hill_fit(lam: torch.Tensor, xmin: str = "faithful", threshold: float = 0.0) 
     B, n = lam.shape
     if B == 0:
         e = lam.new_empty(0)
-        return {"alpha": e, "D": e, "xmin": e, "n_tail": e.long(), "ok": e.bool()}
+        return {"alpha": e, "D": e, "xmin": e, "n_tail": e.long(), "ok": e.bool(), "degenerate": e.bool()}
     if n < 2:
         raise ValueError(f"lam needs at least 2 eigenvalues per row, got shape {tuple(lam.shape)}")
+    if not bool(torch.isfinite(lam).all()):
+        bad = int((~torch.isfinite(lam)).any(1).nonzero()[0])
+        raise ValueError(f"row {bad} of lam contains NaN or Inf")
     if bool((lam[:, 1:] < lam[:, :-1]).any()):
         raise ValueError("lam rows must be sorted ascending")
     valid = lam > max(float(threshold), 0.0)                                   # a prefix of each row is dropped
     start = n - valid.sum(1)                                                   # [B] first kept index
-    if bool((start > n - 2).any()):
-        bad = int((start > n - 2).nonzero()[0])
-        raise ValueError(f"row {bad} of lam has fewer than 2 eigenvalues above threshold={threshold}")
+    low_rank, flat = degenerate_rows(lam, torch.finfo(torch.float32).eps if eps is None else eps, threshold)
+    degenerate = low_rank | flat | (start > n - 2)                             # < 2 above threshold: no fit
     cand = _candidates(lam, valid, start, xmin)                                # [B, n]
     loglam = torch.where(valid, lam, torch.ones_like(lam)).log()               # [B, n]
     suffix = loglam.flip(1).cumsum(1).flip(1)                                  # Σ_{j≥i} ln λ_j
@@ -169,24 +203,35 @@ def hill_fit(lam: torch.Tensor, xmin: str = "faithful", threshold: float = 0.0) 
             d = buf.amax(2)                                                    # [B, C]
             D[:, s:e] = torch.where(use[:, s:e], d, D[:, s:e])
     best = D.argmin(1, keepdim=True)                                           # first index on ties
+    alpha = alphas.gather(1, best).squeeze(1)
     return {
-        "alpha": alphas.gather(1, best).squeeze(1),
+        "alpha": torch.where(degenerate, torch.full_like(alpha, math.nan), alpha),
         "D": D.gather(1, best).squeeze(1),
         "xmin": lam.gather(1, best).squeeze(1),
         "n_tail": (n - best.squeeze(1)).long(),
-        "ok": use.any(1),
+        "ok": use.any(1) & ~degenerate,
+        "degenerate": degenerate,
     }
 
 
 def alphas_of(mats: Sequence[torch.Tensor], xmin: str = "faithful", method: str = "gram",
-              dtype: torch.dtype = torch.float64, device=None, threshold: float = 0.0) -> torch.Tensor:
-    """α of each matrix [len(mats)] (fp64, on CPU): eigenvalues and fits batched per shape."""
+              dtype: torch.dtype = torch.float64, device=None, threshold: float = 0.0,
+              return_degenerate: bool = False):
+    """α of each matrix [len(mats)] (fp64, on CPU): eigenvalues and fits batched per shape. Degenerate spectra
+    (see the module docstring; ε is each matrix's own dtype's) and, outside faithful mode, spectra with no
+    candidate α > 1 get NaN; ``return_degenerate`` also returns the [len(mats)] bool mask of them."""
     evs = eigenvalues(mats, method=method, dtype=dtype, device=device)
     out = torch.empty(len(mats), dtype=torch.float64)
+    deg = torch.zeros(len(mats), dtype=torch.bool)
     by_len: dict[tuple, list[int]] = defaultdict(list)
     for i, ev in enumerate(evs):
-        by_len[(ev.shape[0], ev.device)].append(i)
-    for idx in by_len.values():
-        res = hill_fit(torch.stack([evs[i] for i in idx]), xmin=xmin, threshold=threshold)
-        out[idx] = res["alpha"].to("cpu", torch.float64)
-    return out
+        # The round-off floor is the matrix's own (a bf16 weight is coarser than its fp64 spectrum).
+        eps = max(torch.finfo(mats[i].dtype).eps, torch.finfo(dtype).eps)
+        by_len[(ev.shape[0], ev.device, eps)].append(i)
+    for (_, _, eps), idx in by_len.items():
+        res = hill_fit(torch.stack([evs[i] for i in idx]), xmin=xmin, threshold=threshold, eps=eps)
+        nofit = res["degenerate"] | (~res["ok"] if xmin != "faithful" else False)
+        # Outside faithful mode a row with no candidate α > 1 has no fit either (faithful keeps the published 0.0).
+        out[idx] = torch.where(nofit, torch.full_like(res["alpha"], math.nan), res["alpha"]).to("cpu", torch.float64)
+        deg[idx] = nofit.cpu()
+    return (out, deg) if return_degenerate else out

@@ -35,8 +35,10 @@ class SensitivityTracker:
             λ [R] / [R, 1] / None, A [R, K], B [N, R] (e.g. a PEFT AdaLoRA model's tensors).
         beta1, beta2: EMA factors (0.85 as AdaLoRA / PEFT).
 
-    Non-finite gradients (a skipped fp16 step) leave the state untouched; they are counted in
-    :attr:`skipped_steps` and a warning is issued.
+    Non-finite gradients (a skipped fp16 step) or non-finite adapter weights (a diverged step: |w·g| would be
+    NaN and stay in the EMAs for good) leave the state untouched; they are counted in :attr:`skipped_steps` and,
+    on CPU, a RuntimeWarning names the update and, for weights, the modules (on GPU the step is skipped without a
+    host sync, so without a warning).
     """
 
     def __init__(self, adapters: nn.Module | dict[str, Triplet], beta1: float = 0.85, beta2: float = 0.85):
@@ -49,6 +51,7 @@ class SensitivityTracker:
         self.names: list[str] = list(triplets)
         self.ranks: dict[str, int] = {}
         self._tensors: list[torch.Tensor] = []   # the Parameters, in update order
+        self._owner: list[str] = []               # module name of each tensor, for the warnings
         self.kinds: list[int] = []
         self.offsets: list[int] = []
         off = 0
@@ -60,6 +63,7 @@ class SensitivityTracker:
                                  f"A {tuple(a.shape)}, B {tuple(b.shape)} do not form rank-{r} triplets")
             for t, k in ((e, KIND_E), (a, KIND_A), (b, KIND_B)):
                 if t is not None:
+                    self._owner.append(name)
                     self._tensors.append(t)
                     self.kinds.append(k)
                     self.offsets.append(off)
@@ -99,6 +103,19 @@ class SensitivityTracker:
         """
         params = self._tensors  # only read (no_grad): no detach() per tensor
         grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in self._tensors]
+        # The op checks the gradients only; a non-finite weight makes |w·g| NaN for good. max|w| per tensor is one
+        # fused pass, exact (no overflow) and NaN-propagating.
+        wmax = torch._foreach_norm(params, float("inf"))
+        wbad = ~torch.isfinite(torch.stack([w.float() for w in wmax])).all()
+        if wbad.device.type == "cpu" and bool(wbad):
+            self.step += 1
+            self._skipped += 1
+            mods = sorted({self._owner[j] for j, w in enumerate(wmax) if not bool(torch.isfinite(w))})
+            warnings.warn(f"SensitivityTracker: non-finite weight in modules {mods} at update {self.step}; state "
+                          f"left untouched ({self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)
+            return wbad
+        if wbad.device.type != "cpu":  # no host sync: a NaN in one gradient makes the op skip the whole step
+            grads[0] = grads[0] + torch.where(wbad, float("nan"), 0.0).to(grads[0].dtype)
         new = torch.zeros_like(self.scores)
         bad = self._plan(params, grads, new, self.beta1, self.beta2)
         self.step += 1

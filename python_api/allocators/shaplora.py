@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -114,19 +115,27 @@ class _Players:
             m.set_token_gate(None)
 
 
-def _val_loss(model, batches, loss_fn) -> float:
-    tot, cnt = 0.0, 0
+def _val_loss(model, batches, loss_fn, skipped: dict | None = None) -> float:
+    # Non-finite per-example losses are left out of the mean (and counted): one poisoned example must not
+    # turn every Shapley value into NaN.
+    tot, cnt, seen = 0.0, 0, 0
     with torch.no_grad():
         for batch in batches:
-            losses = loss_fn(model, batch)
-            tot += float(losses.double().sum())
-            cnt += losses.numel()
-    if cnt == 0:
+            losses = loss_fn(model, batch).detach().double().reshape(-1)
+            ok = torch.isfinite(losses)
+            tot += float(losses[ok].sum())
+            cnt += int(ok.sum())
+            seen += losses.numel()
+    if seen == 0:
         raise ValueError("batches is empty: no validation examples")
+    if cnt == 0:
+        raise ValueError(f"every validation loss is non-finite (NaN/Inf) ({seen} of {seen} examples)")
+    if skipped is not None:
+        skipped.update(n=max(skipped.get("n", 0), seen - cnt), of=seen)
     return tot / cnt
 
 
-def _value_fn(players: _Players, model, batches, loss_fn):
+def _value_fn(players: _Players, model, batches, loss_fn, skipped: dict | None = None):
     cache: dict[bytes, float] = {}
 
     def value(mask: torch.Tensor) -> float:
@@ -135,16 +144,17 @@ def _value_fn(players: _Players, model, batches, loss_fn):
             on = players.split(mask.double(), fill=0.0)
             for n, m in players.layers.items():
                 m.set_rank_mask(on[n].bool() & players.saved[n])
-            cache[key] = -_val_loss(model, batches, loss_fn)
+            cache[key] = -_val_loss(model, batches, loss_fn, skipped)
         return cache[key]
     return value
 
 
-def _taylor(players: _Players, model, batches, loss_fn, num_passes, q, generator, batch_size_fn):
+def _taylor(players: _Players, model, batches, loss_fn, num_passes, q, generator, batch_size_fn,
+            skipped: dict | None = None):
     n = len(players.index)
     total = torch.zeros(n, dtype=torch.float64)
     total_sq = torch.zeros(n, dtype=torch.float64)
-    count = 0
+    count, seen = 0, 0
     state: dict[str, Any] = {}
 
     def hook(name):
@@ -183,14 +193,24 @@ def _taylor(players: _Players, model, batches, loss_fn, num_passes, q, generator
                         per_mod[name] = per_mod[name] + c if name in per_mod else c
                 c = torch.stack([per_mod[nm][:, i] if nm in per_mod else torch.zeros(b, dtype=torch.float64)
                                  for nm, i in players.index], 1)                             # [B, N]
+                # An example with a non-finite loss or gate gradient is skipped (counted, warned about):
+                # its NaN would otherwise reach every player's mean.
+                ok = torch.isfinite(losses.detach()).reshape(-1).cpu() & torch.isfinite(c).all(1)
+                c = c[ok]
                 total += c.sum(0)
                 total_sq += (c * c).sum(0)
-                count += b
+                count += int(ok.sum())
+                seen += b
     finally:
         for h in handles:
             h.remove()
-    if count == 0:
+    if seen == 0:
         raise ValueError("batches is empty: no validation examples")
+    if count == 0:
+        raise ValueError(f"every validation example has a non-finite (NaN/Inf) loss or gate gradient "
+                         f"({seen} of {seen})")
+    if skipped is not None:
+        skipped.update(n=seen - count, of=seen)
     phi = total / count
     var = (total_sq / count - phi * phi).clamp_min(0) * count / max(count - 1, 1)
     return phi, (var / count).sqrt()
@@ -225,6 +245,9 @@ def shapley_sensitivity(
         dict module name → φ [R] (float64; NaN at ranks masked before the call, which are not players);
         with ``return_stats`` also dict module name → standard error [R] (taylor, permutation; zeros for exact).
     The model's train/eval mode, rank masks and token gates are restored afterwards; scoring runs in eval mode.
+    Validation examples with a non-finite loss (or, taylor, gate gradient) are skipped with a RuntimeWarning
+    giving their number (permutation/exact: the most skipped by one coalition); if every example is non-finite,
+    or the scores overflow, a ValueError. Player scores are never NaN.
     """
     if mode not in ("taylor", "permutation", "exact"):
         raise ValueError(f"mode must be 'taylor', 'permutation' or 'exact', got {mode!r}")
@@ -238,11 +261,13 @@ def shapley_sensitivity(
     players = _Players(model)
     was_training = model.training
     model.eval()
+    skipped: dict[str, int] = {}
     try:
         if mode == "taylor":
-            phi, se = _taylor(players, model, batches, loss_fn, num_passes, q, generator, batch_size_fn or _batch_size)
+            phi, se = _taylor(players, model, batches, loss_fn, num_passes, q, generator, batch_size_fn or _batch_size,
+                              skipped)
         else:
-            value = _value_fn(players, model, batches, loss_fn)
+            value = _value_fn(players, model, batches, loss_fn, skipped)
             if mode == "exact":
                 phi, se = exact_shapley(value, len(players.index)), None
             else:
@@ -250,6 +275,12 @@ def shapley_sensitivity(
     finally:
         players.restore()
         model.train(was_training)
+    if skipped.get("n"):
+        warnings.warn(f"shapley_sensitivity: skipped {skipped['n']} of {skipped['of']} validation examples with a "
+                      "non-finite (NaN/Inf) loss or gate gradient", RuntimeWarning, stacklevel=2)
+    if not bool(torch.isfinite(phi).all()):
+        raise ValueError("shapley_sensitivity: the scores overflow float64 (the losses or their gradients are too "
+                         "large); rescale loss_fn")
     scores = players.split(phi)
     if not return_stats:
         return scores
@@ -273,6 +304,9 @@ def allocate_ranks(scores: dict[str, torch.Tensor], budget: int, *, by: str = "s
         raise ValueError("scores is empty")
     names = list(scores)
     flat = torch.cat([torch.as_tensor(scores[n]).detach().double().cpu().reshape(-1) for n in names])
+    inf = [n for n in names if bool(torch.isinf(torch.as_tensor(scores[n]).detach().double()).any())]
+    if inf:  # ±inf would tie with the NaN (not a candidate) key below
+        raise ValueError(f"scores of modules {inf} contain ±Inf; scores must be finite (NaN = not a candidate)")
     valid = ~torch.isnan(flat)
     if not isinstance(budget, int) or not 0 <= budget <= int(valid.sum()):
         raise ValueError(f"budget must be an int in [0, {int(valid.sum())}] (the number of scored ranks), "

@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--r-init", type=_positive_int, default=12, help="initial rank (ShapLoRA/AdaLoRA)")
     a.add_argument("--experts-per-layer", type=_positive_float, default=2.0, help="AlphaLoRA total = this × layers")
     a.add_argument("--beta", type=_positive_float, default=2.5, help="AlphaLoRA exponent")
+    a.add_argument("--min-experts", type=int, default=None,
+                   help="AlphaLoRA lower bound on experts per layer (default: the library's DEFAULT_MIN_EXPERTS)")
     b = sub.add_parser("bench", help="kernel microbenchmarks")
     b.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     b.add_argument("--out", default="bench-results", help="folder for the result files (default ./bench-results)")
@@ -120,7 +122,10 @@ def cmd_demo(args) -> int:
 def cmd_alloc(args) -> int:
     from .demo import allocation_report
 
-    kw = dict(r=args.r, r_init=args.r_init, experts_per_layer=args.experts_per_layer, beta=args.beta)
+    from ..allocators.alphalora import DEFAULT_MIN_EXPERTS
+
+    kw = dict(r=args.r, r_init=args.r_init, experts_per_layer=args.experts_per_layer, beta=args.beta,
+              min_experts=DEFAULT_MIN_EXPERTS if args.min_experts is None else args.min_experts)
     if args.r > args.r_init:
         raise ValueError(f"--r ({args.r}) must not exceed --r-init ({args.r_init})")
     if args.steps is None:

@@ -49,6 +49,7 @@ class DemoConfig:
     expert_r: int = 4           # AlphaLoRA rank per expert
     experts_per_layer: float = 2.0  # AlphaLoRA total experts = this × layers
     beta: float = 2.5
+    min_experts: int | None = None  # AlphaLoRA lower bound per layer; None: allocate_experts' DEFAULT_MIN_EXPERTS
     n_val: int = 1000
     n_test: int = 2000
     val_for_shapley: int = 256  # validation examples scored by the Shapley estimator
@@ -170,6 +171,11 @@ def run_shaplora(base, splits, cfg, deadline) -> dict:
             "allocation": f"ranks {min(ranks.values())}..{max(ranks.values())} (budget {cfg.r}×{len(ranks)})"}
 
 
+def _min_experts_kw(cfg) -> dict:
+    # None defers to the library's default: one source for the library, the demo and the CLI.
+    return {} if cfg.min_experts is None else {"min_experts": cfg.min_experts}
+
+
 def run_alphalora(base, splits, cfg, deadline) -> dict:
     from ..allocators.alphalora import allocate_experts, layer_alphas
     from ..moe import apply_moe_adapters
@@ -178,7 +184,7 @@ def run_alphalora(base, splits, cfg, deadline) -> dict:
     t0 = time.perf_counter()
     alphas = layer_alphas(model, MINILM_TARGETS)
     total = int(round(cfg.experts_per_layer * len(alphas)))
-    experts = allocate_experts(alphas, total, beta=cfg.beta, min_experts=1)
+    experts = allocate_experts(alphas, total, beta=cfg.beta, **_min_experts_kw(cfg))
     alloc_s = time.perf_counter() - t0
     apply_moe_adapters(model, MINILM_TARGETS, experts, r=cfg.expert_r, alpha=2 * cfg.expert_r)
     for p in model.classifier.parameters():
@@ -306,7 +312,7 @@ def allocation_report(method: str, cfg: DemoConfig, log=print) -> dict:
         base, _ = load_minilm(num_labels=2, seed=cfg.seed)
         alphas = layer_alphas(base, MINILM_TARGETS)
         total = int(round(cfg.experts_per_layer * len(alphas)))
-        experts = allocate_experts(alphas, total, beta=cfg.beta, min_experts=1)
+        experts = allocate_experts(alphas, total, beta=cfg.beta, **_min_experts_kw(cfg))
         res = {"method": method, "alphas": alphas, "experts": experts, "top_k": top_k_for(experts),
                "total": total, "beta": cfg.beta}
         png = plots.expert_bars(experts, alphas, os.path.join(cfg.out_dir, "alphalora_experts.png"))

@@ -96,11 +96,11 @@ def test_hill_fit_edges():
         A.hill_fit(spectra(1, 10), "peak")
     with pytest.raises(ValueError, match="sorted"):
         A.hill_fit(torch.tensor([[3.0, 1.0, 2.0]], dtype=torch.float64))
-    with pytest.raises(ValueError, match="fewer than 2"):
-        A.hill_fit(torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64))
+    one = A.hill_fit(torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64))   # rank 1: flagged, no number
+    assert bool(one["degenerate"][0]) and math.isnan(float(one["alpha"][0]))
     const = A.hill_fit(torch.ones(1, 10, dtype=torch.float64), "scan")   # no tail to fit
-    assert not bool(const["ok"][0])
-    assert not math.isnan(float(const["alpha"][0]))
+    assert not bool(const["ok"][0]) and bool(const["degenerate"][0])
+    assert math.isnan(float(const["alpha"][0]))
 
 
 def test_alphas_of_groups_shapes_in_order():

@@ -107,13 +107,13 @@ def test_allocate_faithful_matches_published_loop(seed):
     rng = np.random.default_rng(seed)
     alphas = rng.uniform(2.0, 6.0, size=int(rng.integers(3, 40)))
     for total in (len(alphas), 160, 7 * len(alphas) + 3):
-        got = allocate_experts(alphas, total)
+        got = allocate_experts(alphas, total, min_experts=0)   # the published loop has no lower bound
         assert got == exponential_scaling(alphas, total, 2.5) and sum(got) == total
 
 
 def test_allocate_largest_remainder_and_minimum():
     alphas = [2.0, 2.1, 3.0, 5.5, 6.0]
-    n = allocate_experts(alphas, 20, repair="largest_remainder")
+    n = allocate_experts(alphas, 20, repair="largest_remainder", min_experts=0)
     s = np.array(alphas) ** 2.5
     q = s / s.sum() * 20
     assert sum(n) == 20 and all(abs(a - b) < 1 for a, b in zip(n, q))
