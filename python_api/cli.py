@@ -2,6 +2,7 @@
 
     lora-kernels demo [--quick] [--out DIR]       the allocators side by side on MiniLM-L6 + Rotten Tomatoes
     lora-kernels alloc --method shaplora|adalora|alphalora [--out DIR]   allocation report (table, PNG, JSON)
+    lora-kernels train --model M --data D --method METHOD --out DIR   your own local model and data (app/train.py)
     lora-kernels bench [--quick]                  kernel microbenchmarks (bench/bench_*.py run functions)
     lora-kernels profile                          allocator overhead per training step, per component
     lora-kernels info                             versions, backends usable and why not, offline assets
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Fused LoRA kernels and rank / expert allocators (ShapLoRA, ShareLoRA, "
                                        "AlphaLoRA) on real offline models.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", metavar="{demo,alloc,bench,profile,info}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{demo,alloc,train,bench,profile,info}", parser_class=_Parser)
     sub.required = True
     d = sub.add_parser("demo", help="the allocators side by side on MiniLM-L6 + Rotten Tomatoes (offline)")
     _common(d, "training steps per method (default 250; --quick: 8)")
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--r-init", type=_positive_int, default=12, help="initial rank (ShapLoRA/AdaLoRA)")
     a.add_argument("--experts-per-layer", type=_positive_float, default=2.0, help="AlphaLoRA total = this × layers")
     a.add_argument("--beta", type=_positive_float, default=2.5, help="AlphaLoRA exponent")
+    from .app.train_cli import add_alloc_options, add_train_parser
+    add_alloc_options(a)
+    add_train_parser(sub)
     b = sub.add_parser("bench", help="kernel microbenchmarks")
     b.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     b.add_argument("--only", default=None, help=f"comma list of modules among {','.join(BENCH_MODULES)}")
@@ -115,6 +119,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_alloc(args) -> int:
+    if args.model is not None or args.data is not None:
+        from .app.train_cli import cmd_alloc as cmd_alloc_byo
+        return cmd_alloc_byo(args, getattr(args, "argv", None))
     from .demo import allocation_report
 
     kw = dict(r=args.r, r_init=args.r_init, experts_per_layer=args.experts_per_layer, beta=args.beta)
@@ -211,11 +218,17 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "alloc": cmd_alloc, "bench": cmd_bench, "profile": cmd_profile, "info": cmd_info}
+def cmd_train(args) -> int:
+    from .app.train_cli import cmd_train as run_train
+    return run_train(args, getattr(args, "argv", None))
+
+
+COMMANDS = {"demo": cmd_demo, "alloc": cmd_alloc, "train": cmd_train, "bench": cmd_bench, "profile": cmd_profile, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return COMMANDS[args.command](args)

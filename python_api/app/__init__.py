@@ -1,0 +1,1 @@
+"""The applications built on the library: ``lora-kernels train`` (bring your own model and data)."""
