@@ -250,6 +250,11 @@ def _rebuild(model: nn.Module, meta: dict) -> None:
                                   s["load_balance_coef"])
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
+        # stored non-adapter parameters (a task head) train again, as they did when saved
+        stored = set(meta.get("tensors", []))
+        for pname, p in model.named_parameters():
+            if pname in stored:
+                p.requires_grad_(True)
         setattr(model, _CONFIG_ATTR, dict(cfg))
     else:
         from .surgery import apply_from_config
