@@ -223,7 +223,8 @@ def cmd_train(args) -> int:
     return run_train(args, getattr(args, "argv", None))
 
 
-COMMANDS = {"demo": cmd_demo, "alloc": cmd_alloc, "train": cmd_train, "bench": cmd_bench, "profile": cmd_profile, "info": cmd_info}
+COMMANDS = {"demo": cmd_demo, "alloc": cmd_alloc, "train": cmd_train, "bench": cmd_bench, "profile": cmd_profile,
+            "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

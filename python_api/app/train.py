@@ -87,6 +87,7 @@ class TrainConfig:
     max_length: int | None = None
     seed: int = 0
     bf16: bool = False
+    grad_checkpointing: bool = False
     resume: bool = False
     overwrite: bool = False
     merge: bool = False
@@ -282,6 +283,14 @@ def evaluate(model, tok, enc: Encoded, task: str, batch_size: int) -> dict:
 def adapt(base: nn.Module, cfg: TrainConfig, targets: list[str], heads: list[str], *, masks=None,
           experts=None) -> nn.Module:
     """A copy of ``base`` with ``cfg.method``'s adapters (``masks`` / ``experts``: a finished allocation)."""
+    model = _adapt(base, cfg, targets, heads, masks, experts)
+    if cfg.grad_checkpointing:
+        # recompute each block in backward: activation memory of one block instead of all (about 1/3 more compute)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _adapt(base, cfg, targets, heads, masks, experts):
     import python_api as lk
 
     model = copy.deepcopy(base)
@@ -366,8 +375,8 @@ class Run:
         self.cfg, self.log, self.after_step = cfg, log, after_step
         self.checkpoints = True
         self.state: dict = {"phase": None, "step": 0, "losses": {}, "train_seconds": 0.0,
-                            "allocation_seconds": 0.0, "phase_seconds": {}, "masks": None, "experts": None, "alphas": None,
-                            "scores": None, "final_pattern": None}
+                            "allocation_seconds": 0.0, "phase_seconds": {}, "masks": None, "experts": None,
+                            "alphas": None, "scores": None, "final_pattern": None}
 
     # -- checkpoints
     @property
@@ -443,7 +452,8 @@ class Run:
                 opt.step()
                 sched.step()
                 if allocator is not None:
-                    allocator.update_and_allocate(step)
+                    # 1-based: with tfinal = 0 the last step (T) is the final mask to the budget
+                    allocator.update_and_allocate(step + 1)
                 losses.append(float(loss.detach()))
                 toks += int(batch["attention_mask"].sum())
                 self.state["step"] = step + 1
@@ -812,12 +822,13 @@ def _write_report(cfg: TrainConfig, P: dict, m: dict, sample: dict | None) -> No
              "Command:", "", "```", cfg.command or "(called from Python)", "```", "",
              f"- task: {cfg.task}; data {P['info']['path']} (text {cfg.text_column!r}"
              + (f", label {cfg.label_column!r}" if cfg.label_column else "") + ")",
-             f"- splits: " + ", ".join(f"{k} {v}" for k, v in m["splits"].items()),
-             f"- truncated to {cfg.max_length} tokens: " + ", ".join(f"{k} {v}" for k, v in m["truncated_texts"].items()),
+             "- splits: " + ", ".join(f"{k} {v}" for k, v in m["splits"].items()),
+             f"- truncated to {cfg.max_length} tokens: "
+             + ", ".join(f"{k} {v}" for k, v in m["truncated_texts"].items()),
              f"- result: {head}; trainable parameters {m['trainable_params']:,} "
              f"(adapters {m['trainable_adapter_params']:,})",
-             f"- {m['steps']} steps, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}; train {m['train_seconds']:.1f}s, "
-             f"allocation {m['allocation_seconds']:.2f}s",
+             f"- {m['steps']} steps, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}; "
+             f"train {m['train_seconds']:.1f}s, allocation {m['allocation_seconds']:.2f}s",
              f"- output format: {m['format']}"
              + ("; PEFT reload max |Δlogits| {:.2e}".format(m["peft_reload_max_abs_diff"])
                 if "peft_reload_max_abs_diff" in m else "")
@@ -830,7 +841,7 @@ def _write_report(cfg: TrainConfig, P: dict, m: dict, sample: dict | None) -> No
         lines += ["Ranks per module: " + ", ".join(f"{n} {r}" for n, r in m["ranks"].items()), ""]
     lines += plots_md + [""]
     if sample is not None:
-        lines += ["Generated sample (greedy):", "", f"> **{sample['prompt']}**{sample['continuation']}", ""]
+        lines += ["Generated sample (greedy):", "", f"> **{sample['prompt']}** {sample['continuation']}", ""]
     if m["format"] == "peft":
         auto = "AutoModelForSequenceClassification" if cfg.task == "classify" else "AutoModelForCausalLM"
         lines += ["Load with PEFT:", "", "```python", f"from transformers import {auto}", "from peft import PeftModel",

@@ -64,6 +64,8 @@ def _model_data(p: argparse.ArgumentParser, required: bool):
                                                                     "and counted (default 128 classify, 256 causal-lm)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 base weights and autocast (adapters stay fp32)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute activations in backward (less memory, about 1/3 more time)")
     p.add_argument("--val-frac", type=_frac, default=0.1, help="validation fraction cut from --data")
     p.add_argument("--test-frac", type=_frac, default=0.1, help="test fraction cut from --data (no --eval-data)")
     p.add_argument("--expert-r", type=_pos_int, default=None, help="rank of each MoE expert (default r // 2)")
@@ -111,6 +113,7 @@ def config_from_args(args, method: str | None = None, argv: list[str] | None = N
         text_column=g("text_column"), label_column=g("label_column"), eval_data=g("eval_data"), targets=g("targets"),
         r=g("r", 8), r_init=g("r_init", 12), budget=g("budget"), steps=g("steps"), epochs=g("epochs"), lr=g("lr"),
         batch_size=g("batch_size"), max_length=g("max_length"), seed=g("seed", 0), bf16=bool(g("bf16", False)),
+        grad_checkpointing=bool(g("grad_checkpointing", False)),
         resume=bool(g("resume", False)), overwrite=bool(g("overwrite", False)), merge=bool(g("merge", False)),
         verify=not g("no_verify", False), val_frac=g("val_frac", 0.1), test_frac=g("test_frac", 0.1),
         save_every=g("save_every", 50), expert_r=g("expert_r"), beta=g("beta", 2.5), threads=g("threads"),
