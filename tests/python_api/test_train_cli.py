@@ -143,7 +143,7 @@ def test_causal_lm_loss_counts_real_tokens_only(fx):
         ids = b["input_ids"][i:i + 1, :n]
         one = T.batch_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids},
                            "causal-lm")
-        nll += float(one) * (n - 1)
+        nll += float(one.detach()) * (n - 1)
         cnt += n - 1
     assert abs(float(padded) - nll / cnt) < 1e-5
     assert int((b["attention_mask"] == 0).sum()) > 0      # the probe really has padding
@@ -189,7 +189,10 @@ def test_killed_run_resumes_from_the_last_periodic_checkpoint(fx, tmp_path):
 
 # ---- the command line and bad input ---------------------------------------------------------------------
 def _main(capsys, *argv):
-    rc = cli.main(["train", *argv, "--no-progress"])
+    try:
+        rc = cli.main(["train", *argv, "--no-progress"])
+    except SystemExit as e:       # argparse's own refusals
+        rc = e.code
     err = capsys.readouterr().err.strip()
     return rc, err
 
@@ -260,9 +263,9 @@ def test_bad_input_one_line_exit_2_nothing_written(fx, tmp_path, capsys):
 
 
 def test_non_text_values_are_coerced_with_a_warning(fx, tmp_path):
-    p = tmp_path / "mixed.csv"
-    p.write_text("text,label\n" + "".join(f"{'good film' if i % 2 else 42},{'pos' if i % 2 else 'neg'}\n"
-                                           for i in range(40)))
+    p = tmp_path / "mixed.jsonl"     # JSON keeps the number a number (a CSV cell is text already)
+    p.write_text("".join(json.dumps({"text": "good film" if i % 2 else 42, "label": i % 2}) + "\n"
+                         for i in range(40)))
     from python_api.app import byo_data
     with pytest.warns(UserWarning, match="non-text values in column 'text'"):
         ex, _ = byo_data.load_examples(str(p))
@@ -301,3 +304,13 @@ def test_alloc_on_your_own_model(fx, tmp_path, method, capsys):
         assert sum(res["ranks"].values()) == 8 * 12
     else:
         assert sum(res["experts"]) == 4
+
+
+def test_bf16_trains_fp32_adapters(fx, tmp_path):
+    keep = {}
+    m = T.run(cfg(fx, tmp_path / "o", "lora", steps=2, bf16=True, verify=False), log=quiet, keep=keep)
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in m["losses"]["train"])
+    import python_api as lk
+    layer = next(iter(lk.adapter_layers(keep["model"]).values()))
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+    assert layer.lora_B.abs().max() > 0     # the adapters trained
