@@ -53,7 +53,7 @@ CKPT_DIR = "checkpoint"
 STATE_FILE = "state.pt"
 MERGED_DIR = "merged"
 OUTPUT_NAMES = ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "report.md", "loss.png",
-                "ranks.png", "experts.png", "README.md", CKPT_DIR, MERGED_DIR, MARKER)
+                "ranks.png", "experts.png", CKPT_DIR, MERGED_DIR, MARKER)
 # What must not change between a run and its --resume (anything else, e.g. --threads, may).
 IDENTITY_KEYS = ("method", "task", "text_column", "label_column", "targets", "r", "r_init", "budget", "steps",
                  "epochs", "lr", "batch_size", "max_length", "seed", "bf16", "val_frac", "test_frac", "expert_r",
