@@ -843,7 +843,8 @@ def _write_report(cfg: TrainConfig, P: dict, m: dict, sample: dict | None) -> No
         lines += ["Ranks per module: " + ", ".join(f"{n} {r}" for n, r in m["ranks"].items()), ""]
     lines += plots_md + [""]
     if sample is not None:
-        lines += ["Generated sample (greedy):", "", f"> **{sample['prompt']}** {sample['continuation']}", ""]
+        flat = " ".join(sample["continuation"].split())   # one quoted line: newlines would end the quote
+        lines += ["Generated sample (greedy, prompt in bold):", "", f"> **{sample['prompt']}** {flat}", ""]
     if m["format"] == "peft":
         auto = "AutoModelForSequenceClassification" if cfg.task == "classify" else "AutoModelForCausalLM"
         lines += ["Load with PEFT:", "", "```python", f"from transformers import {auto}", "from peft import PeftModel",
