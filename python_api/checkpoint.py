@@ -246,10 +246,15 @@ def _rebuild(model: nn.Module, meta: dict) -> None:
         moe = _moe_cls()
         heads = cfg.get("modules_to_save") or []
         save = find_modules(model, heads, "modules_to_save", nn.Module) if heads else []
+        stored = set(meta.get("tensors", []))
 
         def unfreeze_heads():
+            # stored non-adapter parameters (a task head) train again, as they did when saved
             for n in save:
                 model.get_submodule(n).requires_grad_(True)
+            for pname, p in model.named_parameters():
+                if pname in stored:
+                    p.requires_grad_(True)
 
         replace_modules(model, list(specs), lambda name, lin: moe.from_linear(
             lin, specs[name]["num_experts"], specs[name]["r"], specs[name]["alpha"], specs[name]["dropout"],

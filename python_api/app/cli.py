@@ -2,6 +2,7 @@
 
     lora-kernels demo [--quick] [--out DIR]       the allocators side by side on MiniLM-L6 + Rotten Tomatoes
     lora-kernels alloc --method shaplora|adalora|alphalora [--out DIR]   allocation report (table, PNG, JSON)
+    lora-kernels train --model M --data D --method METHOD --out DIR   your own local model and data (app/train.py)
     lora-kernels bench [--quick] [--out DIR]      every benchmark family (bench/bench_*.py run functions)
     lora-kernels profile                          allocator overhead per training step, per component
     lora-kernels info                             versions, backends usable and why not, offline assets
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Fused LoRA kernels and rank / expert allocators (ShapLoRA, ShareLoRA, "
                                        "AlphaLoRA) on real offline models.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", metavar="{demo,alloc,bench,profile,info}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{demo,alloc,train,bench,profile,info}", parser_class=_Parser)
     sub.required = True
     d = sub.add_parser("demo", help="the allocators side by side on MiniLM-L6 + Rotten Tomatoes (offline)")
     _common(d, "training steps per method (default 250; --quick: 8)")
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--beta", type=_positive_float, default=2.5, help="AlphaLoRA exponent")
     a.add_argument("--min-experts", type=int, default=None,
                    help="AlphaLoRA lower bound on experts per layer (default: the library's DEFAULT_MIN_EXPERTS)")
+    from .train_cli import add_alloc_options, add_train_parser
+    add_alloc_options(a)
+    add_train_parser(sub)
     b = sub.add_parser("bench", help="kernel microbenchmarks")
     b.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     b.add_argument("--out", default="bench-results", help="folder for the result files (default ./bench-results)")
@@ -120,6 +124,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_alloc(args) -> int:
+    if args.model is not None or args.data is not None:
+        from .train_cli import cmd_alloc as cmd_alloc_byo
+        return cmd_alloc_byo(args, getattr(args, "argv", None))
     from .demo import allocation_report
 
     from ..allocators.alphalora import DEFAULT_MIN_EXPERTS
@@ -242,11 +249,18 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "alloc": cmd_alloc, "bench": cmd_bench, "profile": cmd_profile, "info": cmd_info}
+def cmd_train(args) -> int:
+    from .train_cli import cmd_train as run_train
+    return run_train(args, getattr(args, "argv", None))
+
+
+COMMANDS = {"demo": cmd_demo, "alloc": cmd_alloc, "train": cmd_train, "bench": cmd_bench, "profile": cmd_profile,
+            "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return COMMANDS[args.command](args)

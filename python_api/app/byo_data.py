@@ -1,0 +1,236 @@
+"""User data for ``lora-kernels train``: one file or a ``datasets`` directory -> texts (and labels) -> seeded splits.
+
+Formats, by file name: ``.csv``, ``.tsv``, ``.jsonl`` / ``.json`` (JSON lines), ``.parquet`` (read with pandas),
+``.txt`` (one example per non-empty line, column ``text``), and a directory written by ``datasets``'
+``save_to_disk`` (read with ``datasets.load_from_disk``; a ``DatasetDict`` contributes its ``train`` split, or
+its only split). Every problem with the input raises :class:`BadInput` with one line naming the file, column
+or argument (the command line turns it into exit code 2).
+
+Columns: ``--text-column`` defaults to the first of ``text, sentence, content, review, document`` present, else
+the only string column; ``--label-column`` to ``label`` / ``labels`` when present. A label column makes the task
+``classify``; text alone makes it ``causal-lm``.
+
+Splits (no ``--eval-data``): one seeded permutation (``torch.Generator``) per class for classification (so
+each split keeps the class proportions), one for the whole table for causal LM; ``val_frac`` and ``test_frac``
+of the rows (at least one each) go to validation and test. With ``--eval-data`` that file is the test split
+and the validation split is cut from the training file the same way.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+TEXT_DEFAULTS = ("text", "sentence", "content", "review", "document")
+LABEL_DEFAULTS = ("label", "labels")
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet",
+           ".txt": "text"}
+
+
+class BadInput(ValueError):
+    """Bad user input (file, column, argument): one line, exit code 2, nothing written."""
+
+
+@dataclass
+class Examples:
+    """Texts and, for classification, integer labels (index into ``label_names``)."""
+    texts: list[str]
+    labels: list[int] | None = None
+    label_names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def take(self, idx: list[int]) -> "Examples":
+        return Examples([self.texts[i] for i in idx], None if self.labels is None else [self.labels[i] for i in idx],
+                        self.label_names)
+
+
+def file_format(path: str, arg: str = "--data") -> str:
+    if not os.path.exists(path):
+        raise BadInput(f"{arg}: {path}: no such file or directory")
+    if os.path.isdir(path):
+        return "datasets"
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in FORMATS:
+        raise BadInput(f"{arg}: {path}: unknown format {ext or '(no extension)'!r}; use one of "
+                       f"{', '.join(sorted(FORMATS))} or a datasets save_to_disk directory")
+    if os.path.getsize(path) == 0:
+        raise BadInput(f"{arg}: {path}: file is empty")
+    return FORMATS[ext]
+
+
+def read_table(path: str, arg: str = "--data"):
+    """The file or ``datasets`` directory at ``path`` as a pandas DataFrame."""
+    import pandas as pd
+
+    fmt = file_format(path, arg)
+    try:
+        if fmt == "datasets":
+            df = _read_datasets_dir(path, arg)
+        elif fmt in ("csv", "tsv"):
+            df = pd.read_csv(path, sep="," if fmt == "csv" else "\t", keep_default_na=True)
+        elif fmt == "jsonl":
+            df = pd.read_json(path, lines=True)
+        elif fmt == "parquet":
+            df = pd.read_parquet(path)
+        else:
+            with open(path, encoding="utf-8") as f:
+                df = pd.DataFrame({"text": [ln.rstrip("\n") for ln in f if ln.strip()]})
+    except BadInput:
+        raise
+    except pd.errors.EmptyDataError:
+        raise BadInput(f"{arg}: {path}: file is empty") from None
+    except Exception as e:  # a parser's own message says what is wrong where
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BadInput(f"{arg}: {path}: cannot read as {fmt}: {msg}") from None
+    if len(df) == 0:
+        raise BadInput(f"{arg}: {path}: no rows (columns found: {list(map(str, df.columns))})")
+    df.columns = [str(c) for c in df.columns]
+    return df
+
+
+def _read_datasets_dir(path: str, arg: str):
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BadInput(f"{arg}: {path}: not a datasets save_to_disk directory ({msg})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" in ds:
+            ds = ds["train"]
+        elif len(ds) == 1:
+            ds = next(iter(ds.values()))
+        else:
+            raise BadInput(f"{arg}: {path}: DatasetDict with splits {list(ds)} and no 'train' split")
+    return ds.to_pandas()
+
+
+def _pick(columns: list[str], wanted: str | None, defaults, what: str, path: str, arg: str) -> str | None:
+    if wanted is not None:
+        if wanted not in columns:
+            near = [c for c in columns if c.lower() == wanted.lower()]
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise BadInput(f"{arg}: {path}: no column {wanted!r} ({what}); columns found: {columns}{hint}")
+        return wanted
+    return next((c for c in defaults if c in columns), None)
+
+
+def resolve_columns(df, path: str, text_column: str | None, label_column: str | None, task: str | None,
+                    arg: str = "--data") -> tuple[str, str | None, str]:
+    """``(text column, label column or None, task)`` for a table, with the defaults of the module docstring."""
+    cols = list(df.columns)
+    text = _pick(cols, text_column, TEXT_DEFAULTS, "--text-column", path, arg)
+    if text is None:
+        strings = [c for c in cols if df[c].dtype == object]
+        if len(strings) != 1:
+            raise BadInput(f"{arg}: {path}: cannot tell the text column; pass --text-column (columns found: {cols})")
+        text = strings[0]
+    if task == "causal-lm":
+        if label_column is not None:
+            raise BadInput("--label-column: not used with --task causal-lm")
+        return text, None, task
+    label = _pick(cols, label_column, LABEL_DEFAULTS, "--label-column", path, arg)
+    if task == "classify" and label is None:
+        raise BadInput(f"{arg}: {path}: --task classify needs a label column; pass --label-column "
+                       f"(columns found: {cols})")
+    if label == text:
+        raise BadInput(f"--label-column: {label!r} is also the text column")
+    return text, label, ("classify" if label is not None else "causal-lm")
+
+
+def _texts(df, column: str, path: str, arg: str) -> list[str]:
+    col = df[column]
+    missing = col.isna().to_numpy().nonzero()[0]
+    if len(missing):
+        raise BadInput(f"{arg}: {path}: column {column!r} has {len(missing)} missing values "
+                       f"(first at row {int(missing[0])}); fill or drop them")
+    not_str = [i for i, v in enumerate(col.tolist()) if not isinstance(v, str)]
+    if len(not_str) == len(col):
+        raise BadInput(f"{arg}: {path}: column {column!r} holds no text (e.g. {col.iloc[0]!r}); "
+                       f"pass the text column with --text-column")
+    if not_str:
+        warnings.warn(f"{path}: {len(not_str)} non-text values in column {column!r} (first at row {not_str[0]}: "
+                      f"{col.iloc[not_str[0]]!r}) converted to text", stacklevel=2)
+    return [v if isinstance(v, str) else str(v) for v in col.tolist()]
+
+
+def _label_values(df, column: str, path: str, arg: str) -> list:
+    col = df[column]
+    missing = col.isna().to_numpy().nonzero()[0]
+    if len(missing):
+        raise BadInput(f"{arg}: {path}: label column {column!r} has {len(missing)} missing values "
+                       f"(first at row {int(missing[0])})")
+    return [v.item() if hasattr(v, "item") else v for v in col.tolist()]
+
+
+def _sort_key(v):
+    return (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
+
+
+def load_examples(path: str, text_column: str | None = None, label_column: str | None = None,
+                  task: str | None = None, label_names: list[str] | None = None,
+                  arg: str = "--data") -> tuple[Examples, dict]:
+    """Reads ``path`` and returns ``(examples, info)``; ``info`` has the columns and the task.
+
+    ``label_names``: the training labels when reading evaluation data (a label not among them is refused)."""
+    df = read_table(path, arg)
+    text, label, task = resolve_columns(df, path, text_column, label_column, task, arg)
+    texts = _texts(df, text, path, arg)
+    info = {"path": os.path.abspath(path), "rows": len(df), "text_column": text, "label_column": label, "task": task}
+    if label is None:
+        return Examples(texts), info
+    values = _label_values(df, label, path, arg)
+    if label_names is None:
+        uniq = sorted(set(values), key=_sort_key)
+        if len(uniq) < 2:
+            raise BadInput(f"{arg}: {path}: label column {label!r} has one class ({uniq[0]!r}); "
+                           "classification needs at least two")
+        label_names = [str(v) for v in uniq]
+    index = {name: i for i, name in enumerate(label_names)}
+    unseen = sorted({str(v) for v in values} - set(index))
+    if unseen:
+        raise BadInput(f"{arg}: {path}: labels {unseen[:8]} in column {label!r} never occur in the training data "
+                       f"(training labels: {label_names[:8]})")
+    return Examples(texts, [index[str(v)] for v in values], list(label_names)), info
+
+
+def _cut(n: int, frac: float) -> int:
+    return max(1, int(math.floor(n * frac + 0.5)))
+
+
+def split(data: Examples, val_frac: float, test_frac: float, seed: int, with_test: bool = True
+          ) -> dict[str, Examples]:
+    """Seeded train / validation (/ test) split, stratified by label when there are labels."""
+    gen = torch.Generator().manual_seed(seed)
+    if data.labels is None:
+        groups = [list(range(len(data)))]
+    else:
+        groups = [[i for i, y in enumerate(data.labels) if y == c] for c in range(len(data.label_names))]
+    parts = {"train": [], "validation": [], "test": []}
+    for g in groups:
+        if not g:
+            continue
+        perm = [g[i] for i in torch.randperm(len(g), generator=gen).tolist()]
+        n_test = _cut(len(g), test_frac) if with_test else 0
+        n_val = _cut(len(g), val_frac)
+        if len(g) - n_test - n_val < 1:   # a tiny class keeps its example(s) for training
+            n_test, n_val = (0, 0) if len(g) < 3 else (n_test, n_val)
+        parts["test"] += perm[:n_test]
+        parts["validation"] += perm[n_test:n_test + n_val]
+        parts["train"] += perm[n_test + n_val:]
+    for k in parts:   # interleave the classes again (a class-ordered split would give one-class batches)
+        order = torch.randperm(len(parts[k]), generator=gen).tolist()
+        parts[k] = [parts[k][i] for i in order]
+    need = ("train", "validation", "test") if with_test else ("train", "validation")
+    small = [k for k in need if not parts[k]]
+    if small:
+        raise BadInput(f"--data: {len(data)} rows are too few for train / validation / test splits "
+                       f"(empty: {small}); add rows or pass --eval-data")
+    out = {k: data.take(parts[k]) for k in need}
+    return out

