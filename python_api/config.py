@@ -129,6 +129,9 @@ class AdapterConfig:
         for name in ("svd", "reuse_shrink"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        # None means "none" for the per-module options, as in the keyword API before AdapterConfig
+        self.rank_pattern = {} if self.rank_pattern is None else self.rank_pattern
+        self.rank_masks = {} if self.rank_masks is None else self.rank_masks
         if not isinstance(self.rank_pattern, dict):
             raise TypeError(f"rank_pattern must be a dict of module name -> rank, got "
                             f"{type(self.rank_pattern).__name__}")

@@ -316,14 +316,9 @@ def active_trainable(model: nn.Module) -> tuple[int, int]:
     the final mask) do not count, each shared Parameter counts once."""
     import python_api as lk
 
+    # count_trainable already leaves out masked ranks and counts a shared Parameter once
     total = lk.count_trainable(model)
-    adapters = sum(p.numel() for n, p in model.named_parameters()
-                   if p.requires_grad and any(k in n.rsplit(".", 1)[-1] for k in ("lora_", "router")))
-    for layer in lk.adapter_layers(model).values():
-        off = layer.r - layer.active_rank
-        per = layer.in_features + layer.out_features + (1 if layer.svd else 0)
-        total -= off * per
-        adapters -= off * per
+    adapters = lk.count_trainable(model, adapters_only=True)
     return total, adapters
 
 
