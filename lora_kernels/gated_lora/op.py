@@ -511,7 +511,8 @@ def _lora_linear(x, weight, bias, lora_a, lora_b, scale, gate, dropout_p, traini
         accum_a, accum_b = _compile_accum(lora_a, lora_b, _bind(accum_a), _bind(accum_b))
     K, N = weight.shape[1], weight.shape[0]
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K) if K else x.new_empty(math.prod(lead), 0)     # [T, K]
+    x2 = x.reshape(math.prod(lead), K)     # [T, K]; explicit T: reshape(-1, 0) is ambiguous, and a fresh empty
+    # tensor for K = 0 would cut x out of the graph (x.grad None where nn.Linear gives an empty gradient)
     p = float(dropout_p) if training else 0.0
     seed_t = None
     if p > 0:
