@@ -23,6 +23,15 @@ from tests.python_api.toy_models import randomize_b, toy
 NAN, INF = float("nan"), float("inf")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny tensors: on a loaded 2-core machine OpenMP thread wake-ups cost more than the arithmetic.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---- tied weights (class 2) --------------------------------------------------------------------------------------
 class TiedLM(nn.Module):
     """GPT-2's tie: ``lm_head.weight is wte.weight``; plus a Linear ``twin`` whose weight is ``body.weight``."""
