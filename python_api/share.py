@@ -7,11 +7,15 @@ A serves q, k, v of every layer. Other targets (o_proj, MLP) keep the per-type s
 
 Gradients of a shared matrix (``accumulate="inplace"``, the default). Each layer's contribution is added
 in place into the parameter's ``.grad`` (one buffer in the parameter's dtype, fp32 for master weights): the
-layer makes sure ``.grad`` exists as zeros during a grad-enabled forward and hands it to the op as
-``accum_a`` / ``accum_b``; backward ``addmm_``s into it, so autograd never materialises a per-layer dA nor
-sums L of them. Consequences, all tested:
+layer hands the op a :class:`~lora_kernels.gated_lora.op.GradSlot` as ``accum_a`` / ``accum_b``, which each
+backward resolves to the ``.grad`` that exists *then* (created as zeros when None) and ``addmm_``s into, so
+autograd never materialises a per-layer dA nor sums L of them. Binding at backward time, not at forward time,
+is what makes every ordinary loop right (tests/python_api/test_share_loops.py): ``zero_grad`` before the forward,
+between forward and backward or after the step, ``set_to_none`` either way, micro-batch accumulation, autocast,
+activation checkpointing (reentrant or not), DDP with ``no_sync``. Under torch.compile or with tensor subclasses
+(the custom-op route) the slot is bound at forward time instead. Consequences, all tested:
 - micro-batch accumulation works (the buffer simply keeps growing), and ``zero_grad(set_to_none=True)``
-  too (the next forward makes a new buffer);
+  too, wherever the loop calls it (the next backward makes a new buffer);
 - the matrix must receive its gradient through the adapter op only: ``torch.autograd.grad(loss, A)`` sees
   no path to A, and a second use of A elsewhere in the graph (a regulariser) is refused by a hook at
   backward time. Use ``accumulate="autograd"`` for either (per-layer temporaries summed by autograd);

@@ -307,3 +307,25 @@ def test_surgery_argument_errors():
                               ([3], TypeError, "target_modules entries")):
         with pytest.raises(err, match=name):
             lk.apply_moe_adapters(toy(), target, [2, 2, 2], r=2, alpha=1.0)
+
+
+def test_accumulation_buffer_checked_at_the_call_not_at_backward():
+    x, w, a, b = randn(3, 4), randn(5, 4), randn(2, 4).requires_grad_(), randn(5, 2).requires_grad_()
+    for kw, err, text in (({"accum_a": torch.zeros(4, 2)}, ValueError, r"accum_a must have the shape"),
+                          ({"accum_b": torch.zeros(5, 4)[:, ::2]}, ValueError, "accum_b must be contiguous"),
+                          ({"accum_a": torch.zeros(2, 4, dtype=torch.bfloat16)}, TypeError, "accum_a must be an fp32"),
+                          ({"accum_b": [[0.0] * 2] * 5}, TypeError, "accum_b must be a torch.Tensor")):
+        with pytest.raises(err, match=text):
+            lora_linear(x, w, None, a, b, 1.0, **kw)
+
+
+def test_shared_grad_replaced_by_unusable_tensor_is_a_clear_error():
+    # The slot binds the shared matrix's .grad at backward: a .grad the user replaced by a non-contiguous tensor
+    # cannot take the in-place accumulation, and the error says so.
+    m = lk.apply_adapters(toy(), ["q_proj"], r=2, share="A")
+    randomize_b(m)
+    loss = m(randn(2, 3, 16)).sum()
+    a = m.layers[0].q_proj.lora_A
+    a.grad = torch.zeros(a.shape[1], a.shape[0]).t()
+    with pytest.raises(RuntimeError, match="cannot be accumulated into in place"):
+        loss.backward()
