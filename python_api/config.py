@@ -51,6 +51,27 @@ def check_finite(name: str, v, *, positive: bool = False, lo: float | None = Non
     return f
 
 
+def check_features(in_features, out_features) -> tuple[int, int]:
+    """Layer sizes as users pass them (int or numpy integer, 0 allowed as in nn.Linear) -> ints."""
+    for name, v in (("in_features", in_features), ("out_features", out_features)):
+        if not _is_int(v):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+        if int(v) < 0:
+            raise ValueError(f"{name} must be >= 0, got {v!r}")
+    return int(in_features), int(out_features)
+
+
+def check_adapter_dtype(v) -> torch.dtype | None:
+    """None, a floating torch.dtype or its name (``"bfloat16"``) -> torch.dtype or None."""
+    if isinstance(v, str):
+        if v not in _DTYPES:
+            raise ValueError(f"adapter_dtype must be one of {sorted(_DTYPES)}, got {v!r}")
+        return _DTYPES[v]
+    if v is not None and v not in _DTYPES.values():
+        raise TypeError(f"adapter_dtype must be a floating torch.dtype (or its name) or None, got {v!r}")
+    return v
+
+
 def _names(name: str, v, allow_regex: bool) -> list[str] | str:
     if isinstance(v, str):
         if not allow_regex:

@@ -13,6 +13,8 @@ from torch import nn
 
 from lora_kernels.gated_lora import op as gated_op
 
+from .config import check_adapter_dtype, check_features, check_finite, check_rank
+
 
 _UNREAD = object()  # "the mask was not read on the host" (torch.compile)
 
@@ -33,14 +35,16 @@ class LoRALinear(nn.Module):
                  lora_A: nn.Parameter | None = None, lora_B: nn.Parameter | None = None,
                  device=None, dtype=None, adapter_dtype=None, _base: nn.Linear | None = None):
         super().__init__()
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
+        r = check_rank("r", r)
+        in_features, out_features = check_features(in_features, out_features)
+        if alpha is not None:
+            alpha = check_finite("alpha", alpha)   # NaN/inf would turn every output NaN/inf, silently
+        dropout = check_finite("dropout", dropout, lo=0.0, hi=1.0)
+        adapter_dtype = check_adapter_dtype(adapter_dtype)
         if r > min(in_features, out_features):
             # A rank above min(K, N) adds parameters but no expressiveness: refuse (MoE layers stack experts
             # and call the functional op directly, where R is free).
             raise ValueError(f"r={r} exceeds min(in_features, out_features)={min(in_features, out_features)}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.lora_alpha = float(alpha if alpha is not None else r)
@@ -182,7 +186,9 @@ class LoRALinear(nn.Module):
         if self._token_gate is not None:
             raise ValueError("merge() with a per-token gate set: a merged weight cannot express a per-token gate; "
                              "call set_token_gate(None) first")
-        merged = (self.weight.to(torch.float32) + self.delta_weight().to(torch.float32)).to(self.weight.dtype)
+        # Summed in fp32 for half weights and in fp64 for fp64 ones (through fp32 an fp64 layer would be off by ~1e-8).
+        cd = torch.promote_types(self.weight.dtype, torch.float32)
+        merged = (self.weight.to(cd) + self.delta_weight().to(cd)).to(self.weight.dtype)
         self._original_weight = [self.weight]   # a list: kept out of parameters() and state_dict()
         self.weight = nn.Parameter(merged, requires_grad=False)
         self.merged = True

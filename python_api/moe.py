@@ -23,6 +23,9 @@ import torch
 from torch import nn
 
 from lora_kernels.gated_lora import lora_linear
+from lora_kernels.gated_lora.op import check_tensor
+
+from .config import check_adapter_dtype, check_features, check_finite, check_rank
 
 
 class MoELoRALinear(nn.Module):
@@ -36,18 +39,19 @@ class MoELoRALinear(nn.Module):
                  dropout: float = 0.0, top_k: int | None = None, bias: bool = True, load_balance_coef: float = 0.0,
                  device=None, dtype=None, adapter_dtype=None, _base: nn.Linear | None = None):
         super().__init__()
-        if not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
+        num_experts, r = check_rank("num_experts", num_experts), check_rank("r", r)
+        in_features, out_features = check_features(in_features, out_features)
+        alpha = check_finite("alpha", alpha)
+        dropout = check_finite("dropout", dropout, lo=0.0, hi=1.0)
+        load_balance_coef = check_finite("load_balance_coef", load_balance_coef, lo=0.0)
+        adapter_dtype = check_adapter_dtype(adapter_dtype)
         if top_k is None:
             top_k = 2 if num_experts > 1 else 1  # [code: AlphaLoRA expert_number.py]
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        if isinstance(top_k, bool) or not hasattr(top_k, "__index__"):
+            raise TypeError(f"top_k must be an int (or None), got {type(top_k).__name__} {top_k!r}")
+        top_k = int(top_k)
+        if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if load_balance_coef < 0:
-            raise ValueError(f"load_balance_coef must be >= 0, got {load_balance_coef}")
         self.in_features, self.out_features = in_features, out_features
         self.num_experts, self.r, self.top_k = num_experts, r, top_k
         self.lora_alpha = float(alpha)
@@ -101,6 +105,9 @@ class MoELoRALinear(nn.Module):
         return w, p, idx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_tensor("x", x)   # before the router reads x (a clear TypeError, not an AttributeError)
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must be [..., in_features={self.in_features}], got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)                                               # [T, K]
         w, p, idx = self.routing(x2)
@@ -147,8 +154,11 @@ def apply_moe_adapters(model: nn.Module, target_modules: Sequence[str] | str, ex
     Returns:
         {module name: the new MoELoRALinear}.
     """
-    from .config import check_finite, check_rank
+    from .config import _names
     from .surgery import CONFIG_ATTR, find_modules, layer_index, replace_modules
+
+    target_modules = _names("target_modules", target_modules, allow_regex=True)
+    modules_to_save = _names("modules_to_save", modules_to_save or [], allow_regex=False)
 
     r = check_rank("r", r)
     alpha = check_finite("alpha", alpha, positive=True)
@@ -179,8 +189,10 @@ def apply_moe_adapters(model: nn.Module, target_modules: Sequence[str] | str, ex
         if int(e) == 0:
             return None
         k = per_layer(top_k, li, "top_k")
-        return MoELoRALinear.from_linear(lin, int(e), r, alpha, dropout, None if k is None else int(k),
-                                         load_balance_coef)
+        try:
+            return MoELoRALinear.from_linear(lin, int(e), r, alpha, dropout, k, load_balance_coef)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"module {name!r}: {err}") from None
 
     def unfreeze_heads():
         for n in save:

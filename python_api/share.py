@@ -7,11 +7,15 @@ A serves q, k, v of every layer. Other targets (o_proj, MLP) keep the per-type s
 
 Gradients of a shared matrix (``accumulate="inplace"``, the default). Each layer's contribution is added
 in place into the parameter's ``.grad`` (one buffer in the parameter's dtype, fp32 for master weights): the
-layer makes sure ``.grad`` exists as zeros during a grad-enabled forward and hands it to the op as
-``accum_a`` / ``accum_b``; backward ``addmm_``s into it, so autograd never materialises a per-layer dA nor
-sums L of them. Consequences, all tested:
+layer hands the op a :class:`~lora_kernels.gated_lora.op.GradSlot` as ``accum_a`` / ``accum_b``, which each
+backward resolves to the ``.grad`` that exists *then* (created as zeros when None) and ``addmm_``s into, so
+autograd never materialises a per-layer dA nor sums L of them. Binding at backward time, not at forward time,
+is what makes every ordinary loop right (tests/python_api/test_share_loops.py): ``zero_grad`` before the forward,
+between forward and backward or after the step, ``set_to_none`` either way, micro-batch accumulation, autocast,
+activation checkpointing (reentrant or not), DDP with ``no_sync``. Under torch.compile or with tensor subclasses
+(the custom-op route) the slot is bound at forward time instead. Consequences, all tested:
 - micro-batch accumulation works (the buffer simply keeps growing), and ``zero_grad(set_to_none=True)``
-  too (the next forward makes a new buffer);
+  too, wherever the loop calls it (the next backward makes a new buffer);
 - the matrix must receive its gradient through the adapter op only: ``torch.autograd.grad(loss, A)`` sees
   no path to A, and a second use of A elsewhere in the graph (a regulariser) is refused by a hook at
   backward time. Use ``accumulate="autograd"`` for either (per-layer temporaries summed by autograd);
@@ -103,7 +107,8 @@ class _ShrinkFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         x, a = ctx.saved_tensors
-        dx, da = shared_ops.shrink_backward(dh, x, a, ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.accum)
+        accum = gated_op._bind(ctx.accum) if ctx.needs_input_grad[1] else None
+        dx, da = shared_ops.shrink_backward(dh, x, a, ctx.needs_input_grad[0], ctx.needs_input_grad[1], accum)
         return dx, da, None
 
 
@@ -118,7 +123,8 @@ class _ExpandFn(torch.autograd.Function):
     def backward(ctx, dy):
         weight, h, b = ctx.saved_tensors
         nx, _, _, nh, nb = ctx.needs_input_grad[:5]
-        dx, dh, db = shared_ops.expand_backward(dy.contiguous(), weight, h, b, ctx.scale, nx, nh, nb, ctx.accum)
+        accum = gated_op._bind(ctx.accum) if nb else None
+        dx, dh, db = shared_ops.expand_backward(dy.contiguous(), weight, h, b, ctx.scale, nx, nh, nb, accum)
         return dx, None, None, dh, db, None, None
 
 
@@ -132,6 +138,13 @@ def _refuse_autograd_grad(p: torch.Tensor) -> None:
         f"a shared LoRA matrix {tuple(p.shape)} received a gradient through autograd while its layers accumulate "
         "in place (another use of it in the graph, e.g. a regulariser): that gradient would replace the shared "
         "buffer. Apply adapters with accumulate='autograd' for this use.")
+
+
+def _record_buffer(p: torch.Tensor, grad: torch.Tensor) -> None:
+    # The buffer the layers add into: _refuse_autograd_grad tells it apart from a gradient autograd wrote.
+    buf = getattr(p, "_lora_kernels_buffer", None)
+    if buf is None or buf() is not grad:
+        p._lora_kernels_buffer = weakref.ref(grad)
 
 
 class SharedLoRALinear(LoRALinear):
@@ -158,17 +171,14 @@ class SharedLoRALinear(LoRALinear):
                 if grp is not None and _refuse_autograd_grad not in hooks.values():
                     p.register_post_accumulate_grad_hook(_refuse_autograd_grad)
 
-    def _accum_buffer(self, grp: ShareGroup | None, p: torch.Tensor) -> torch.Tensor | None:
+    def _accum_buffer(self, grp: ShareGroup | None, p: torch.Tensor) -> gated_op.GradSlot | None:
+        # A slot, not p.grad itself: the buffer is bound when backward runs, so zero_grad(set_to_none=True)
+        # between this forward and loss.backward() cannot orphan it (issue #14).
         if grp is None or self.accumulate != "inplace" or p.dtype not in _INPLACE_DTYPES:
             return None
         if not (torch.is_grad_enabled() and p.requires_grad):
             return None
-        if p.grad is None:
-            p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        buf = getattr(p, "_lora_kernels_buffer", None)
-        if buf is None or buf() is not p.grad:
-            p._lora_kernels_buffer = weakref.ref(p.grad)
-        return p.grad
+        return gated_op.GradSlot(p, _record_buffer)
 
     def _reuse_ok(self, x: torch.Tensor, gate) -> bool:
         grp = self.share_a

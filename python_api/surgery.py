@@ -348,7 +348,8 @@ def tied_elsewhere(model: nn.Module, param: torch.Tensor, owner: str) -> list[st
 @torch.no_grad()
 def _merged_linear(layer: LoRALinear, in_place: bool) -> nn.Linear:
     w = layer.weight
-    merged = (w.to(torch.float32) + layer.delta_weight().to(device=w.device, dtype=torch.float32)).to(w.dtype)
+    cd = torch.promote_types(w.dtype, torch.float32)   # fp64 weights merge in fp64, half ones in fp32
+    merged = (w.to(cd) + layer.delta_weight().to(device=w.device, dtype=cd)).to(w.dtype)
     lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
     if in_place:
         w.copy_(merged)

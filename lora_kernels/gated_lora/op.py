@@ -147,6 +147,12 @@ def check_gated_lora_args(x, weight, bias, lora_a, lora_b, gate, dropout_p, scal
     for name, buf, shape in (("accum_a", accum_a, (R, K)), ("accum_b", accum_b, (N, R))):
         if buf is None:
             continue
+        if isinstance(buf, GradSlot):
+            # Bound at backward time to the parameter's .grad (made contiguous, in the parameter's dtype).
+            if buf.param.dtype not in (torch.float32, torch.float64) or tuple(buf.param.shape) != shape:
+                raise ValueError(f"{name} slot must be an fp32/fp64 parameter of shape {list(shape)}, got "
+                                 f"{buf.param.dtype} {tuple(buf.param.shape)}")
+            continue
         check_tensor(name, buf, dims=2)
         if buf.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{name} must be an fp32 (or fp64) buffer, got dtype {buf.dtype}")
@@ -175,6 +181,41 @@ def _check_active(active, gate, kind: str, R: int) -> None:
     if not torch.equal(active.to(expected.device), expected):
         raise ValueError(f"active {active.tolist()} contradicts the gate, whose non-zero ranks are "
                          f"{expected.tolist()}: pass active=None to derive it from the gate")
+
+
+class GradSlot:
+    """An in-place accumulation target bound when backward runs: the parameter's ``.grad``, created as zeros if it
+    is None at that moment (ShareLoRA's shared matrices).
+
+    A buffer captured at forward time goes stale when the training loop calls ``zero_grad(set_to_none=True)``
+    between the forward and ``loss.backward()``: backward would add into an orphan tensor and the parameter would
+    get no gradient at all. The slot is resolved by every backward that adds into it (each layer's, in autograd's
+    order), so all contributions of one backward land in the ``.grad`` that exists then. ``on_bind`` is called
+    with the parameter and its buffer each time (the layer records the buffer it owns).
+    """
+
+    __slots__ = ("param", "on_bind")
+
+    def __init__(self, param: Tensor, on_bind=None):
+        self.param, self.on_bind = param, on_bind
+
+    def resolve(self) -> Tensor:
+        p = self.param
+        if p.grad is None:
+            p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        g = p.grad
+        if g.dtype not in (torch.float32, torch.float64) or not g.is_contiguous() or g.shape != p.shape:
+            raise RuntimeError(f"the .grad of a shared LoRA matrix {tuple(p.shape)} was replaced by a tensor that "
+                               f"cannot be accumulated into in place (dtype {g.dtype}, shape {tuple(g.shape)}, "
+                               f"contiguous={g.is_contiguous()}); set it to None or zero it instead")
+        if self.on_bind is not None:
+            self.on_bind(p, g)
+        return g
+
+
+def _bind(buf):
+    """A backward-time accumulation target: a :class:`GradSlot` resolves to its parameter's ``.grad`` now."""
+    return buf.resolve() if isinstance(buf, GradSlot) else buf
 
 
 def _scatter_ranks(grad, dim, active, full_shape, accum):
@@ -336,7 +377,7 @@ class _EagerGatedLoRA(torch.autograd.Function):
         accum_a, accum_b = ctx.accum
         dx, da, db, dg = _backward_impl(dy, x, weight, lora_a, lora_b, h, gate, ctx.scale, ctx.dropout_p, seed,
                                         active, (need_x, need_a, need_b, need_g),
-                                        accum_a if need_a else None, accum_b if need_b else None)
+                                        _bind(accum_a) if need_a else None, _bind(accum_b) if need_b else None)
         return (dx if need_x else None, None, None,
                 da.to(lora_a.dtype) if da is not None and need_a else None,
                 db.to(lora_b.dtype) if db is not None and need_b else None,
@@ -357,8 +398,9 @@ def gated_lora(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor
                                                  for t in (x, weight, bias, lora_a, lora_b, gate)):
         return _EagerGatedLoRA.apply(x, weight, bias, lora_a, lora_b, gate, scale, dropout_p, seed, active,
                                      accum_a, accum_b)[0]
+    # The custom op takes tensors only: a GradSlot is bound now (the buffer that exists at forward time).
     return torch.ops.lora_kernels.gated_lora_forward(x, weight, bias, lora_a, lora_b, gate, scale, dropout_p, seed,
-                                                     active, accum_a, accum_b)[0]
+                                                     active, _bind(accum_a), _bind(accum_b))[0]
 
 
 # ---- the public op -------------------------------------------------------------------------------------------
@@ -448,10 +490,11 @@ def _lora_linear(x, weight, bias, lora_a, lora_b, scale, gate, dropout_p, traini
             raise ValueError(f"{name} requires grad, but the gated LoRA op treats the base layer as frozen and "
                              f"never computes its gradient: call {name}.requires_grad_(False) (LoRALinear does)")
     if torch.compiler.is_compiling() and (accum_a is not None or accum_b is not None):
-        accum_a, accum_b = _compile_accum(lora_a, lora_b, accum_a, accum_b)
+        accum_a, accum_b = _compile_accum(lora_a, lora_b, _bind(accum_a), _bind(accum_b))
     K, N = weight.shape[1], weight.shape[0]
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K) if K else x.new_empty(math.prod(lead), 0)     # [T, K]
+    x2 = x.reshape(math.prod(lead), K)     # [T, K]; explicit T: reshape(-1, 0) is ambiguous, and a fresh empty
+    # tensor for K = 0 would cut x out of the graph (x.grad None where nn.Linear gives an empty gradient)
     p = float(dropout_p) if training else 0.0
     seed_t = None
     if p > 0:

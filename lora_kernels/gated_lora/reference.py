@@ -152,7 +152,7 @@ def gated_lora_backward(
 def lora_linear_ref(x, weight, bias, lora_a, lora_b, scale, gate=None, dropout_p=0.0, seed=0):
     """Autograd-through-torch oracle on any leading shape: x [..., K] → [..., N]. Used by tests."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(lead.numel(), x.shape[-1])   # explicit T: reshape(-1, 0) is ambiguous for K = 0
     xd = x2 * dropout_mask(seed, x2.shape[0], x2.shape[1], dropout_p, x.device, x.dtype) if dropout_p > 0 else x2
     h = xd @ lora_a.t()
     y = x2 @ weight.t()

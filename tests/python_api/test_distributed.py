@@ -231,6 +231,12 @@ def checkpoint_fsdp(rank: int = 0, world: int = 1, path: str = "") -> dict:
     return out
 
 
+def shared_no_sync(rank: int = 0, world: int = 1) -> dict:
+    """ShareLoRA's in-place gradient under DDP ``no_sync`` micro-batches (tests/python_api/test_share_loops.py)."""
+    from tests.python_api.test_share_loops import ddp_no_sync_grads
+    return ddp_no_sync_grads(rank, world)
+
+
 # ---- the spawned worker ------------------------------------------------------------------------------------------
 def _worker(rank: int, world: int, init_file: str, out_dir: str):
     torch.set_num_threads(1)
@@ -240,6 +246,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str):
     jobs += [(f"{w}-shared", train, ("shared", w)) for w in ("manual", "manual-unsynced")]
     jobs += [("adalora", adalora, ()), ("shapley", shapley, ())]
     jobs += [("checkpoint", checkpoint, ()), ("checkpoint-fsdp", checkpoint_fsdp, ())]
+    jobs += [("shared-no-sync", shared_no_sync, ())]
     for name, fn, args in jobs:
         t0 = time.perf_counter()
         try:
@@ -366,3 +373,8 @@ def test_manual_data_parallel_needs_sync_shared_grads(spawned):
     unsynced = _get(spawned, "manual-unsynced-shared")[0]["params"]
     diverged = [n for n, p in unsynced.items() if not torch.allclose(p, ref["params"][n], atol=1e-4, rtol=1e-4)]
     assert {"layers.0.q_proj.lora_A", "layers.0.q_proj.lora_B"} <= set(diverged), diverged
+
+
+def test_ddp_no_sync_accumulates_shared_gradient(spawned):
+    from tests.python_api.test_share_loops import check_ddp_no_sync
+    check_ddp_no_sync(_get(spawned, "shared-no-sync"), WORLD)

@@ -80,7 +80,7 @@ def test_rank_mask_validation_and_cost_path():
 def test_rank_policy():
     with pytest.raises(ValueError, match=r"r=9 exceeds min\(in_features, out_features\)=8"):
         LoRALinear(8, 30, 9)
-    with pytest.raises(ValueError, match="r must be a positive int"):
+    with pytest.raises(ValueError, match="r must be >= 1"):
         LoRALinear(8, 30, 0)
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
         LoRALinear.from_linear(nn.Conv1d(3, 3, 1), 2)
