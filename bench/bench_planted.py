@@ -23,7 +23,7 @@ ShapLoRA variants (``shaplora_workflow`` arguments; the user's loss is plain in 
 The workflow's own SVD-form retrain is run for the default variant only (``svd_loss``); the other variants skip it
 (their plain-LoRA retrain is measured the same way for all).
 Run: ``python -m bench.bench_planted [--seeds 5] [--configs ...] [--variants ...]`` →
-bench/results/planted_cpu.json (+ planted_cpu_runs.jsonl, one line per config × seed × method; a rerun skips the
+bench/results/planted_cpu.{json,md} (+ planted_cpu_runs.jsonl, one line per config × seed × method; a rerun skips the
 lines already there, so partial runs resume).
 """
 from __future__ import annotations
@@ -299,6 +299,18 @@ def main(argv=None):
                                                                                       time.gmtime())}
     with open(os.path.join(RESULTS, f"{args.out}.json"), "w") as f:
         json.dump({"meta": meta, "summary": summary, "runs": rows}, f, indent=1)
+    lines = ["| config | method | exact | support | rel. test loss mean ± sd | seeds | min stability |",
+             "|---|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s['config']} | {s['method']} | {s.get('exact', '-')} | {s.get('support', '-')} | "
+                     f"{s['loss_mean']:.2e} ± {s['loss_sd']:.1e} | {s['seeds']} | "
+                     f"{s['stability_min']:.2f} |" if "stability_min" in s else
+                     f"| {s['config']} | {s['method']} | {s.get('exact', '-')} | {s.get('support', '-')} | "
+                     f"{s['loss_mean']:.2e} ± {s['loss_sd']:.1e} | {s['seeds']} | - |")
+    with open(os.path.join(RESULTS, f"{args.out}.md"), "w") as f:
+        f.write(f"Planted structure (bench/bench_planted.py, commit {meta['commit']}, {meta['date']}); loss = "
+                "teacher–student test MSE after the plain-LoRA retrain, relative to the untrained student.\n\n"
+                + "\n".join(lines) + "\n")
     for s in summary:
         print(f"{s['config']:16s} {s['method']:22s} exact {s.get('exact', '-'):>5s} support {s.get('support', '-'):>5s}"
               f" loss {s['loss_mean']:.4f}±{s['loss_sd']:.4f}")

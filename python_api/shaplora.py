@@ -13,6 +13,9 @@ The paper's estimator is not public; the ``taylor`` estimator here is OURS [ours
 With q ≡ 1 and one batch, ``B·|φ_i| = |λ_i ∂L/∂λ_i|`` for the summed loss L (AdaLoRA's sensitivity of λ_i).
 ``permutation`` (Monte-Carlo with true loss evaluations) and ``exact`` (all 2^N coalitions, N ≤ 12) are
 the references the estimator is tested against.
+The workflow scores the super-network in the SVD basis of each module's merged update (:func:`to_merged_basis`):
+trained with a plain loss, SVD-form components come out near-parallel and share one direction's credit, which
+misallocates at a tight budget (bench/bench_planted.py measures it against planted ranks).
 """
 from __future__ import annotations
 
