@@ -257,29 +257,49 @@ def summarize(rows: list[dict]) -> list[dict]:
         if rs[0].get("counts") is not None:
             s["exact"] = f"{sum(r['exact'] for r in rs)}/{len(rs)}"
             s["support"] = f"{sum(r['support'] for r in rs)}/{len(rs)}"
+        for key in ("svd_loss", "own_loss"):  # the workflow's SVD-form retrain (default variant), AdaLoRA's own model
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            if vals:
+                s[f"{key}_mean"] = sum(vals) / len(vals)
         if "stability" in rs[0]:
             s["stability_min"] = min(r["stability"] for r in rs)
         out.append(s)
     return out
 
 
+def _commit() -> str:
+    c = git_commit()
+    if c == "unknown":  # a git worktree: .git is a file, which harness.git_commit does not follow
+        import subprocess
+        try:
+            c = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            pass
+    return c
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seed-start", type=int, default=0, help="run seeds seed-start .. seeds-1 (split over processes)")
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--out", default="planted_cpu")
     args = ap.parse_args(argv)
     threads = pin_threads(int(os.environ.get("BENCH_THREADS") or 1))
     runs_path = os.path.join(RESULTS, f"{args.out}_runs.jsonl")
-    rows = []
+    rows, done = [], set()
     if os.path.exists(runs_path):
         with open(runs_path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    done = {(r["config"], r["seed"], r["method"]) for r in rows}
+            for line in f:
+                r = json.loads(line) if line.strip() else None
+                if r is not None and (r["config"], r["seed"], r["method"]) not in done:  # first of any duplicate
+                    done.add((r["config"], r["seed"], r["method"]))
+                    rows.append(r)
     methods = ["oracle", "uniform", "adalora"] + [f"shaplora:{v}" for v in args.variants]
     for cfg_name in args.configs:
-        for seed in range(args.seeds):
+        for seed in range(args.seed_start, args.seeds):
             for method in methods:
                 if (cfg_name, seed, method) in done:
                     continue
@@ -295,18 +315,18 @@ def main(argv=None):
     meta = {"hp": HP, "configs": {k: {**v, "planted": {str(i): r for i, r in v["planted"].items()}}
                                   for k, v in CONFIGS.items()},
             "variants": VARIANTS, "default_variant": DEFAULT_VARIANT, "threads": threads,
-            "torch": torch.__version__, "commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+            "torch": torch.__version__, "commit": _commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                       time.gmtime())}
     with open(os.path.join(RESULTS, f"{args.out}.json"), "w") as f:
         json.dump({"meta": meta, "summary": summary, "runs": rows}, f, indent=1)
-    lines = ["| config | method | exact | support | rel. test loss mean ± sd | seeds | min stability |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| config | method | exact | support | rel. test loss mean ± sd | SVD-form / AdaLoRA's own loss | seeds "
+             "| min stability |", "|---|---|---|---|---|---|---|---|"]
     for s in summary:
+        other = s.get("svd_loss_mean", s.get("own_loss_mean"))
+        stab = s.get("stability_min")
         lines.append(f"| {s['config']} | {s['method']} | {s.get('exact', '-')} | {s.get('support', '-')} | "
-                     f"{s['loss_mean']:.2e} ± {s['loss_sd']:.1e} | {s['seeds']} | "
-                     f"{s['stability_min']:.2f} |" if "stability_min" in s else
-                     f"| {s['config']} | {s['method']} | {s.get('exact', '-')} | {s.get('support', '-')} | "
-                     f"{s['loss_mean']:.2e} ± {s['loss_sd']:.1e} | {s['seeds']} | - |")
+                     f"{s['loss_mean']:.2e} ± {s['loss_sd']:.1e} | {'-' if other is None else f'{other:.2e}'} | "
+                     f"{s['seeds']} | {'-' if stab is None else f'{stab:.2f}'} |")
     with open(os.path.join(RESULTS, f"{args.out}.md"), "w") as f:
         f.write(f"Planted structure (bench/bench_planted.py, commit {meta['commit']}, {meta['date']}); loss = "
                 "teacher–student test MSE after the plain-LoRA retrain, relative to the untrained student.\n\n"
