@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .sensitivity import SensitivityTracker, Triplet, find_adapters
+from .shaplora import check_budget
 
 
 def budget_schedule(step: int, init_bgt: int, target_bgt: int, total_step: int, tinit: int, tfinal: int,
@@ -46,8 +47,18 @@ class AdaLoRAAllocator:
     ``rank_pattern``: module name → bool list of kept ranks (the latest mask).
     """
 
-    def __init__(self, adapters: nn.Module | dict[str, Triplet], target_r: int, total_step: int,
-                 tinit: int = 0, tfinal: int = 0, deltaT: int = 1, beta1: float = 0.85, beta2: float = 0.85):
+    def __init__(self, adapters: nn.Module | dict[str, Triplet], target_r: int | None = None,
+                 total_step: int | None = None, tinit: int = 0, tfinal: int = 0, deltaT: int = 1,
+                 beta1: float = 0.85, beta2: float = 0.85, *, budget: int | None = None):
+        """``target_r`` (PEFT's: budget = target_r × #modules) or ``budget`` (total ranks kept, any integer):
+        exactly one of them."""
+        if (target_r is None) == (budget is None):
+            raise ValueError("give exactly one of target_r (ranks per module) and budget (total ranks), got "
+                             f"target_r={target_r!r}, budget={budget!r}")
+        if budget is None:
+            check_budget(target_r, 1, 1 << 62, name="target_r")
+        else:
+            check_budget(budget, 1, 1 << 62)
         trip = find_adapters(adapters) if isinstance(adapters, nn.Module) else dict(adapters)
         missing = [n for n, (e, _, _) in trip.items() if e is None]
         if missing:
@@ -61,9 +72,11 @@ class AdaLoRAAllocator:
         self.adapters = trip
         self.tracker = SensitivityTracker(trip, beta1, beta2)
         self.init_bgt = self.tracker.total_rank
-        self.target_bgt = int(target_r) * len(trip)
-        if not 0 < self.target_bgt <= self.init_bgt:
-            raise ValueError(f"target budget target_r·modules = {self.target_bgt} must be in (0, {self.init_bgt}]")
+        if budget is None:
+            self.target_bgt = check_budget(int(target_r) * len(trip), 1, self.init_bgt, "the initial ranks",
+                                           "target budget target_r·modules")
+        else:
+            self.target_bgt = check_budget(budget, 1, self.init_bgt, f"the {self.init_bgt} initial ranks")
         self.total_step, self.tinit, self.tfinal, self.deltaT = int(total_step), int(tinit), int(tfinal), int(deltaT)
         self.rank_pattern: dict[str, list[bool]] | None = None
 

@@ -13,11 +13,16 @@ The paper's estimator is not public; the ``taylor`` estimator here is OURS [ours
 With q ≡ 1 and one batch, ``B·|φ_i| = |λ_i ∂L/∂λ_i|`` for the summed loss L (AdaLoRA's sensitivity of λ_i).
 ``permutation`` (Monte-Carlo with true loss evaluations) and ``exact`` (all 2^N coalitions, N ≤ 12) are
 the references the estimator is tested against.
+The workflow scores the super-network in the SVD basis of each module's merged update (:func:`to_merged_basis`):
+trained with a plain loss, SVD-form components come out near-parallel and share one direction's credit, which
+misallocates at a tight budget (bench/bench_planted.py measures it against planted ranks).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -288,12 +293,24 @@ def shapley_sensitivity(
 
 
 # ---- allocation and export ----------------------------------------------------------------------------
+def check_budget(budget, low: int, high: int, what: str = "", name: str = "budget") -> int:
+    """``budget`` as a Python int, after checking it is an integer (numpy integers too; not bool, not float —
+    a fraction of a rank would otherwise be truncated silently) in ``[low, high]``."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
+        raise TypeError(f"{name} must be an integer (a total number of ranks), got {type(budget).__name__} "
+                        f"{budget!r}")
+    budget = int(budget)
+    if not low <= budget <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}]{f' ({what})' if what else ''}, got {budget}")
+    return budget
+
+
 def allocate_ranks(scores: dict[str, torch.Tensor], budget: int, *, by: str = "signed") -> dict[str, torch.Tensor]:
     """Keep the global top-``budget`` rank triplets.
 
     Args:
         scores: module name → [R] scores (NaN = not a candidate, e.g. already pruned).
-        budget: total ranks kept over all modules (B = r_target × #modules in ShapLoRA).
+        budget: total ranks kept over all modules, any integer (Python or numpy) in [0, #scored ranks].
         by: ``"signed"`` ranks by φ (a rank that raises the loss ranks last), ``"abs"`` by |φ| (AdaLoRA-like).
     Returns:
         module name → bool mask [R]. Ties break toward the earlier (module, rank).
@@ -308,9 +325,7 @@ def allocate_ranks(scores: dict[str, torch.Tensor], budget: int, *, by: str = "s
     if inf:  # ±inf would tie with the NaN (not a candidate) key below
         raise ValueError(f"scores of modules {inf} contain ±Inf; scores must be finite (NaN = not a candidate)")
     valid = ~torch.isnan(flat)
-    if not isinstance(budget, int) or not 0 <= budget <= int(valid.sum()):
-        raise ValueError(f"budget must be an int in [0, {int(valid.sum())}] (the number of scored ranks), "
-                         f"got {budget!r}")
+    budget = check_budget(budget, 0, int(valid.sum()), "the number of scored ranks")
     key = flat.abs() if by == "abs" else flat.clone()
     key[~valid] = -math.inf
     order = torch.sort(key, descending=True, stable=True).indices
@@ -371,6 +386,133 @@ def apply_rank_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         layers[n].set_rank_mask(m)
 
 
+# ---- the super-network's basis --------------------------------------------------------------------------
+@torch.no_grad()
+def to_merged_basis(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Re-expresses every LoRALinear's update in the SVD basis of its merged update, in place.
+
+    ``B·diag(g)·A`` over the active ranks (g = E in SVD form, 1 otherwise) is factored as ``U·diag(S)·Vᵀ``; the
+    active slots get ``A = Vᵀ``, ``B = U`` and ``E = S`` (plain form: ``B = U·diag(S)``). ΔW and the layer's outputs
+    are unchanged (up to rounding), but the components become orthogonal, so one direction the network learned is
+    one player: trained without an orthogonality term, SVD-form components come out near-parallel (|cos| up to
+    1.00 measured) and a direction split over several of them lets each take Shapley credit for it.
+    Returns module name → the singular values [active rank]. Shared adapters (ShareLoRA) are refused: their A or
+    B cannot take one basis per module.
+    """
+    layers = _layers(model)
+    owners: dict[int, list[str]] = {}
+    for n, m in layers.items():
+        for p in (m.lora_A, m.lora_B):
+            owners.setdefault(id(p), []).append(n)
+    shared = sorted({n for names in owners.values() if len(names) > 1 for n in names})
+    if shared:
+        raise ValueError(f"to_merged_basis needs one A and one B per module; these modules share them: {shared}")
+    out = {}
+    for n, m in layers.items():
+        if m.merged:
+            raise RuntimeError(f"{n}: unmerge() before changing the basis of a merged layer")
+        act = m.rank_mask.nonzero().flatten()
+        if act.numel() == 0:
+            continue
+        a = m.lora_A[act].double()
+        b = m.lora_B[:, act].double()
+        if m.svd:
+            b = b * m.lora_E[act].double()
+        u, sv, vh = torch.linalg.svd(b @ a, full_matrices=False)
+        k = act.numel()
+        m.lora_A[act] = vh[:k].to(m.lora_A.dtype)
+        if m.svd:
+            m.lora_B[:, act] = u[:, :k].to(m.lora_B.dtype)
+            m.lora_E[act] = sv[:k].to(m.lora_E.dtype)
+        else:
+            m.lora_B[:, act] = (u[:, :k] * sv[:k]).to(m.lora_B.dtype)
+        out[n] = sv[:k].float()
+    return out
+
+
+@contextlib.contextmanager
+def orthogonality_hooks(model: nn.Module, weight: float):
+    """Within the block, every backward pass through a LoRALinear's A and B also carries the gradient of
+    ``weight · adalora.orthogonality_penalty`` (AdaLoRA's regulariser), so a plain training loss trains the
+    SVD-form super-network as if the penalty had been added to it. Gradient hooks, removed on exit."""
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not weight >= 0:
+        raise ValueError(f"weight must be a real >= 0, got {weight!r}")
+    layers = _layers(model)
+    params = {id(p): p for m in layers.values() for p in (m.lora_A, m.lora_B)}
+    n_terms = 2 * len(layers)   # orthogonality_penalty is a mean over A and B terms of every module
+    uses = {}
+    for m in layers.values():
+        uses[id(m.lora_A)] = uses.get(id(m.lora_A), 0) + 1
+        uses[id(m.lora_B)] = uses.get(id(m.lora_B), 0) + 1
+    is_a = {id(m.lora_A) for m in layers.values()}
+
+    def make(p):
+        scale = float(weight) * uses[id(p)] / n_terms
+
+        def hook(grad):
+            with torch.enable_grad():
+                w = p.detach().requires_grad_(True)
+                cov = w @ w.T if id(p) in is_a else w.T @ w
+                pen = torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device))
+                g, = torch.autograd.grad(pen, w)
+            return grad + scale * g.to(grad.dtype)
+        return hook
+
+    handles = [p.register_hook(make(p)) for p in params.values()] if weight > 0 else []
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class SupernetNotLearnedError(RuntimeError):
+    """The super-network's validation loss (or accuracy) did not move enough for its Shapley scores to mean
+    anything: allocating from them would hand noise to the allocator."""
+
+
+def _fit_check(model, batches, loss_fn, predict_fn) -> dict:
+    was_training = model.training
+    model.eval()
+    try:
+        out = {"val_loss": _val_loss(model, batches, loss_fn)}
+        if predict_fn is not None:
+            correct, labels = 0, []
+            with torch.no_grad():
+                for batch in batches:
+                    pred, lab = predict_fn(model, batch)
+                    lab = torch.as_tensor(lab).reshape(-1).cpu()
+                    correct += int((torch.as_tensor(pred).reshape(-1).cpu() == lab).sum())
+                    labels.append(lab)
+            labels = torch.cat(labels)
+            out["val_accuracy"] = correct / labels.numel()
+            out["majority_rate"] = float(torch.unique(labels, return_counts=True)[1].max()) / labels.numel()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _learned(before: dict, after: dict, min_improvement: float | None) -> bool:
+    if min_improvement is None:
+        return True
+    ok = after["val_loss"] <= (1.0 - min_improvement) * before["val_loss"]
+    if "val_accuracy" in after:
+        ok = ok and after["val_accuracy"] > after["majority_rate"]
+    return bool(ok)
+
+
+def _spearman(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    from scipy.stats import spearmanr
+
+    x = torch.cat([a[n].reshape(-1) for n in a])
+    y = torch.cat([b[n].reshape(-1) for n in a])
+    ok = ~(torch.isnan(x) | torch.isnan(y))
+    if int(ok.sum()) < 2 or torch.equal(x[ok], y[ok]):
+        return 1.0
+    rho = spearmanr(x[ok].numpy(), y[ok].numpy()).statistic
+    return float(rho) if math.isfinite(rho) else 0.0
+
+
 def shaplora_workflow(
     build_model: Callable[[], nn.Module],
     train: Callable[[nn.Module], Any],
@@ -378,48 +520,123 @@ def shaplora_workflow(
     evaluate: Callable[[nn.Module], Any],
     *,
     loss_fn: LossFn,
-    r_target: int,
+    r_target: int | None = None,
+    budget: int | None = None,
     rounds: int = 1,
     mode: str = "taylor",
     num_passes: int = 1,
     by: str = "signed",
     seed: int = 0,
+    basis: str = "merged",
+    orth_reg: float = 0.0,
+    predict_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    min_improvement: float | None = 0.05,
+    max_extra_train: int = 2,
+    min_stability: float = 0.5,
+    batch_size_fn: Callable[[Any], int] | None = None,
 ) -> dict:
-    """ShapLoRA, workflows (a) and (b): train the super-network at r_init → Shapley-score on the validation
-    split → keep the global top-B triplets (B = r_target × #modules; ``rounds`` > 1 prunes geometrically and
-    rescores in between) → build a FRESH model, apply the rank pattern, train it from scratch → evaluate.
+    """ShapLoRA, workflows (a) and (b): train the super-network at r_init → check it learned → Shapley-score
+    on the validation split (twice, independently: the mean is allocated, the agreement reported) → keep the
+    global top-``budget`` triplets (``rounds`` > 1 prunes geometrically and rescores in between) → build a
+    FRESH model, apply the rank pattern, train it from scratch → evaluate.
 
     Args:
         build_model: returns a new model with SVD-form LoRALinear adapters at r_init (fresh init each call).
-        train: trains a model in place (add ``γ·adalora.orthogonality_penalty(model)`` to its loss for the
-            super-network, as AdaLoRA does).
+        train: trains a model in place with a plain loss. It may be called again on the super-network (at
+            most ``max_extra_train`` times, with a warning) when the super-network has not learned.
         val_batches: validation batches (not the training split).
         evaluate: returns the held-out test result of a trained model.
+        r_target / budget: the rank budget, exactly one of them: ``r_target`` ranks per module on average
+            (budget = r_target × #modules) or ``budget`` ranks in total (any integer, e.g. 7 over 12 modules).
+            Both are checked before any training.
+        basis: ``"merged"`` (default) scores each module's update in the SVD basis of its merged update
+            (:func:`to_merged_basis`), so one learned direction is one player; ``"trained"`` scores the
+            components as trained.
+        orth_reg: weight of AdaLoRA's orthogonality penalty added to the super-network's gradients
+            (:func:`orthogonality_hooks`); the user's loss stays plain. 0 = off.
+        predict_fn: for classification, ``(model, batch) -> (predicted labels, true labels)``: the super-network
+            must then also beat the majority class of the validation labels.
+        min_improvement: the super-network's validation loss must fall by at least this fraction from the
+            untrained model's, else its training is extended, then :class:`SupernetNotLearnedError` is raised.
+            None skips the check (plumbing tests with a few steps only: the scores are then unchecked).
+        min_stability: a warning is issued when the Spearman correlation of the two scorings is below it.
     Returns:
         dict with ``masks``, ``scores``, ``peft_rank_pattern``, ``config`` (this package's), ``result``,
-        ``model`` (the retrained one) and ``rng_state`` (the coalition generator's state before scoring).
+        ``model`` (the retrained one), ``rng_state`` (the coalition generator's state before scoring),
+        ``budget`` (total ranks kept), ``score_stability`` (Spearman ρ of the two scorings, first round;
+        ``score_stability_rounds`` every round) and ``supernet`` (validation loss / accuracy before and after
+        training, the majority rate, the number of extra ``train`` calls).
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if basis not in ("merged", "trained"):
+        raise ValueError(f"basis must be 'merged' or 'trained', got {basis!r}")
+    if (r_target is None) == (budget is None):
+        raise ValueError("give exactly one of r_target (ranks per module) and budget (total ranks), got "
+                         f"r_target={r_target!r}, budget={budget!r}")
+    if r_target is not None:
+        check_budget(r_target, 1, 1 << 62, name="r_target")
+    else:
+        check_budget(budget, 1, 1 << 62)
+    if isinstance(max_extra_train, bool) or not isinstance(max_extra_train, numbers.Integral) or max_extra_train < 0:
+        raise ValueError(f"max_extra_train must be an int >= 0, got {max_extra_train!r}")
+    if min_improvement is not None and not 0.0 <= min_improvement < 1.0:
+        raise ValueError(f"min_improvement must be in [0, 1) or None, got {min_improvement!r}")
     val_batches = list(val_batches)
+    if not val_batches:
+        raise ValueError("val_batches is empty: no validation examples")
     gen = torch.Generator().manual_seed(seed)
-    rng_state = gen.get_state()
     supernet = build_model()
-    train(supernet)
     layers = _layers(supernet)
     start = sum(int(m.rank_mask.sum()) for m in layers.values())
-    budget = int(r_target) * len(layers)
-    if not 0 < budget <= start:
-        raise ValueError(f"budget r_target·modules = {budget} must be in (0, {start}]")
-    scores, masks = None, None
+    if r_target is not None:
+        check_budget(int(r_target) * len(layers), 1, start, f"the super-network's {start} ranks", "r_target·modules")
+        budget = int(r_target) * len(layers)
+    else:
+        budget = check_budget(budget, 1, start, f"the super-network's {start} ranks over {len(layers)} modules")
+    before = _fit_check(supernet, val_batches, loss_fn, predict_fn)
+    need = (f"a validation loss {min_improvement or 0:.0%} lower"
+            f"{' and accuracy above the majority class' * bool(predict_fn)}")
+    extra = 0
+    with orthogonality_hooks(supernet, orth_reg):
+        train(supernet)
+        after = _fit_check(supernet, val_batches, loss_fn, predict_fn)
+        while not _learned(before, after, min_improvement) and extra < max_extra_train:
+            extra += 1
+            warnings.warn(f"ShapLoRA super-network has not learned (validation {after} vs untrained {before}; "
+                          f"needs {need}): training it again ({extra}/{max_extra_train})", RuntimeWarning,
+                          stacklevel=2)
+            train(supernet)
+            after = _fit_check(supernet, val_batches, loss_fn, predict_fn)
+    if not _learned(before, after, min_improvement):
+        raise SupernetNotLearnedError(
+            f"the ShapLoRA super-network did not learn after {1 + extra} train calls: validation {after} vs "
+            f"untrained {before} (needs {need}); its Shapley scores would be noise. "
+            "Train it longer or with a higher learning rate.")
+    rng_state = gen.get_state()
+    scores, masks, stability = None, None, []
     for k in range(1, rounds + 1):
-        scores = shapley_sensitivity(supernet, val_batches, mode, loss_fn=loss_fn, num_passes=num_passes,
-                                     generator=gen)
+        if basis == "merged":
+            to_merged_basis(supernet)
+        kw = dict(loss_fn=loss_fn, num_passes=num_passes, generator=gen, batch_size_fn=batch_size_fn)
+        first = shapley_sensitivity(supernet, val_batches, mode, **kw)
+        second = shapley_sensitivity(supernet, val_batches, mode, **kw)
+        stability.append(_spearman(first, second))
+        if stability[-1] < min_stability:
+            warnings.warn(f"ShapLoRA scores are unstable: two independent scorings agree with Spearman ρ = "
+                          f"{stability[-1]:.2f} < {min_stability} (round {k}); raise num_passes or use more "
+                          "validation examples", RuntimeWarning, stacklevel=2)
+        scores = {n: (first[n] + second[n]) / 2 for n in first}
         b_k = round(start * (budget / start) ** (k / rounds)) if k < rounds else budget
         masks = allocate_ranks(scores, int(b_k), by=by)
         apply_rank_masks(supernet, masks)
     model = build_model()
     apply_rank_masks(model, masks)
     train(model)
+    fit = {"val_loss_untrained": before["val_loss"], "val_loss": after["val_loss"], "extra_train_calls": extra}
+    if predict_fn is not None:
+        fit.update(val_accuracy=after["val_accuracy"], majority_rate=after["majority_rate"],
+                   val_accuracy_untrained=before["val_accuracy"])
     return {"masks": masks, "scores": scores, "peft_rank_pattern": to_peft_rank_pattern(masks),
-            "config": rank_pattern_config(masks), "result": evaluate(model), "model": model, "rng_state": rng_state}
+            "config": rank_pattern_config(masks), "result": evaluate(model), "model": model, "rng_state": rng_state,
+            "budget": budget, "score_stability": stability[0], "score_stability_rounds": stability, "supernet": fit}
