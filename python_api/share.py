@@ -95,6 +95,24 @@ class ShareGroup:
         new.modules = list(self.modules)
         return new
 
+    def __getstate__(self):
+        # the shrink cache holds a weakref to one forward's input: per-forward state, and not picklable
+        return {**self.__dict__, "_cache": None}
+
+
+class _GradRef(weakref.ref):
+    """Weak reference to a shared matrix's accumulation buffer (its ``.grad``). A pickled model carries no
+    ``.grad``, so it pickles as no reference; plain weakrefs cannot be pickled at all."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return _no_ref, ()
+
+
+def _no_ref() -> None:
+    return None
+
 
 class _ShrinkFn(torch.autograd.Function):
     @staticmethod
@@ -155,11 +173,19 @@ class SharedLoRALinear(LoRALinear):
             raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {accumulate!r}")
         self.share_a, self.share_b = share_a, share_b
         self.accumulate, self.reuse_shrink = accumulate, bool(reuse_shrink)
-        if accumulate == "inplace":
-            for grp, p in ((share_a, self.lora_A), (share_b, self.lora_B)):
+        self._guard_shared()
+
+    def _guard_shared(self) -> None:
+        if self.accumulate == "inplace":
+            for grp, p in ((self.share_a, self.lora_A), (self.share_b, self.lora_B)):
                 hooks = getattr(p, "_post_accumulate_grad_hooks", None) or {}
                 if grp is not None and _refuse_autograd_grad not in hooks.values():
                     p.register_post_accumulate_grad_hook(_refuse_autograd_grad)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # torch drops tensor hooks on pickle and deepcopy: put the guard back on the (still shared) matrices
+        self._guard_shared()
 
     def _accum_buffer(self, grp: ShareGroup | None, p: torch.Tensor) -> torch.Tensor | None:
         if grp is None or self.accumulate != "inplace" or p.dtype not in _INPLACE_DTYPES:
@@ -170,7 +196,7 @@ class SharedLoRALinear(LoRALinear):
             p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
         buf = getattr(p, "_lora_kernels_buffer", None)
         if buf is None or buf() is not p.grad:
-            p._lora_kernels_buffer = weakref.ref(p.grad)
+            p._lora_kernels_buffer = _GradRef(p.grad)
         return p.grad
 
     def _reuse_ok(self, x: torch.Tensor, gate) -> bool:
