@@ -299,7 +299,8 @@ def _recover(full: str, parent: str, name: str) -> None:
 
 def _write_atomic(path: str | os.PathLike, files: dict[str, bytes]) -> None:
     full, parent, name = _split(path)
-    os.makedirs(parent, exist_ok=True)
+    if not os.path.isdir(parent):
+        os.makedirs(parent)
     _recover(full, parent, name)
     replace = False
     if os.path.lexists(full):
