@@ -2,10 +2,16 @@ import os
 import sys
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+# Generated cases per property test: "ci" (the default) 200, "nightly" 2000; choose with HYPOTHESIS_PROFILE.
+for _name, _n in (("ci", 200), ("nightly", 2000)):
+    settings.register_profile(_name, max_examples=_n, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def interpreter_on() -> bool:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import python_api as lk
-from python_api.checkpoint import CONFIG_FILE, TENSOR_FILE, CheckpointError
+from python_api.checkpoint import CONFIG_FILE, TENSOR_FILE, CheckpointError, checkpoint_info
 from tests.python_api.fs_faults import OPS, Tracer
 from tests.python_api.toy_models import toy
 
@@ -328,8 +328,7 @@ def test_circular_extra_and_bad_step_refused(saved):
     with pytest.raises(TypeError, match="seed must be an int or None, got float"):
         lk.save_adapters(adapted(1), saved, seed=1.5)
     lk.save_adapters(adapted(1), saved, step=np.int64(4), extra={"t": (1, 2.5), "s": None})
-    info = lk.checkpoint_info(saved) if hasattr(lk, "checkpoint_info") else json.load(
-        open(os.path.join(saved, CONFIG_FILE)))
+    info = checkpoint_info(saved)
     assert info["step"] == 4 and info["extra"] == {"t": [1, 2.5], "s": None}
 
 
