@@ -6,7 +6,8 @@ class and shapes (experts and top-k for MoE-LoRA layers), a fingerprint of each 
 allocator's class, step and non-tensor state, RNG seeds and the list of tensor keys.
 ``adapter_model.safetensors`` holds the adapter tensors (A, B, E, rank masks, routers, trainable heads),
 each shared matrix ONCE under its first module, the allocator's tensors under ``__allocator__/`` and the
-torch RNG state under ``__rng__/torch``.
+torch RNG state under ``__rng__/torch``. The config records the tensor file's size and sha256: a tensor
+file that does not match (truncated, corrupt, from another save) is refused, naming it.
 
 Loading validates everything (module names, base shapes, tensor keys and shapes, allocator) before any
 tensor is written; if rebuilding adapters on a bare base model fails validation the swapped modules are
@@ -18,7 +19,8 @@ fsynced, then the directory is renamed into place (an existing checkpoint is fir
 process is killed, ``path`` afterwards holds either the previous checkpoint or the new one, bit-exact; in the one
 window between the two renames the previous checkpoint sits aside, and :func:`load_adapters` reads it from
 there (the next save puts it back). The temporary names are refused by :func:`load_adapters`. One saver per
-path at a time: a save removes temporary directories left by interrupted saves of the same path.
+path at a time: a save removes temporary directories left by interrupted saves of the same path (those whose
+process no longer runs).
 """
 from __future__ import annotations
 
@@ -293,8 +295,25 @@ def _recover(full: str, parent: str, name: str) -> None:
         else:
             os.replace(aside, full)     # killed between the renames: the previous checkpoint goes back
     for entry in os.listdir(parent):
-        if entry.startswith(f".{name}{_SAVING}") and _TEMP_NAME.match(entry):
+        if entry.startswith(f".{name}{_SAVING}") and _TEMP_NAME.match(entry) and not _saver_alive(entry):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _saver_alive(entry: str) -> bool:
+    """Whether the process named in a temporary directory (``...lk-saving-<pid hex>-<random>``) still runs here."""
+    try:
+        pid = int(entry.rsplit(_SAVING, 1)[1].split("-")[0], 16)
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:      # exists, owned by another user
+        return True
+    return True
 
 
 def _write_atomic(path: str | os.PathLike, files: dict[str, bytes]) -> None:

@@ -349,3 +349,16 @@ def test_target_that_is_not_a_checkpoint_directory(tmp_path):
     empty.mkdir()
     lk.save_adapters(adapted(0), str(empty))       # an empty directory is fine: the rename replaces it
     assert loads_as(str(empty), adapted(0))
+
+
+def test_temporary_directory_of_a_running_saver_is_left_alone(tmp_path):
+    path = str(tmp_path / "ckpt")
+    live = tmp_path / f".ckpt.lk-saving-{os.getppid():x}-0a0b0c0d"      # the parent process runs
+    dead = tmp_path / ".ckpt.lk-saving-7fffffff-0a0b0c0d"                # no such pid (above pid_max)
+    for d in (live, dead):
+        d.mkdir()
+        (d / TENSOR_FILE).write_bytes(b"partial")
+    lk.save_adapters(adapted(0), path)
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt", live.name]) and loads_as(path, adapted(0))
+    with pytest.raises(CheckpointError, match=f"{live.name} is a temporary directory.*load {path} instead"):
+        lk.load_adapters(toy(0), str(live))
