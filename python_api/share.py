@@ -145,9 +145,10 @@ class _ExpandFn(torch.autograd.Function):
 
 def _refuse_autograd_grad(p: torch.Tensor) -> None:
     # The hook also fires when the op returned no gradient (in-place mode): only a .grad that is no longer
-    # the buffer the layers accumulate into means autograd replaced it.
+    # the buffer the layers accumulate into means autograd replaced it. No buffer handed out (a fresh copy of
+    # the model, switched to accumulate="autograd") means no in-place contribution to lose.
     buf = getattr(p, "_lora_kernels_buffer", None)
-    if p.grad is None or p.dtype not in _INPLACE_DTYPES or (buf is not None and buf() is p.grad):
+    if p.grad is None or p.dtype not in _INPLACE_DTYPES or buf is None or buf() is p.grad:
         return
     raise RuntimeError(
         f"a shared LoRA matrix {tuple(p.shape)} received a gradient through autograd while its layers accumulate "
