@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 import warnings
 

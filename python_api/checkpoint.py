@@ -6,17 +6,32 @@ class and shapes (experts and top-k for MoE-LoRA layers), a fingerprint of each 
 allocator's class, step and non-tensor state, RNG seeds and the list of tensor keys.
 ``adapter_model.safetensors`` holds the adapter tensors (A, B, E, rank masks, routers, trainable heads),
 each shared matrix ONCE under its first module, the allocator's tensors under ``__allocator__/`` and the
-torch RNG state under ``__rng__/torch``.
+torch RNG state under ``__rng__/torch``. The config records the tensor file's size and sha256: a tensor
+file that does not match (truncated, corrupt, from another save) is refused, naming it.
 
 Loading validates everything (module names, base shapes, tensor keys and shapes, allocator) before any
 tensor is written; if rebuilding adapters on a bare base model fails validation the swapped modules are
 put back, so a refused checkpoint leaves the model as it was.
+
+Saving is atomic: both files are written into a temporary sibling directory ``.<name>.lk-saving-*`` and
+fsynced, then the directory is renamed into place (an existing checkpoint is first renamed aside to
+``.<name>.lk-previous`` and removed only after the new one is in place). Whatever fails, and wherever the
+process is killed, ``path`` afterwards holds either the previous checkpoint or the new one, bit-exact; in the one
+window between the two renames the previous checkpoint sits aside, and :func:`load_adapters` reads it from
+there (the next save puts it back). The temporary names are refused by :func:`load_adapters`. One saver per
+path at a time: a save removes temporary directories left by interrupted saves of the same path (those whose
+process no longer runs).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import numbers
 import os
 import random
+import re
+import secrets
+import shutil
 import warnings
 from typing import Any
 
@@ -33,6 +48,8 @@ TENSOR_FILE = "adapter_model.safetensors"
 _ALLOC = "__allocator__/"
 _RNG = "__rng__/torch"
 _CONFIG_ATTR = "_lora_kernels_config"
+_SAVING, _PREVIOUS = ".lk-saving-", ".lk-previous"
+_TEMP_NAME = re.compile(r"^\..+(\.lk-saving-[0-9a-f-]+|\.lk-previous)$")
 
 
 class CheckpointError(ValueError):
@@ -159,8 +176,17 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, allocator: Any =
             state is stored so a resumed run takes the same next allocation decision.
         step: the training step the checkpoint was taken at.
         seed: the run's seed (stored with the torch RNG state).
-        extra: any JSON-able user metadata.
+        extra: JSON-able user metadata (str-keyed dicts, lists, str, int, float, bool, None; tuples come back
+            as lists); anything else is refused, naming the key, before anything is written.
+
+    ``path`` is replaced atomically (module docstring): after any error, or a kill at any moment, it holds the
+    previous checkpoint or the new one, never a mix. An existing directory there must be empty or a checkpoint.
     """
+    if extra is not None and not isinstance(extra, dict):
+        raise TypeError(f"extra must be a dict or None, got {type(extra).__name__}")
+    _check_json(extra or {}, "extra")
+    step, seed = _as_int(step, "step"), _as_int(seed, "seed")
+    _split(path)
     layers = _adapted(model)
     if not layers:
         raise ValueError("model has no adapter layers (apply_adapters first; a merged model has none left)")
@@ -188,14 +214,157 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, allocator: Any =
         "tensors": sorted(k for k in tensors if not k.startswith(("__allocator__/", "__rng__/"))),
         "extra": extra or {},
     }
-    json.dumps(meta)  # fail before touching the disk if something is not JSON-able
-    os.makedirs(path, exist_ok=True)
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
-    save_file(tensors, os.path.join(path, TENSOR_FILE), metadata={"format": FORMAT, "version": __version__})
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump(meta, f, indent=1)
+    blob = safetensors_bytes(tensors, metadata={"format": FORMAT, "version": __version__})
+    # The config records the tensor file's size and hash, so a tensor file that does not belong to it
+    # (truncated, copied from another save) is refused by name instead of loading wrong numbers.
+    meta["tensor_file"] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    config = json.dumps(meta, indent=1).encode()
+    _write_atomic(path, {TENSOR_FILE: blob, CONFIG_FILE: config})
     return str(path)
+
+
+def _as_int(v, name: str) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int or None, got {type(v).__name__} {v!r}")
+    return int(v)
+
+
+def _check_json(obj: Any, where: str, stack: tuple = ()) -> None:
+    """Refuses (naming the key) what JSON would not store, or would give back as something else."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return
+    if id(obj) in stack:
+        raise ValueError(f"{where} contains itself (a circular reference): cannot be stored as JSON")
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_json(v, f"{where}[{i}]", stack + (id(obj),))
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where} has the key {k!r} ({type(k).__name__}): JSON keys must be str")
+            _check_json(v, f"{where}[{k!r}]", stack + (id(obj),))
+        return
+    kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    raise TypeError(f"{where} is a {kind} ({obj!r:.60}): not JSON-serialisable "
+                    "(store str, int, float, bool, None, lists and str-keyed dicts of them)")
+
+
+# ---- atomic directory write --------------------------------------------------------------------------------
+def _split(path: str | os.PathLike) -> tuple[str, str, str]:
+    """``(real path, parent, name)``; links are resolved so a linked checkpoint is replaced at its target."""
+    full = os.path.realpath(os.fspath(path))
+    parent, name = os.path.split(full)
+    if not name:
+        raise ValueError(f"path must name a directory below a parent, got {os.fspath(path)!r}")
+    return full, parent, name
+
+
+def _is_checkpoint(d: str) -> bool:
+    return os.path.isfile(os.path.join(d, CONFIG_FILE)) and os.path.isfile(os.path.join(d, TENSOR_FILE))
+
+
+def _fsync_dir(d: str) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _recover(full: str, parent: str, name: str) -> None:
+    """Puts back a previous checkpoint left aside by a save killed between its two renames; drops leftovers."""
+    aside = os.path.join(parent, f".{name}{_PREVIOUS}")
+    if os.path.isdir(aside):
+        if _is_checkpoint(full):
+            shutil.rmtree(aside)        # the save had committed: the aside copy is the stale one
+        else:
+            os.replace(aside, full)     # killed between the renames: the previous checkpoint goes back
+    for entry in os.listdir(parent):
+        if entry.startswith(f".{name}{_SAVING}") and _TEMP_NAME.match(entry) and not _saver_alive(entry):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _saver_alive(entry: str) -> bool:
+    """Whether the process named in a temporary directory (``...lk-saving-<pid hex>-<random>``) still runs here."""
+    try:
+        pid = int(entry.rsplit(_SAVING, 1)[1].split("-")[0], 16)
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:      # exists, owned by another user
+        return True
+    return True
+
+
+def _write_atomic(path: str | os.PathLike, files: dict[str, bytes]) -> None:
+    full, parent, name = _split(path)
+    if not os.path.isdir(parent):
+        os.makedirs(parent)
+    _recover(full, parent, name)
+    replace = False
+    if os.path.lexists(full):
+        if not os.path.isdir(full):
+            raise CheckpointError(f"{full} exists and is not a directory: cannot save a checkpoint there")
+        foreign = sorted(set(os.listdir(full)) - {CONFIG_FILE, TENSOR_FILE})
+        if foreign:
+            raise CheckpointError(f"{full} holds files that are not part of a lora-kernels checkpoint "
+                                  f"({foreign[:5]}{' ...' if len(foreign) > 5 else ''}): a save replaces the whole "
+                                  "directory, so choose a new or empty one")
+        replace = bool(os.listdir(full))  # an empty directory is replaced by the rename itself
+    tmp = os.path.join(parent, f".{name}{_SAVING}{os.getpid():x}-{secrets.token_hex(4)}")
+    aside = os.path.join(parent, f".{name}{_PREVIOUS}")
+    committed = False
+    try:
+        os.mkdir(tmp)
+        for fname, data in files.items():
+            _write_synced(os.path.join(tmp, fname), data)
+        _fsync_dir(tmp)
+        if replace:
+            os.replace(full, aside)
+            try:
+                os.replace(tmp, full)
+            except BaseException:
+                os.replace(aside, full)
+                raise
+        else:
+            os.replace(tmp, full)
+        committed = True
+        _fsync_dir(parent)
+    except BaseException as e:
+        if not committed:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                e.add_note(f"save_adapters: nothing was written to {full}; "
+                           + ("the previous checkpoint there is unchanged" if replace else "no checkpoint there"))
+        elif isinstance(e, OSError):
+            e.add_note(f"save_adapters: the new checkpoint is in place at {full}, but it may not survive a power loss")
+        raise
+    if replace:
+        try:
+            shutil.rmtree(aside)
+        except OSError as e:  # the save stands; the next save removes the leftover
+            warnings.warn(f"save_adapters: could not remove the previous checkpoint at {aside}: {e}", stacklevel=3)
 
 
 def _py_state():
@@ -205,18 +374,92 @@ def _py_state():
 
 # ---- load -----------------------------------------------------------------------------------------------
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(config, tensors)`` of a checkpoint directory, after checking it is one."""
-    cfg_path, t_path = os.path.join(path, CONFIG_FILE), os.path.join(path, TENSOR_FILE)
+    """``(config, tensors)`` of a checkpoint directory, after checking it is one and that its files are whole."""
+    d = os.fspath(path)
+    full, parent, name = _split(d)
+    if _TEMP_NAME.match(name):
+        real = re.sub(r"^\.|(\.lk-saving-[0-9a-f-]+|\.lk-previous)$", "", name)
+        raise CheckpointError(f"{d} is a temporary directory of an interrupted save_adapters, not a checkpoint: "
+                              f"load {os.path.join(parent, real)} instead")
+    if not os.path.exists(full):
+        aside = os.path.join(parent, f".{name}{_PREVIOUS}")
+        if not _is_checkpoint(aside):
+            raise CheckpointError(f"{d} not found: not a lora-kernels adapter checkpoint")
+        warnings.warn(f"{d} is missing because a save was interrupted; loading the previous checkpoint from {aside} "
+                      "(the next save_adapters to this path puts it back)", stacklevel=3)
+        full = aside
+    if not os.path.isdir(full):
+        raise CheckpointError(f"{d} is not a directory: a lora-kernels checkpoint is a directory")
+    cfg_path, t_path = os.path.join(full, CONFIG_FILE), os.path.join(full, TENSOR_FILE)
     for p in (cfg_path, t_path):
         if not os.path.exists(p):
-            raise CheckpointError(f"{p} not found: {path} is not a lora-kernels adapter checkpoint")
-    with open(cfg_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
-    from safetensors.torch import load_file
+            raise CheckpointError(f"{p} not found: {d} is not a lora-kernels adapter checkpoint")
+    meta = _read_config(cfg_path)
+    with open(t_path, "rb") as f:
+        blob = f.read()
+    rec = meta.get("tensor_file")
+    if rec is not None:  # absent in checkpoints written before the record existed
+        if len(blob) != rec.get("bytes"):
+            raise CheckpointError(f"{t_path} is {len(blob)} bytes, {CONFIG_FILE} records {rec.get('bytes')}: "
+                                  "the tensor file is truncated or belongs to another save")
+        if hashlib.sha256(blob).hexdigest() != rec.get("sha256"):
+            raise CheckpointError(f"{t_path} does not match the sha256 recorded in {CONFIG_FILE}: "
+                                  "the tensor file is corrupt or belongs to another save")
+    from safetensors.torch import load as safetensors_load
 
-    return meta, load_file(t_path)
+    try:
+        tensors = safetensors_load(blob)
+    except Exception as e:  # safetensors' own error names neither the file nor the cause plainly
+        raise CheckpointError(f"{t_path} is not a readable safetensors file ({len(blob)} bytes; truncated or "
+                              f"corrupt): {e}") from e
+    return meta, tensors
+
+
+_SPEC_KEYS = {"class": str, "in_features": int, "out_features": int, "r": int, "alpha": (int, float),
+              "dropout": (int, float), "base_fingerprint": list}
+_MOE_KEYS = {"num_experts": int, "top_k": int, "load_balance_coef": (int, float)}
+
+
+def _read_config(cfg_path: str) -> dict:
+    """The parsed config, refusing (naming the file and the entry) anything the loader could trip over later."""
+    try:
+        with open(cfg_path, "rb") as f:
+            meta = json.loads(f.read())
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not UTF-8 text (corrupt): {e}") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON (truncated or corrupt): {e}") from e
+
+    def bad(what: str):
+        return CheckpointError(f"{cfg_path}: {what}")
+
+    if not isinstance(meta, dict):
+        raise bad(f"the top level is a {type(meta).__name__}, expected an object")
+    if meta.get("format") != FORMAT:
+        raise bad(f"format is {meta.get('format')!r}, expected {FORMAT!r} (not a lora-kernels checkpoint)")
+    for key, kind in (("modules", dict), ("adaptation", dict), ("seeds", dict)):
+        if key not in meta:
+            raise bad(f"no {key!r} entry (truncated or hand-edited)")
+        if not isinstance(meta[key], kind):
+            raise bad(f"{key!r} is a {type(meta[key]).__name__}, expected an object")
+    if not meta["modules"]:
+        raise bad("'modules' is empty: the checkpoint holds no adapted module")
+    for name, spec in meta["modules"].items():
+        if not isinstance(spec, dict):
+            raise bad(f"modules[{name!r}] is a {type(spec).__name__}, expected an object")
+        keys = {**_SPEC_KEYS, **(_MOE_KEYS if spec.get("class") == "MoELoRALinear" else {})}
+        for k, kind in keys.items():
+            if k not in spec:
+                raise bad(f"modules[{name!r}] has no {k!r}")
+            if not isinstance(spec[k], kind) or isinstance(spec[k], bool):
+                raise bad(f"modules[{name!r}][{k!r}] is {spec[k]!r}, expected {getattr(kind, '__name__', 'a number')}")
+    alloc = meta.get("allocator")
+    if alloc is not None and not (isinstance(alloc, dict) and "class" in alloc and "state" in alloc):
+        raise bad("'allocator' must be null or an object with 'class' and 'state'")
+    rec = meta.get("tensor_file")
+    if rec is not None and not isinstance(rec, dict):
+        raise bad(f"'tensor_file' is a {type(rec).__name__}, expected an object")
+    return meta
 
 
 def _check_base(model: nn.Module, specs: dict[str, dict]) -> None:

@@ -77,6 +77,12 @@ class MoELoRALinear(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.reset_parameters()
 
+    def __getstate__(self):
+        # aux_loss is the last forward's graph node: per-forward, and deepcopy refuses non-leaf tensors
+        state = super().__getstate__()
+        state["aux_loss"] = None
+        return state
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         # Each expert's A gets the nn.Linear/PEFT init of an [r, K] matrix; B = 0 so the layer starts as the base.

@@ -96,6 +96,24 @@ class ShareGroup:
         new.modules = list(self.modules)
         return new
 
+    def __getstate__(self):
+        # the shrink cache holds a weakref to one forward's input: per-forward state, and not picklable
+        return {**self.__dict__, "_cache": None}
+
+
+class _GradRef(weakref.ref):
+    """Weak reference to a shared matrix's accumulation buffer (its ``.grad``). A pickled model carries no
+    ``.grad``, so it pickles as no reference; plain weakrefs cannot be pickled at all."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return _no_ref, ()
+
+
+def _no_ref() -> None:
+    return None
+
 
 class _ShrinkFn(torch.autograd.Function):
     @staticmethod
@@ -130,9 +148,10 @@ class _ExpandFn(torch.autograd.Function):
 
 def _refuse_autograd_grad(p: torch.Tensor) -> None:
     # The hook also fires when the op returned no gradient (in-place mode): only a .grad that is no longer
-    # the buffer the layers accumulate into means autograd replaced it.
+    # the buffer the layers accumulate into means autograd replaced it. No buffer handed out (a fresh copy of
+    # the model, switched to accumulate="autograd") means no in-place contribution to lose.
     buf = getattr(p, "_lora_kernels_buffer", None)
-    if p.grad is None or p.dtype not in _INPLACE_DTYPES or (buf is not None and buf() is p.grad):
+    if p.grad is None or p.dtype not in _INPLACE_DTYPES or buf is None or buf() is p.grad:
         return
     raise RuntimeError(
         f"a shared LoRA matrix {tuple(p.shape)} received a gradient through autograd while its layers accumulate "
@@ -144,7 +163,7 @@ def _record_buffer(p: torch.Tensor, grad: torch.Tensor) -> None:
     # The buffer the layers add into: _refuse_autograd_grad tells it apart from a gradient autograd wrote.
     buf = getattr(p, "_lora_kernels_buffer", None)
     if buf is None or buf() is not grad:
-        p._lora_kernels_buffer = weakref.ref(grad)
+        p._lora_kernels_buffer = _GradRef(grad)
 
 
 class SharedLoRALinear(LoRALinear):
@@ -165,11 +184,19 @@ class SharedLoRALinear(LoRALinear):
             raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {accumulate!r}")
         self.share_a, self.share_b = share_a, share_b
         self.accumulate, self.reuse_shrink = accumulate, bool(reuse_shrink)
-        if accumulate == "inplace":
-            for grp, p in ((share_a, self.lora_A), (share_b, self.lora_B)):
+        self._guard_shared()
+
+    def _guard_shared(self) -> None:
+        if self.accumulate == "inplace":
+            for grp, p in ((self.share_a, self.lora_A), (self.share_b, self.lora_B)):
                 hooks = getattr(p, "_post_accumulate_grad_hooks", None) or {}
                 if grp is not None and _refuse_autograd_grad not in hooks.values():
                     p.register_post_accumulate_grad_hook(_refuse_autograd_grad)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # torch drops tensor hooks on pickle and deepcopy: put the guard back on the (still shared) matrices
+        self._guard_shared()
 
     def _accum_buffer(self, grp: ShareGroup | None, p: torch.Tensor) -> gated_op.GradSlot | None:
         # A slot, not p.grad itself: the buffer is bound when backward runs, so zero_grad(set_to_none=True)

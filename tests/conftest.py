@@ -1,25 +1,16 @@
 import os
 
 import pytest
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
-# Property tests: >= 200 generated cases per entry point in CI, reproducible; HYPOTHESIS_PROFILE=nightly for more.
-settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True)
-settings.register_profile("nightly", max_examples=2000, deadline=None)
+# Property tests: "ci" (the default) 200 generated cases per property, derandomized so a CI run is reproducible;
+# "nightly" 2000 (HYPOTHESIS_PROFILE=nightly). No example database (the suite runs with -p no:cacheprovider and
+# leaves no files behind); no deadline: the 2-core CI machine is shared and one case's time says nothing about
+# correctness.
+_common = {"deadline": None, "database": None, "suppress_health_check": [HealthCheck.too_slow]}
+settings.register_profile("ci", max_examples=200, derandomize=True, **_common)
+settings.register_profile("nightly", max_examples=2000, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-try:
-    from hypothesis import HealthCheck, settings
-except ImportError:  # the property tests skip themselves (pytest.importorskip)
-    settings = None
-if settings is not None:
-    # "ci" (default): 200 generated cases per property, derandomized so a CI run is reproducible; "nightly": 2000.
-    # No example database (the suite runs with -p no:cacheprovider and leaves no files behind); no deadline: the
-    # 2-core CI machine is shared and one case's time says nothing about correctness.
-    _common = {"deadline": None, "database": None, "suppress_health_check": [HealthCheck.too_slow]}
-    settings.register_profile("ci", max_examples=200, derandomize=True, **_common)
-    settings.register_profile("nightly", max_examples=2000, **_common)
-    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def interpreter_on() -> bool:

@@ -21,12 +21,21 @@ PROG = "lora-kernels"
 BENCH_MODULES = ("bench_gated", "bench_share", "bench_alloc", "bench_alpha", "bench_moe", "bench_memory", "bench_step",
                  "bench_gpu")
 BENCH_OPTIONAL = ("bench_step",)  # merged from another branch: absent in some builds
+COMMAND_METAVAR = "{demo,alloc,train,bench,profile,info}"
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage dump
         sys.stderr.write(f"{self.prog}: error: {message} (see {PROG} {{command}} --help)\n")
         raise SystemExit(2)
+
+    def parse_args(self, args=None, namespace=None):
+        # The command is checked after argparse has reported unknown options: with sub.required, argparse
+        # names the missing command first and `lora-kernels --bogus` would never hear about --bogus.
+        ns = super().parse_args(args, namespace)
+        if getattr(ns, "command", "") is None:
+            self.error(f"the following arguments are required: {COMMAND_METAVAR}")
+        return ns
 
 
 def _positive_int(s: str) -> int:
@@ -74,8 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Fused LoRA kernels and rank / expert allocators (ShapLoRA, ShareLoRA, "
                                        "AlphaLoRA) on real offline models.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", metavar="{demo,alloc,train,bench,profile,info}", parser_class=_Parser)
-    sub.required = True
+    sub = p.add_subparsers(dest="command", metavar=COMMAND_METAVAR, parser_class=_Parser)
     d = sub.add_parser("demo", help="the allocators side by side on MiniLM-L6 + Rotten Tomatoes (offline)")
     _common(d, "training steps per method (default 250; --quick: 8)")
     d.add_argument("--methods", type=_methods, default=None, help="comma list of lora,shaplora,sharelora,alphalora")

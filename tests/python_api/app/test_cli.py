@@ -54,3 +54,15 @@ def test_alloc_alphalora_writes_png_and_json(tmp_path, capsys):
     assert len(res["experts"]) == 6 and sum(res["experts"]) == 12 and min(res["experts"]) >= 1
     assert (tmp_path / "alphalora_experts.png").read_bytes()[:4] == b"\x89PNG"
     assert "layer 0: alpha" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, want", [
+    (["--bogus"], "unrecognized arguments: --bogus"), (["--bogus", "info"], "unrecognized arguments: --bogus"),
+    (["info", "--bogus"], "unrecognized arguments: --bogus"), ([], "required: {demo,alloc,bench,profile,info}"),
+    (["--debug"], "required: {demo,alloc,bench,profile,info}"),
+])
+def test_unknown_option_is_named_before_the_missing_command(args, want, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and want in err and len(err.strip().splitlines()) == 1
