@@ -32,6 +32,7 @@ from bench.harness import (RESULTS, format_table, make_row, measure, peak_alloc_
 
 PLOTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plots")
 CONTESTANTS = ("floor", "peft", "ours", "ours_half_masked", "shareA", "moe")
+REFERENCE = "ours_reference"   # optional (--reference): ``ours`` on the pure-torch reference (LORA_KERNELS_CPU_FAST=0)
 SHAPES = {"minilm": (32, 128), "smollm2": (4, 256)}    # (batch, tokens)
 QUICK = {"models": ("minilm",), "ranks": (8,), "dtypes": ("fp32",), "steps": 2, "warmup": 1,
          "shapes": {"minilm": (4, 32)}}
@@ -84,7 +85,7 @@ def build(name: str, base, targets: list[str], r: int, layers: int):
     elif name == "peft":
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets))
-    elif name in ("ours", "ours_half_masked", "shareA"):
+    elif name in ("ours", "ours_half_masked", "shareA", REFERENCE):
         import python_api as lk
         masks = None
         if name == "ours_half_masked":
@@ -120,8 +121,8 @@ def _loss(model, batch: dict, task: str) -> torch.Tensor:
 class Stepper:
     """One contestant's training step (AdamW; the floor has no trainable parameter and no optimizer)."""
 
-    def __init__(self, model, batch: dict, task: str, dtype: torch.dtype):
-        self.model, self.batch, self.task, self.dtype = model, batch, task, dtype
+    def __init__(self, model, batch: dict, task: str, dtype: torch.dtype, reference: bool = False):
+        self.model, self.batch, self.task, self.dtype, self.reference = model, batch, task, dtype, reference
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.0) if self.params else None
 
@@ -130,9 +131,18 @@ class Stepper:
             self.opt.zero_grad(set_to_none=True)
 
     def run(self):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
-            loss = _loss(self.model, self.batch, self.task)
-        loss.backward()
+        from lora_kernels.gated import CPU_FAST_ENV
+        old = os.environ.get(CPU_FAST_ENV)
+        os.environ[CPU_FAST_ENV] = "0" if self.reference else "1"
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
+                loss = _loss(self.model, self.batch, self.task)
+            loss.backward()
+        finally:
+            if old is None:
+                del os.environ[CPU_FAST_ENV]
+            else:
+                os.environ[CPU_FAST_ENV] = old
         if self.opt is not None:
             self.opt.step()
 
@@ -145,7 +155,8 @@ def bench_config(model_name: str, base, vocab: int, targets: list[str], task: st
                  batch: int, seq: int, steps: int, warmup: int, contestants=CONTESTANTS) -> list[dict]:
     layers = base.config.num_hidden_layers
     data = make_batch(vocab, batch, seq, task)
-    steppers = {c: Stepper(build(c, base, targets, r, layers), data, task, DTYPES[dtype]) for c in contestants}
+    steppers = {c: Stepper(build(c, base, targets, r, layers), data, task, DTYPES[dtype], c == REFERENCE)
+                for c in contestants}
     stats = measure(steppers, warmup=warmup, repeats=steps)
     peaks = {}
     for c, s in steppers.items():
@@ -191,20 +202,23 @@ def plot(rows: list[dict], path: str) -> str:
 
 
 def run(quick: bool = False, models=None, ranks=None, dtypes=None, steps: int | None = None,
-        warmup: int | None = None, threads: int = 2, directory: str = RESULTS, plots: str = PLOTS) -> list[dict]:
+        warmup: int | None = None, threads: int = 2, directory: str = RESULTS, plots: str = PLOTS,
+        reference: bool = False, shapes: dict | None = None, name: str | None = None) -> list[dict]:
     pin_threads(threads)
     cfg = QUICK if quick else {"models": ("minilm", "smollm2"), "ranks": (8, 16), "dtypes": ("fp32", "bf16"),
                                "steps": 20, "warmup": 3, "shapes": SHAPES}
     models, ranks, dtypes = models or cfg["models"], ranks or cfg["ranks"], dtypes or cfg["dtypes"]
     steps, warmup = steps or cfg["steps"], warmup if warmup is not None else cfg["warmup"]
+    contestants = CONTESTANTS + ((REFERENCE,) if reference else ())
+    shapes = {**cfg["shapes"], **(shapes or {})}
     rows = []
-    name = "step_cpu_quick" if quick else "step_cpu"
+    name = name or ("step_cpu_quick" if quick else "step_cpu")
     for m in models:
         base, vocab, targets, task = load(m)
-        batch, seq = cfg["shapes"][m]
+        batch, seq = shapes[m]
         for r in ranks:
             for dt in dtypes:
-                rows += bench_config(m, base, vocab, targets, task, r, dt, batch, seq, steps, warmup)
+                rows += bench_config(m, base, vocab, targets, task, r, dt, batch, seq, steps, warmup, contestants)
                 # after every configuration: a long run killed part-way keeps what it measured
                 write_results(rows, name, {"threads": threads, "quick": quick, "steps": steps, "warmup": warmup},
                               directory)
@@ -222,8 +236,17 @@ def main():
     ap.add_argument("--steps", type=int)
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reference", action="store_true", help=f"add {REFERENCE!r}: ours on the reference backend")
+    ap.add_argument("--batch", type=int, help="override the batch size (all models)")
+    ap.add_argument("--seq", type=int, help="override the sequence length (all models)")
+    ap.add_argument("--name", help="result file name (default step_cpu / step_cpu_quick)")
     a = ap.parse_args()
-    rows = run(a.quick, a.models, a.ranks, a.dtypes, a.steps, a.warmup, a.threads)
+    shapes = None
+    if a.batch or a.seq:
+        base = QUICK["shapes"] if a.quick else SHAPES
+        shapes = {m: (a.batch or b, a.seq or s) for m, (b, s) in base.items()}
+    rows = run(a.quick, a.models, a.ranks, a.dtypes, a.steps, a.warmup, a.threads, reference=a.reference,
+               shapes=shapes, name=a.name)
     print(format_table(rows, cols=("provider", "mode", "shape", "dtype", "median", "ratio_vs_peft",
                                    "ratio_vs_floor", "peak_ratio_vs_peft")))
 

@@ -10,6 +10,7 @@ with exactly the semantics of :mod:`lora_kernels.reference`.
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 
@@ -39,6 +40,7 @@ class _Lazy:
         return getattr(self._mod, item)
 
 
+_CPU_FAST = _Lazy(".cpu_fast")
 REGISTRY = {
     "torch": _TorchBackend(),
     "triton": _Lazy(".triton_gated"),
@@ -51,9 +53,17 @@ def problem(x: torch.Tensor, gate: torch.Tensor | None, dropout_p: float) -> Pro
     return Problem("gated_lora", x.device, x.dtype, x.shape[0], kind, dropout_p > 0)
 
 
+CPU_FAST_ENV = "LORA_KERNELS_CPU_FAST"   # "0": CPU tensors run the reference itself (A/B timing, debugging)
+
+
 def select_backend(x: torch.Tensor, gate: torch.Tensor | None, dropout_p: float):
-    """Returns ``(name, implementation)`` for one call."""
-    return select(problem(x, gate, dropout_p), REGISTRY)
+    """Returns ``(name, implementation)`` for one call. On CPU the torch backend runs :mod:`.cpu_fast` (the
+    reference's products in CPU-friendly GEMM layouts) unless ``LORA_KERNELS_CPU_FAST=0``."""
+    p = problem(x, gate, dropout_p)
+    name, impl = select(p, REGISTRY)
+    if name == "torch" and os.environ.get(CPU_FAST_ENV, "1") != "0" and _CPU_FAST.supports(p)[0]:
+        return name, _CPU_FAST
+    return name, impl
 
 
 def active_ranks(gate: torch.Tensor) -> torch.Tensor | None:
