@@ -198,6 +198,33 @@ def native_available() -> tuple[bool, str]:
     return True, "native one-pass CPU loop (lora_kernels._lora_kernels_cpu)"
 
 
+def _flush_denormal_on() -> bool:
+    # torch has a setter and no getter: with FTZ/DAZ on, a subnormal input reads as zero.
+    return bool(torch.tensor(1e-40, dtype=torch.float32).mul(2.0).item() == 0.0)
+
+
+FLUSH_ENV = "LORA_KERNELS_FLUSH_DENORMAL"   # "0": the native loop keeps subnormals (exact below 1.2e-38)
+
+
+def _native_update(mod, *args) -> bool:
+    """The native loop with flush-to-zero on (the caller's setting restored after). Gradients that repeat push
+    Ū = β2·Ū + (1−β2)·|I − Ī| geometrically into fp32 subnormals, and subnormal arithmetic is microcoded on x86:
+    measured on the 2-core EPYC, MiniLM's 72 A/B tensors with Ū at 1e-39: 0.66 → 0.39 ms per update (1.7×).
+    Values below 1.2e-38 become 0 (scores of that size are 0 for ranking). NATIVE_THREADS = 1: the loop runs on
+    this thread, the one whose MXCSR ``set_flush_denormal`` sets. ``LORA_KERNELS_FLUSH_DENORMAL=0`` turns it off
+    (then bf16 weights below 1.2e-38, themselves subnormal, are decoded and used exactly)."""
+    if os.environ.get(FLUSH_ENV, "1").strip() == "0":
+        return mod.sensitivity_update(*args)
+    was_on = _flush_denormal_on()
+    if not was_on:
+        torch.set_flush_denormal(True)
+    try:
+        return mod.sensitivity_update(*args)
+    finally:
+        if not was_on:
+            torch.set_flush_denormal(False)
+
+
 def _native_ok(p: torch.Tensor, g: torch.Tensor) -> bool:
     return (p.is_cpu and g.is_cpu and p.dtype is g.dtype and p.dtype in NATIVE_DTYPES and p.is_contiguous()
             and g.is_contiguous())
@@ -242,8 +269,8 @@ def sensitivity_update_native(params, grads, ipt, unc, kinds, score_offsets, sco
     table = _native_table(ipt, unc, kinds, score_offsets)  # must outlive the call
     _fill_native(table.numpy(), [p.data_ptr() for p in params], [g.data_ptr() for g in grads],
                  [NATIVE_DTYPES[p.dtype] for p in params])
-    bad = mod.sensitivity_update(table.data_ptr(), len(params), scores.data_ptr(), scores.numel(), float(beta1),
-                                 float(beta2), int(n_threads))
+    bad = _native_update(mod, table.data_ptr(), len(params), scores.data_ptr(), scores.numel(), float(beta1),
+                         float(beta2), int(n_threads))
     return torch.tensor(bad)
 
 
@@ -315,8 +342,8 @@ class SensitivityPlan:
             else:
                 _fill_native(self._np, pp, gp, codes)
                 mod = _cpu_loader.require()
-                return torch.tensor(mod.sensitivity_update(self._table.data_ptr(), n, scores.data_ptr(), self.n_scores,
-                                                           float(beta1), float(beta2), NATIVE_THREADS))
+                return torch.tensor(_native_update(mod, self._table.data_ptr(), n, scores.data_ptr(), self.n_scores,
+                                                   float(beta1), float(beta2), NATIVE_THREADS))
         flat = [(p.reshape(-1), g.reshape(-1)) if k == KIND_E else (p, g) for p, g, k in zip(params, grads, self.kinds)]
         return fused_sensitivity_update([p for p, _ in flat], [g for _, g in flat], self.ipt, self.unc, self.kinds,
                                         self.offsets, scores, beta1, beta2)
