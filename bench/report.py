@@ -27,6 +27,10 @@ SECTIONS = [  # (title, file prefix, what the reader should look at)
     ("GPU kernels: sensitivity update, ShareLoRA accumulation, MoE-LoRA, layer alphas", "kernels_gpu",
      "vs a PEFT-style per-parameter loop / autograd accumulation / a loop over experts / per-matrix svdvals + "
      "Hill; GB/s and % of the card's peak (H100: 3.35 TB/s, 990 TFLOP/s bf16)"),
+    ("Whole fine-tuning step (CPU)", "step", "one training step (forward, loss, backward, AdamW) per contestant, "
+     "interleaved in one process, 2 threads: the frozen base (floor), PEFT LoRA, ours, ours with half the ranks "
+     "masked, ShareA, MoE-LoRA (and `ours_reference`: ours on the pure-torch reference backend); ratio_vs_peft, "
+     "ratio_vs_floor and peak allocator bytes; `python -m bench.bench_step`"),
     ("Allocation overhead: sensitivity tracker vs PEFT RankAllocator", "alloc", ""),
     ("Training memory per method (MiniLM-L6)", "memory", "trainable parameters, AdamW state, gradient bytes and "
      "peak allocator bytes of one steady-state training step (torch profiler, CPU allocator), same model and "

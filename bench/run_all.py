@@ -15,7 +15,8 @@ import sys
 import time
 import traceback
 
-MODULES = ["bench_gated", "bench_alloc", "bench_share", "bench_alpha", "bench_moe", "bench_memory", "bench_accuracy"]
+MODULES = ["bench_gated", "bench_alloc", "bench_share", "bench_alpha", "bench_moe", "bench_memory", "bench_step",
+           "bench_accuracy"]
 
 
 def _call(mod, quick: bool):

@@ -6,7 +6,8 @@ Each backend says whether it is usable at all (``availability``) and whether it 
 When nothing qualifies the error lists every backend with its reason.
 
 Backends: ``cuda`` (the compiled CUDA module), ``triton``, ``native`` (the compiled CPU module: the fused
-sensitivity loop) and ``torch`` (the readable references, always usable). This is the only place that picks one.
+sensitivity loop), ``cpu`` (torch ops in CPU-fast layouts: the gated op's CPU path) and ``torch`` (the readable
+references, always usable). An op family registers the backends it has; this is the only place that picks one.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from typing import Callable
 import torch
 
 ENV_VAR = "LORA_KERNELS_BACKEND"
-BACKENDS = ("cuda", "triton", "native", "torch")
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("native", "torch")}
+BACKENDS = ("cuda", "triton", "native", "cpu", "torch")
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("native", "cpu", "torch")}
 
 
 class BackendUnavailable(RuntimeError):
@@ -59,6 +60,10 @@ def _triton_availability() -> tuple[bool, str]:
     return True, f"triton {triton.__version__} on CUDA"
 
 
+def _cpu_availability() -> tuple[bool, str]:
+    return True, "torch ops in CPU-fast GEMM layouts: always usable"
+
+
 def _native_availability() -> tuple[bool, str]:
     from .compiled import cpu_module
     mod, err = cpu_module.load()
@@ -81,17 +86,18 @@ _AVAILABILITY: dict[str, Callable[[], tuple[bool, str]]] = {
     "torch": _torch_availability,
     "triton": _triton_availability,
     "native": _native_availability,
+    "cpu": _cpu_availability,
     "cuda": _cuda_availability,
 }
 
 
 def available_backends() -> dict[str, dict[str, object]]:
-    """For each of ``torch``, ``native``, ``triton``, ``cuda``: ``{"usable": bool, "reason": str}``.
+    """For each of ``torch``, ``cpu``, ``native``, ``triton``, ``cuda``: ``{"usable": bool, "reason": str}``.
 
     Never initialises CUDA unless torch already can (``torch.cuda.is_available`` does not create a context).
     """
     out = {}
-    for name in ("torch", "native", "triton", "cuda"):
+    for name in ("torch", "cpu", "native", "triton", "cuda"):
         ok, why = _AVAILABILITY[name]()
         out[name] = {"usable": ok, "reason": why}
     return out

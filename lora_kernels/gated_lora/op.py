@@ -48,7 +48,8 @@ _NS = "lora_kernels"
 # -> (dx, dA, dB, dG)`` with exactly the semantics of :mod:`.reference`.
 REGISTRY = {"torch": reference_backend(gated_lora_forward=reference.gated_lora_forward,
                                       gated_lora_backward=reference.gated_lora_backward),
-            "triton": LazyBackend(".triton", __package__), "cuda": LazyBackend(".cuda", __package__)}
+            "cpu": LazyBackend(".cpu", __package__), "triton": LazyBackend(".triton", __package__),
+            "cuda": LazyBackend(".cuda", __package__)}
 
 
 def select_backend(x: Tensor, gate: Optional[Tensor], dropout_p: float):

@@ -11,7 +11,7 @@ Backward: autograd sums the three ``dH_i = s · dy_i B_i`` into one [T, R] tenso
 
 Shared matrices are accumulated in place: with ``accum_a`` / ``accum_b`` (fp32 buffers shaped like A / B)
 the gradient is added into the buffer (``addmm_``), with no per-layer temporary of A's or B's size, and
-returned as None. These are pure-torch (cuBLAS / oneDNN GEMMs); the gated op of :mod:`lora_kernels.gated`
+returned as None. These are pure-torch (cuBLAS / oneDNN GEMMs); the gated op of :mod:`.op`
 implements the same ``accum_*`` contract in every backend for the ordinary (unsplit) path.
 """
 from __future__ import annotations

@@ -124,8 +124,9 @@ class SensitivityPlan:
             else:
                 native_cpu._fill_native(self._np, pp, gp, codes)
                 mod = native_cpu.cpu_module.require()
-                return torch.tensor(mod.sensitivity_update(self._table.data_ptr(), n, scores.data_ptr(), self.n_scores,
-                                                           float(beta1), float(beta2), native_cpu.NATIVE_THREADS))
+                return torch.tensor(native_cpu.native_update(mod, self._table.data_ptr(), n, scores.data_ptr(),
+                                                             self.n_scores, float(beta1), float(beta2),
+                                                             native_cpu.NATIVE_THREADS))
         flat = [(p.reshape(-1), g.reshape(-1)) if k == KIND_E else (p, g) for p, g, k in zip(params, grads, self.kinds)]
         return fused_sensitivity_update([p for p, _ in flat], [g for _, g in flat], self.ipt, self.unc, self.kinds,
                                         self.offsets, scores, beta1, beta2)
