@@ -89,13 +89,23 @@ def test_round_trip_after_training_keeps_outputs_sharing_and_gradients(kind, how
 @pytest.mark.parametrize("how", [pickled, copy.deepcopy], ids=["torch.save", "deepcopy"])
 def test_shared_gradient_guard_survives_the_round_trip(how):
     # torch drops tensor hooks on pickle/deepcopy; the guard against losing the in-place contributions of a
-    # shared A is put back. (Replacing .grad by hand, not backward(create_graph=True): torch warns about that
-    # once per process, and test_share checks that warning.)
+    # shared A is put back, and a second use of A (a regulariser) still sums with the layers' in-place
+    # contributions, as in autograd mode. (The guard's refusal itself needs backward(create_graph=True), which
+    # torch warns about once per process; test_share checks it.)
+    from python_api.share import _refuse_autograd_grad
     m = build("share-A")
     step(m)
     m2 = how(m)
     a = m2.layers[0].q_proj.lora_A
-    loss = m2(X).sum() + (a @ a.t()).square().sum()
-    a.grad = torch.zeros_like(a)    # not the buffer the forward handed to the layers
-    with pytest.raises(RuntimeError, match="accumulate='autograd'"):
-        loss.backward()
+    assert _refuse_autograd_grad in a._post_accumulate_grad_hooks.values()
+    grads = []
+    for accumulate in ("inplace", "autograd"):
+        m3 = copy.deepcopy(m2)
+        for layer in m3.modules():
+            if hasattr(layer, "configure_sharing") and layer.share_a is not None:
+                layer.accumulate = accumulate
+        a3 = m3.layers[0].q_proj.lora_A
+        a3.grad = None
+        (m3(X).sum() + (a3 @ a3.t()).square().sum()).backward()
+        grads.append(a3.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])

@@ -58,8 +58,8 @@ def test_alloc_alphalora_writes_png_and_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, want", [
     (["--bogus"], "unrecognized arguments: --bogus"), (["--bogus", "info"], "unrecognized arguments: --bogus"),
-    (["info", "--bogus"], "unrecognized arguments: --bogus"), ([], "required: {demo,alloc,bench,profile,info}"),
-    (["--debug"], "required: {demo,alloc,bench,profile,info}"),
+    (["info", "--bogus"], "unrecognized arguments: --bogus"), ([], "required: {demo,alloc,train,bench,profile,info}"),
+    (["--debug"], "required: {demo,alloc,train,bench,profile,info}"),
 ])
 def test_unknown_option_is_named_before_the_missing_command(args, want, capsys):
     with pytest.raises(SystemExit) as e:
