@@ -17,6 +17,9 @@ import importlib
 import os
 import sys
 
+from .argtypes import positive_float as _positive_float
+from .argtypes import positive_int as _positive_int
+
 PROG = "lora-kernels"
 BENCH_MODULES = ("bench_gated", "bench_share", "bench_alloc", "bench_alpha", "bench_moe", "bench_memory", "bench_step",
                  "bench_gpu")
@@ -36,26 +39,6 @@ class _Parser(argparse.ArgumentParser):
         if getattr(ns, "command", "") is None:
             self.error(f"the following arguments are required: {COMMAND_METAVAR}")
         return ns
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
 
 
 def _methods(s: str) -> tuple:

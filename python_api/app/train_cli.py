@@ -10,34 +10,11 @@ import argparse
 import shlex
 import sys
 
+from .argtypes import fraction as _frac
+from .argtypes import positive_float as _pos_float
+from .argtypes import positive_int as _pos_int
+
 METHODS = ("lora", "adalora", "shaplora", "sharelora-a", "sharelora-b", "sharelora-ab", "moe-uniform", "alphalora")
-
-
-def _pos_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
-
-
-def _pos_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
-
-
-def _frac(s: str) -> float:
-    v = _pos_float(s)
-    if v >= 0.5:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 0.5), got {s!r}")
-    return v
 
 
 def _model_data(p: argparse.ArgumentParser, required: bool):
