@@ -92,6 +92,7 @@ class TrainConfig:
     overwrite: bool = False
     merge: bool = False
     verify: bool = True
+    supernet_check: bool = True      # ShapLoRA: refuse to score a super-network that did not learn
     val_frac: float = 0.1
     test_frac: float = 0.1
     save_every: int = 50
@@ -373,7 +374,7 @@ class Run:
         self.checkpoints = True
         self.state: dict = {"phase": None, "step": 0, "losses": {}, "train_seconds": 0.0,
                             "allocation_seconds": 0.0, "phase_seconds": {}, "masks": None, "experts": None,
-                            "alphas": None, "scores": None, "final_pattern": None}
+                            "alphas": None, "scores": None, "final_pattern": None, "supernet_before": None}
 
     # -- checkpoints
     @property
@@ -688,18 +689,40 @@ def _experts(cfg: TrainConfig, base, targets, n_blocks) -> tuple[list[int], list
 
 def _shaplora_masks(runner: Run, P: dict, resume_state=None) -> dict[str, torch.Tensor]:
     """Super-network for half the steps, Shapley scores on (up to 256) validation examples, global top-budget."""
-    from ..allocators.shaplora import allocate_ranks, shapley_sensitivity
+    from ..allocators.shaplora import (SupernetNotLearnedError, _fit_check, _learned, allocate_ranks,
+                                       shapley_sensitivity, to_merged_basis)
 
     cfg, tok, enc = runner.cfg, P["tok"], P["enc"]
     sup = adapt(P["base"], cfg, P["targets"], P["heads"])
-    runner.train_phase("supernet", sup, enc["train"], tok, max(1, P["steps"] // 2),
-                       resume_state if resume_state is not None and resume_state["phase"] == "supernet" else None)
     val = enc["validation"]
     n = min(len(val), SHAPLEY_VAL_EXAMPLES)
     batches = [collate(tok, val, list(range(i, min(i + cfg.batch_size, n))), cfg.task)
                for i in range(0, n, cfg.batch_size)]
-    runner.log(f"shaplora: scoring {n} validation examples")
-    scores = shapley_sensitivity(sup, batches, "taylor", loss_fn=lambda m, b: per_example_loss(m, b, cfg.task),
+
+    def loss_fn(m, b):
+        return per_example_loss(m, b, cfg.task)
+
+    def predict_fn(m, b):
+        return m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1), b["labels"]
+
+    predict = predict_fn if cfg.task == "classify" else None
+    if runner.state.get("supernet_before") is None:   # the untrained super-network (kept across a resume)
+        runner.state["supernet_before"] = _fit_check(sup, batches, loss_fn, predict)
+    before = runner.state["supernet_before"]
+    runner.train_phase("supernet", sup, enc["train"], tok, max(1, P["steps"] // 2),
+                       resume_state if resume_state is not None and resume_state["phase"] == "supernet" else None)
+    # Never hand noise to the allocator: the super-network must have learned (validation loss down 5%, and for
+    # classification accuracy above the majority class) before its Shapley scores mean anything.
+    after = _fit_check(sup, batches, loss_fn, predict)
+    if cfg.supernet_check and not _learned(before, after, 0.05):
+        raise SupernetNotLearnedError(
+            f"shaplora: the super-network did not learn in {max(1, P['steps'] // 2)} steps (validation {after} vs "
+            f"untrained {before}); its Shapley scores would be noise. Use more --steps or a higher --lr "
+            "(--no-supernet-check skips this check).")
+    to_merged_basis(sup)   # one player per learned direction (docs/ALGORITHMS.md §3)
+    runner.log(f"shaplora: super-network validation loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}; "
+               f"scoring {n} validation examples")
+    scores = shapley_sensitivity(sup, batches, "taylor", loss_fn=loss_fn,
                                  generator=torch.Generator().manual_seed(cfg.seed),
                                  batch_size_fn=lambda b: b["input_ids"].shape[0])
     return allocate_ranks(scores, int(cfg.budget))

@@ -49,6 +49,8 @@ def _model_data(p: argparse.ArgumentParser, required: bool):
     p.add_argument("--beta", type=_pos_float, default=2.5, help="AlphaLoRA exponent")
     p.add_argument("--threads", type=_pos_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-supernet-check", action="store_true",
+                   help="shaplora: score the super-network even if its validation loss did not fall 5%% (not advised)")
     p.add_argument("--overwrite", action="store_true", help="write into an --out that is not ours / restart a run")
 
 
@@ -78,6 +80,8 @@ def add_alloc_options(a: argparse.ArgumentParser) -> None:
     a.add_argument("--targets", nargs="+", default=None)
     a.add_argument("--lr", type=_pos_float, default=None)
     a.add_argument("--overwrite", action="store_true")
+    a.add_argument("--no-supernet-check", action="store_true",
+                   help="shaplora: score the super-network even if its validation loss did not fall 5%% (not advised)")
 
 
 def config_from_args(args, method: str | None = None, argv: list[str] | None = None):
@@ -94,7 +98,8 @@ def config_from_args(args, method: str | None = None, argv: list[str] | None = N
         resume=bool(g("resume", False)), overwrite=bool(g("overwrite", False)), merge=bool(g("merge", False)),
         verify=not g("no_verify", False), val_frac=g("val_frac", 0.1), test_frac=g("test_frac", 0.1),
         save_every=g("save_every", 50), expert_r=g("expert_r"), beta=g("beta", 2.5), threads=g("threads"),
-        progress=not g("no_progress", False), command=shlex.join(["lora-kernels", *argv]))
+        progress=not g("no_progress", False), supernet_check=not g("no_supernet_check", False),
+        command=shlex.join(["lora-kernels", *argv]))
 
 
 def _guarded(fn, args, prog: str) -> int:
