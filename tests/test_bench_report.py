@@ -102,3 +102,17 @@ def test_scaling_series_needs_one_varying_size():
     series = report.scaling_series(_gated_rows())
     assert list(series) == [("lora_linear", "full", "T")]
     assert series[("lora_linear", "full", "T")]["peft"] == [(256, 2.0), (512, 4.0), (1024, 8.0)]
+
+
+def test_goals_table_reports_met_missed_and_not_measured(tmp_path):
+    import json
+
+    from bench import report
+    rows = [{"op": "train_step", "provider": "ours", "ratio_vs_peft": 0.8, "ratio_vs_floor": 1.3,
+             "peak_ratio_vs_peft": 0.95, "median": 1.0}]
+    (tmp_path / "step_cpu_x.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    lines = report.goals_md(str(tmp_path))
+    assert len(lines) == 2 + 7
+    assert "| whole step, ours / PEFT | <= 0.85 | 0.80 | met |" in lines
+    assert "| whole step, ours / floor | <= 1.10 | 1.30 | missed |" in lines
+    assert sum("not measured" in line for line in lines) == 4
