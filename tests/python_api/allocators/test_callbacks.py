@@ -22,6 +22,16 @@ N, SEQ, VOCAB, BS, STEPS, R, BUDGET = 16, 8, 40, 8, 8, 4, 6
 SPAWN_TIMEOUT_S = 240
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matrices: a second intra-op thread only spins, and on a loaded machine it slows a step ~100x (measured:
+    # the hand-written loop below, 17.5 s wall with 2 threads vs 0.13 s with 1).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class _Toy(torch.utils.data.Dataset):
     def __init__(self, n=N, seed=0):
         # each class draws its tokens from its own half of the vocabulary: learnable in a few steps
