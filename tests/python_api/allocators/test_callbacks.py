@@ -217,6 +217,16 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
         sh = _shaplora(os.path.join(out_dir, f"shap{rank}"), bs=BS // world)
         res["shaplora"] = {n: m.tolist() for n, m in sh["masks"].items()}
         res["shaplora_same"] = same_on_all_ranks(res["shaplora"])
+        # the guard before each Trainer run: ranks whose rank patterns differ are refused
+        import python_api as lk
+        from python_api.allocators.callbacks import _same_masks_everywhere
+        odd = _model()
+        next(iter(lk.adapter_layers(odd).values())).set_rank_mask([1, 1, 1, rank % 2])
+        try:
+            _same_masks_everywhere(odd)
+            res["guard"] = None
+        except RuntimeError as e:
+            res["guard"] = str(e)
         res["world"] = dist.get_world_size()
     except Exception:
         res["error"] = traceback.format_exc()
@@ -246,6 +256,7 @@ def test_two_gloo_ranks_allocate_identically_and_as_one_process():
             assert "error" not in o, f"rank {r}:\n{o['error']}"
             assert o["world"] == 2 and o["wrapped"] == "DistributedDataParallel"
             assert o["adalora_same"] and o["shaplora_same"]
+            assert o["guard"] is not None and "differs between ranks" in o["guard"]
         assert res[0]["adalora"] == res[1]["adalora"]
         assert res[0]["shaplora"] == res[1]["shaplora"]
         _, ref = _hand_adalora()
