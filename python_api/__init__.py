@@ -30,6 +30,8 @@ _EXPORTS = {
     "shapley_sensitivity": ".allocators.shaplora",
     "allocate_ranks": ".allocators.shaplora",
     "shaplora_workflow": ".allocators.shaplora",
+    "adalora_callback": ".allocators.callbacks",
+    "shaplora_with_trainer": ".allocators.callbacks",
     "to_peft_rank_pattern": ".allocators.shaplora",
     "to_peft_lora_config": ".allocators.shaplora",
     "to_merged_basis": ".allocators.shaplora",

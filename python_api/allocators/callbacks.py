@@ -1,0 +1,147 @@
+"""The allocators under ``transformers.Trainer``: AdaLoRA as a ``TrainerCallback``, ShapLoRA as a thin driver.
+
+transformers is imported only when a callback is built (:func:`adalora_callback`, or the class through the
+module attribute ``AdaLoRACallback``) or the driver runs, so importing this module stays cheap.
+
+- AdaLoRA: :meth:`AdaLoRAAllocator.update_and_allocate` needs the step's gradients, after ``optimizer.step()`` and
+  before ``zero_grad()`` (as PEFT). Trainer fires ``on_optimizer_step`` right after ``optimizer.step()`` and
+  zeroes the gradients after it; ``state.global_step`` is then still the 0-based index of the step (it is
+  incremented after ``zero_grad``), the index a hand-written PEFT loop passes. Under gradient accumulation the
+  event fires once per optimizer step, on the accumulated gradients. Under DDP every rank sees the all-reduced
+  gradients, so every rank makes the same allocation.
+- ShapLoRA: :func:`shaplora_with_trainer` runs :func:`~python_api.allocators.shaplora.shaplora_workflow` with one
+  Trainer run for the super-network and one for the fresh, rank-masked model; the workflow's checks (budget,
+  super-network learned, score stability) apply unchanged.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import nn
+
+from .adalora import AdaLoRAAllocator
+
+__all__ = ["adalora_callback", "shaplora_with_trainer"]   # and AdaLoRACallback, built on first access
+
+
+@functools.cache
+def _adalora_callback_class():
+    from transformers import TrainerCallback
+
+    from .shaplora import orthogonality_hooks
+
+    class AdaLoRACallback(TrainerCallback):
+        """Runs ``allocator.update_and_allocate(step)`` after every optimizer step of a ``transformers.Trainer``.
+
+        ``orth_reg`` > 0 adds AdaLoRA's orthogonality penalty (weight γ) to the adapters' gradients during
+        training (:func:`~python_api.allocators.shaplora.orthogonality_hooks`: the model's loss stays plain).
+        ``history``: (step, rank pattern) for every step that masked.
+        """
+
+        def __init__(self, allocator: AdaLoRAAllocator, orth_reg: float = 0.0):
+            if not isinstance(allocator, AdaLoRAAllocator):
+                raise TypeError(f"allocator must be an AdaLoRAAllocator, got {type(allocator).__name__}")
+            if isinstance(orth_reg, bool) or not isinstance(orth_reg, (int, float)) or not orth_reg >= 0:
+                raise ValueError(f"orth_reg must be a real >= 0, got {orth_reg!r}")
+            self.allocator = allocator
+            self.orth_reg = float(orth_reg)
+            self.history: list[tuple[int, dict[str, list[bool]]]] = []
+            self._orth = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            final = self.allocator.total_step - self.allocator.tfinal
+            if state.max_steps <= final:
+                raise ValueError(f"the allocator's total_step ({self.allocator.total_step}) and tfinal "
+                                 f"({self.allocator.tfinal}) put the final mask at step {final}, but the Trainer "
+                                 f"runs {state.max_steps} steps (0..{state.max_steps - 1}): the target budget would "
+                                 "never be reached; set total_step to the Trainer's max_steps")
+            if self.orth_reg > 0:
+                if model is None:
+                    raise ValueError("orth_reg > 0 needs the model, which the Trainer did not pass to the callback")
+                self._orth = orthogonality_hooks(model, self.orth_reg)
+                self._orth.__enter__()
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            pattern = self.allocator.update_and_allocate(state.global_step)
+            if pattern is not None:
+                self.history.append((state.global_step, pattern))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self._orth is not None:
+                self._orth.__exit__(None, None, None)
+                self._orth = None
+
+    AdaLoRACallback.__qualname__ = "AdaLoRACallback"   # importable by name (module __getattr__), pickles
+    return AdaLoRACallback
+
+
+def adalora_callback(allocator: AdaLoRAAllocator, orth_reg: float = 0.0):
+    """An ``AdaLoRACallback`` for ``Trainer(callbacks=[...])``. ``allocator.total_step`` should be the
+    Trainer's ``max_steps`` (checked at the start of training: the final mask must fall inside the run)."""
+    return _adalora_callback_class()(allocator, orth_reg)
+
+
+def __getattr__(name: str):
+    if name == "AdaLoRACallback":
+        return _adalora_callback_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _same_masks_everywhere(model: nn.Module) -> None:
+    """Under torch.distributed, refuse to train ranks whose rank patterns differ (each rank scored its own
+    validation batches, or built a different super-network): DDP would average gradients of different models."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    from ..distributed import same_on_all_ranks
+    from ..surgery import adapter_layers
+    pattern = {n: m.rank_mask.tolist() for n, m in adapter_layers(model).items()}
+    if not same_on_all_ranks(pattern):
+        raise RuntimeError("the ShapLoRA rank pattern differs between ranks: give every rank the same "
+                           "val_batches and a build_model that is deterministic (seeded)")
+
+
+def shaplora_with_trainer(
+    build_model: Callable[[], nn.Module],
+    make_trainer: Callable[[nn.Module], Any],
+    val_batches: Iterable,
+    evaluate: Callable[[nn.Module], Any] | None = None,
+    **workflow_kwargs,
+) -> dict:
+    """ShapLoRA with ``transformers.Trainer`` doing the training: super-network (SVD form at r_init) → learned
+    check → Shapley scores → global top-``budget`` ranks → a FRESH model with that rank pattern, retrained.
+
+    Args:
+        build_model: a new model with SVD-form adapters at r_init (``svd=True``); seeded, so every call and
+            every rank builds the same one.
+        make_trainer: ``model -> transformers.Trainer`` for that model (called once per training run: the
+            super-network, any extra run the learned check asks for, the retrain); its ``train()`` is run.
+        val_batches: validation batches for scoring (not the training split; the same on every rank).
+        evaluate: ``trained model -> result`` (default: none, the result is None).
+        workflow_kwargs: :func:`~python_api.allocators.shaplora.shaplora_workflow`'s keywords: ``loss_fn`` and
+            one of ``budget`` / ``r_target`` are required.
+    Returns: the workflow's dict (``masks``, ``scores``, ``model``, ``supernet``, ...), plus ``trainers``: every
+    Trainer that ran, in order (the last one trained the returned model).
+    Under torch.distributed each rank runs the same workflow; before every Trainer run the ranks' rank patterns
+    are compared (one all-gather) and a RuntimeError is raised if they differ.
+    """
+    from .shaplora import shaplora_workflow
+
+    if not callable(make_trainer):
+        raise TypeError(f"make_trainer must be a callable model -> Trainer, got {type(make_trainer).__name__}")
+    trainers = []
+
+    def train(model: nn.Module) -> None:
+        _same_masks_everywhere(model)
+        trainer = make_trainer(model)
+        if not callable(getattr(trainer, "train", None)):
+            raise TypeError(f"make_trainer must return a Trainer (with train()), got {type(trainer).__name__}")
+        trainers.append(trainer)
+        trainer.train()
+
+    out = shaplora_workflow(build_model, train, val_batches, evaluate or (lambda model: None), **workflow_kwargs)
+    out["trainers"] = trainers
+    return out
