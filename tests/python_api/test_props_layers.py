@@ -15,7 +15,7 @@ from lora_kernels.gated_lora.reference import lora_linear_ref
 from python_api.moe import MoELoRALinear
 from python_api.surgery import adapter_layers
 from tests.helpers import assert_close
-from tests.python_api.toy_models import randomize_b, tie_like, toy
+from tests.python_api.toy_models import assert_shared_grads_are_sums, randomize_b, tie_like, toy
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given  # noqa: E402
@@ -160,14 +160,7 @@ def test_apply_adapters_share_variants_gradients_and_merge(c):
         s.zero_grad(set_to_none=c["zero_grad"])
     ys.square().sum().backward()
     yu.square().sum().backward()
-    S, U = adapter_layers(s), adapter_layers(u)
-    for name, layer in S.items():
-        for pname in ("lora_A", "lora_B"):
-            p = getattr(layer, pname)
-            sharers = [n for n in S if getattr(S[n], pname) is p]
-            want = sum(getattr(U[n], pname).grad for n in sharers)
-            assert p.grad is not None, f"{name}.{pname} has no gradient"
-            assert_close(p.grad, want, torch.float64, name=f"{name}.{pname} ({len(sharers)} sharers)")
+    assert_shared_grads_are_sums(s, u, torch.float64)
     with torch.no_grad():
         y0 = s(x)
         lk.merge_adapters(s, reversible=True)
