@@ -57,3 +57,14 @@ def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0, generator=None, 
         big = torch.randn(*shape[:-1], shape[-1] * 2, generator=generator, dtype=torch.float64) * scale
         return big.to(dtype=dtype, device=device)[..., ::2]
     return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+
+def adam_pass(net, loss_fn, x, y, n: int, batch: int, lr: float) -> None:
+    """One in-order pass of Adam (fresh state, trainable parameters only) over the first ``n`` rows of (x, y),
+    ``batch`` rows a step, minimising ``loss_fn(net, (xb, yb)).mean()`` (``loss_fn`` gives per-example losses)."""
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
+    for i in range(0, n, batch):
+        loss = loss_fn(net, (x[i:i + batch], y[i:i + batch])).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import Problem
-from .reference import dropout_mask
+from .reference import dropout_mask, gate_grad
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -88,8 +88,5 @@ def gated_lora_backward(dy, x, weight, lora_a, lora_b, h, scale, gate=None, drop
             else:
                 db = dbt.mul_(scale).t().to(lora_b.dtype)                        # [N, R] (a transposed view)
     if need_g and gate is not None:
-        dg = dz * hc                                                             # [T, R]
-        if gate.dim() == 1:
-            dg = dg.sum(0)
-        dg = dg.to(gate.dtype)
+        dg = gate_grad(dz, hc, gate)
     return dx, da, db, dg

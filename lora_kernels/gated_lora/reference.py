@@ -142,11 +142,17 @@ def gated_lora_backward(
         else:
             db = (dyc.t() @ hg).mul_(scale).to(lora_b.dtype)                      # [N, R]
     if need_g and gate is not None:
-        dg = dz * hc                                                              # [T, R]
-        if gate.dim() == 1:
-            dg = dg.sum(0)
-        dg = dg.to(gate.dtype)
+        dg = gate_grad(dz, hc, gate)
     return dx, da, db, dg
+
+
+def gate_grad(dz: torch.Tensor, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """d loss / d gate from dz = d loss / d (h ⊙ gate) (scale applied): [T, R] for a token gate, summed over
+    tokens for a rank gate [R]; in the gate's dtype. Shared by the torch and CPU backends."""
+    dg = dz * h                                                                   # [T, R]
+    if gate.dim() == 1:
+        dg = dg.sum(0)
+    return dg.to(gate.dtype)
 
 
 def lora_linear_ref(x, weight, bias, lora_a, lora_b, scale, gate=None, dropout_p=0.0, seed=0):

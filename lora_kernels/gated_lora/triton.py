@@ -133,6 +133,22 @@ def _gemm_rows(a_ptr, b_ptr, rows, rmask, cols, cmask, L, sa_row, sa_l, sb_l, sb
 
 
 @triton.jit
+def _gemm_tile(a_ptr, b_ptr, M, C, L, sa_row, sa_l, sb_l, sb_col,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+               DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """This program's output tile of A [M, L] @ B [L, C] on a 1-D grid of cdiv(M, BLOCK_M) * cdiv(C, BLOCK_N)
+    programs in grouped order: ``(offs_m, rows (int64), mmask, offs_c, cmask, acc)`` for the kernel's epilogue."""
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask, cmask = offs_m < M, offs_c < C
+    rows = offs_m.to(tl.int64)
+    acc = _gemm_rows(a_ptr, b_ptr, rows, mmask, offs_c, cmask, L, sa_row, sa_l, sb_l, sb_col, BLOCK_M, BLOCK_N,
+                     BLOCK_K, DOT_T, PREC)
+    return offs_m, rows, mmask, offs_c, cmask, acc
+
+
+@triton.jit
 def _fwd_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, g_ptr, b_ptr, y_ptr,
     T, N, K, R,
@@ -143,14 +159,9 @@ def _fwd_gemm_kernel(
     GROUP_M: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
 ):
     # grid (cdiv(T, BLOCK_M) * cdiv(N, BLOCK_N),); y is contiguous [T, N] in x's dtype.
-    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mmask, nmask = offs_m < T, offs_n < N
-    rows = offs_m.to(tl.int64)
     # x [T, K] @ Wᵀ [K, N]
-    acc = _gemm_rows(x_ptr, w_ptr, rows, mmask, offs_n, nmask, K, sxt, sxk, swk, swn, BLOCK_M, BLOCK_N, BLOCK_K,
-                     DOT_T, PREC)
+    offs_m, rows, mmask, offs_n, nmask, acc = _gemm_tile(x_ptr, w_ptr, T, N, K, sxt, sxk, swk, swn,
+                                                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, DOT_T, PREC)
     # Epilogue: the expand s·(H ⊙ G) Bᵀ from the saved H, rank chunk by rank chunk.
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -228,14 +239,9 @@ def _bwd_dx_kernel(
 ):
     # grid (cdiv(T, BLOCK_M) * cdiv(K, BLOCK_N),): output tile [BLOCK_M, BLOCK_N] of dx [T, K] (contiguous),
     # reduction over N in steps of BLOCK_K.
-    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mmask, cmask = offs_m < T, offs_c < K
-    rows = offs_m.to(tl.int64)
     # dy [T, N] @ W [N, K]
-    acc = _gemm_rows(dy_ptr, w_ptr, rows, mmask, offs_c, cmask, N, sdt, sdn, swn, swk, BLOCK_M, BLOCK_N, BLOCK_K,
-                     DOT_T, PREC)
+    offs_m, rows, mmask, offs_c, cmask, acc = _gemm_tile(dy_ptr, w_ptr, T, K, N, sdt, sdn, swn, swk,
+                                                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, DOT_T, PREC)
     # Epilogue: mask ⊙ (dH A), the LoRA part of dx, from the dH the dy pass saved.
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):

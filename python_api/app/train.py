@@ -774,6 +774,14 @@ def _logits(model, batch):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
 
+def _reload_diff(model, probe, reload) -> float:
+    """Max |logit| difference on ``probe`` between ``model`` and ``reload()`` (the model rebuilt from what was
+    written). The reloaded copy is dropped on return, so only one extra model is alive at a time."""
+    ref = _logits(model, probe)
+    fresh = reload().eval()
+    return float((_logits(fresh, probe) - ref).abs().max())
+
+
 def _write_adapters(cfg: TrainConfig, P: dict, model, metrics: dict) -> None:
     import python_api as lk
 
@@ -786,19 +794,14 @@ def _write_adapters(cfg: TrainConfig, P: dict, model, metrics: dict) -> None:
         if cfg.verify:
             from peft import PeftModel
 
-            ref = _logits(model, probe)
-            peft_model = PeftModel.from_pretrained(_reload_base(P), out).eval()
-            metrics["peft_reload_max_abs_diff"] = float((_logits(peft_model, probe) - ref).abs().max())
-            del peft_model
+            metrics["peft_reload_max_abs_diff"] = _reload_diff(
+                model, probe, lambda: PeftModel.from_pretrained(_reload_base(P), out))
     else:
         lk.save_adapters(model, out, seed=cfg.seed, extra={"method": cfg.method, "task": cfg.task,
                                                            "base_model": P["src"].path})
         metrics["format"] = "lora_kernels"
         if cfg.verify:
-            ref = _logits(model, probe)
-            fresh = lk.load_adapters(_reload_base(P), out).eval()
-            metrics["reload_max_abs_diff"] = float((_logits(fresh, probe) - ref).abs().max())
-            del fresh
+            metrics["reload_max_abs_diff"] = _reload_diff(model, probe, lambda: lk.load_adapters(_reload_base(P), out))
 
 
 def _write_merged(cfg: TrainConfig, P: dict, model, metrics: dict) -> None:

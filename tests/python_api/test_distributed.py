@@ -179,12 +179,7 @@ def checkpoint(rank: int = 0, world: int = 1, path: str = "") -> dict:
     x, _ = _batch(7)
     model = _build("shared")
     net = DDP(model)
-    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
-    for step in range(STEPS):
-        xb, yb = _batch(step)
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(net(_shard(xb, rank, world)), _shard(yb, rank, world)).backward()
-        opt.step()
+    _train_in_place(net, rank, world)
     if rank == 0:
         save_adapters(model, os.path.join(path, "from_ddp"))
     fresh = _build("shared")
@@ -208,12 +203,7 @@ def checkpoint_fsdp(rank: int = 0, world: int = 1, path: str = "") -> dict:
     for blk in model.layers:
         fully_shard(blk, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    for step in range(STEPS):
-        xb, yb = _batch(step)
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(_shard(xb, rank, world)), _shard(yb, rank, world)).backward()
-        opt.step()
+    _train_in_place(model, rank, world)
     model.unshard()  # every rank joins the all-gather; rank 0 then holds plain full tensors to write
     for blk in model.layers:
         blk.unshard()
@@ -292,12 +282,13 @@ def spawned():
         yield outs
 
 
-def _train_in_place(model: nn.Module) -> None:
+def _train_in_place(model: nn.Module, rank: int = 0, world: int = 1) -> None:
+    """STEPS of SGD on this rank's shard of each batch (the whole batch when world is 1)."""
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     for step in range(STEPS):
         x, y = _batch(step)
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
+        nn.functional.cross_entropy(model(_shard(x, rank, world)), _shard(y, rank, world)).backward()
         opt.step()
 
 

@@ -15,7 +15,7 @@ from lora_kernels.gated_lora.reference import lora_linear_ref
 from python_api.moe import MoELoRALinear
 from python_api.surgery import adapter_layers
 from tests.helpers import assert_close
-from tests.python_api.toy_models import randomize_b, tie_like, toy
+from tests.python_api.toy_models import assert_shared_grads_are_sums, randomize_b, tie_like, toy
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given  # noqa: E402
@@ -24,16 +24,7 @@ from hypothesis import strategies as st  # noqa: E402
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_backend():
-    # One intra-op thread: these tensors are tiny, and on a loaded 2-core machine OpenMP's thread wake-ups
-    # (measured: a [2, 3, 3] softmax at ~28 ms) cost more than the arithmetic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LORA_KERNELS_BACKEND", "torch")
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_backend_one_thread")   # tests/conftest.py
 
 
 def _rand(shape, dtype, seed, noncontig=False):
@@ -169,14 +160,7 @@ def test_apply_adapters_share_variants_gradients_and_merge(c):
         s.zero_grad(set_to_none=c["zero_grad"])
     ys.square().sum().backward()
     yu.square().sum().backward()
-    S, U = adapter_layers(s), adapter_layers(u)
-    for name, layer in S.items():
-        for pname in ("lora_A", "lora_B"):
-            p = getattr(layer, pname)
-            sharers = [n for n in S if getattr(S[n], pname) is p]
-            want = sum(getattr(U[n], pname).grad for n in sharers)
-            assert p.grad is not None, f"{name}.{pname} has no gradient"
-            assert_close(p.grad, want, torch.float64, name=f"{name}.{pname} ({len(sharers)} sharers)")
+    assert_shared_grads_are_sums(s, u, torch.float64)
     with torch.no_grad():
         y0 = s(x)
         lk.merge_adapters(s, reversible=True)

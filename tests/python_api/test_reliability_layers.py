@@ -23,13 +23,7 @@ from tests.python_api.toy_models import randomize_b, toy
 NAN, INF = float("nan"), float("inf")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny tensors: on a loaded 2-core machine OpenMP thread wake-ups cost more than the arithmetic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 # ---- tied weights (class 2) --------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from python_api import apply_adapters, count_trainable, merge_adapters
 from python_api.share import SharedLoRALinear
 from python_api.surgery import adapter_layers, adapter_state_dict, load_adapter_state_dict
 from tests.helpers import assert_close, randn
-from tests.python_api.toy_models import randomize_b, tie_like, tiny_bert, toy
+from tests.python_api.toy_models import assert_shared_grads_are_sums, randomize_b, tie_like, tiny_bert, toy
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 CASES = [("A", "module_type"), ("B", "module_type"), ("AB", "module_type"), ("A", "attention"),
@@ -64,13 +64,7 @@ def test_shared_gradient_is_sum_of_layer_gradients(share, scope, accumulate):
     x = randn(2, 5, 16, dtype=torch.float64)
     s(x).square().sum().backward()
     u(x).square().sum().backward()
-    S, U = adapter_layers(s), adapter_layers(u)
-    for name, lay in S.items():
-        for pname in ("lora_A", "lora_B"):
-            p = getattr(lay, pname)
-            sharers = [n for n in S if getattr(S[n], pname) is p]
-            want = sum(getattr(U[n], pname).grad for n in sharers)
-            assert_close(p.grad, want, name=f"{name}.{pname} ({len(sharers)} sharers)")
+    assert_shared_grads_are_sums(s, u)
 
 
 def test_inplace_accumulates_into_one_fp32_buffer_across_micro_batches():

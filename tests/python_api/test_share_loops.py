@@ -26,13 +26,7 @@ QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 D = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny tensors: on a loaded 2-core machine OpenMP thread wake-ups cost more than the arithmetic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 class _Checkpointed(nn.Module):

@@ -58,6 +58,21 @@ def tie_like(unshared: nn.Module, shared: nn.Module) -> None:
             layer.lora_B.copy_(su[name].lora_B)
 
 
+def assert_shared_grads_are_sums(shared: nn.Module, unshared: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """After backward on both: each (possibly shared) A and B of ``shared`` has a gradient equal to the sum of the
+    gradients of the matching per-layer matrices of ``unshared`` (tied by :func:`tie_like`) over its sharers."""
+    from python_api.surgery import adapter_layers
+    from tests.helpers import assert_close
+    S, U = adapter_layers(shared), adapter_layers(unshared)
+    for name, layer in S.items():
+        for pname in ("lora_A", "lora_B"):
+            p = getattr(layer, pname)
+            sharers = [n for n in S if getattr(S[n], pname) is p]
+            want = sum(getattr(U[n], pname).grad for n in sharers)
+            assert p.grad is not None, f"{name}.{pname} has no gradient"
+            assert_close(p.grad, want, dtype, name=f"{name}.{pname} ({len(sharers)} sharers)")
+
+
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 

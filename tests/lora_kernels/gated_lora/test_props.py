@@ -23,16 +23,7 @@ from hypothesis import strategies as st  # noqa: E402
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_backend():
-    # One intra-op thread: these tensors are tiny, and on a loaded 2-core machine OpenMP's thread wake-ups
-    # (measured: a [2, 3, 3] softmax at ~28 ms) cost more than the arithmetic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LORA_KERNELS_BACKEND", "torch")
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_backend_one_thread")   # tests/conftest.py
 
 
 def _t(shape, dtype, seed, noncontig=False, positive=False):

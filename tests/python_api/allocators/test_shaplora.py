@@ -18,7 +18,7 @@ from python_api.allocators.shaplora import (
     to_peft_lora_config,
     to_peft_rank_pattern,
 )
-from tests.helpers import assert_close
+from tests.helpers import adam_pass, assert_close
 
 
 class Toy(nn.Module):
@@ -211,12 +211,7 @@ def test_workflow_end_to_end_and_reproducible():
         return net
 
     def train(net):
-        opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-2)
-        for i in range(0, 1024, 64):
-            loss = mse(net, (xtr[i:i + 64], ytr[i:i + 64])).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        adam_pass(net, mse, xtr, ytr, n=1024, batch=64, lr=1e-2)
 
     def evaluate(net):
         with torch.no_grad():

@@ -16,7 +16,7 @@ from python_api.allocators.shaplora import (
     shaplora_workflow,
     to_merged_basis,
 )
-from tests.helpers import assert_close
+from tests.helpers import adam_pass, assert_close
 
 
 class Stack(nn.Module):
@@ -179,12 +179,7 @@ def test_classification_must_beat_majority_class():
         return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
 
     def train(net):
-        opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=2e-2)
-        for i in range(0, 512, 32):
-            loss = ce(net, (x[i:i + 32], y[i:i + 32])).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        adam_pass(net, ce, x, y, n=512, batch=32, lr=2e-2)
 
     def predict(model, batch):
         return model(batch[0]).argmax(1), batch[1]
