@@ -6,8 +6,9 @@ a progress bar, periodic checkpoints and Ctrl-C -> test metric -> outputs in ``-
 
 - ``adapter_config.json`` + ``adapter_model.safetensors``: PEFT's LoRA format for ``lora``, ``shaplora`` and
   ``adalora`` (rank pattern after the final masking, the classifier head as ``modules_to_save``), so
-  ``peft.PeftModel.from_pretrained(base, OUT)`` loads it; this package's format (``load_adapters``) for
-  ShareLoRA and MoE-LoRA, which PEFT cannot express. ``--merge`` also writes ``merged/``: the full model with
+  ``peft.PeftModel.from_pretrained(base, OUT)`` loads it; this package's format in ``OUT/adapter/``
+  (``load_adapters(base, OUT/adapter)``) for ShareLoRA and MoE-LoRA, which PEFT cannot express. ``--merge``
+  also writes ``merged/``: the full model with
   the adapters folded in, for ``AutoModel*.from_pretrained`` (not for MoE: routing is per token).
 - ``metrics.json``, ``report.md`` (+ PNG plots), ``checkpoint/state.pt`` (what ``--resume`` reads) and
   ``.lora-kernels-train.json`` (identity of the run: marks the directory as ours).
@@ -52,8 +53,10 @@ MARKER = ".lora-kernels-train.json"
 CKPT_DIR = "checkpoint"
 STATE_FILE = "state.pt"
 MERGED_DIR = "merged"
+ADAPTER_DIR = "adapter"   # this package's format (ShareLoRA, MoE): a checkpoint directory of its own, because
+                          # save_adapters replaces a whole directory atomically and --out holds the run's other files
 OUTPUT_NAMES = ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "report.md", "loss.png",
-                "ranks.png", "experts.png", CKPT_DIR, MERGED_DIR, MARKER)
+                "ranks.png", "experts.png", CKPT_DIR, MERGED_DIR, ADAPTER_DIR, MARKER)
 # What must not change between a run and its --resume (anything else, e.g. --threads, may).
 IDENTITY_KEYS = ("method", "task", "text_column", "label_column", "targets", "r", "r_init", "budget", "steps",
                  "epochs", "lr", "batch_size", "max_length", "seed", "bf16", "val_frac", "test_frac", "expert_r",
@@ -797,11 +800,13 @@ def _write_adapters(cfg: TrainConfig, P: dict, model, metrics: dict) -> None:
             metrics["peft_reload_max_abs_diff"] = _reload_diff(
                 model, probe, lambda: PeftModel.from_pretrained(_reload_base(P), out))
     else:
-        lk.save_adapters(model, out, seed=cfg.seed, extra={"method": cfg.method, "task": cfg.task,
-                                                           "base_model": P["src"].path})
+        path = os.path.join(out, ADAPTER_DIR)
+        lk.save_adapters(model, path, seed=cfg.seed, extra={"method": cfg.method, "task": cfg.task,
+                                                            "base_model": P["src"].path})
         metrics["format"] = "lora_kernels"
         if cfg.verify:
-            metrics["reload_max_abs_diff"] = _reload_diff(model, probe, lambda: lk.load_adapters(_reload_base(P), out))
+            metrics["reload_max_abs_diff"] = _reload_diff(model, probe,
+                                                          lambda: lk.load_adapters(_reload_base(P), path))
 
 
 def _write_merged(cfg: TrainConfig, P: dict, model, metrics: dict) -> None:
@@ -874,7 +879,8 @@ def _write_report(cfg: TrainConfig, P: dict, m: dict, sample: dict | None) -> No
                   f"model = PeftModel.from_pretrained(base, {os.path.abspath(out)!r})", "```", ""]
     else:
         lines += ["Load with lora-kernels:", "", "```python", "import python_api as lk",
-                  f"model = lk.load_adapters(base, {os.path.abspath(out)!r})  # base: the same base model", "```", ""]
+                  f"model = lk.load_adapters(base, {os.path.abspath(os.path.join(out, ADAPTER_DIR))!r})"
+                  "  # base: the same base model", "```", ""]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines))
 

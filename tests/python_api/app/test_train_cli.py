@@ -104,7 +104,7 @@ def test_own_format_reloads_into_a_fresh_base(fx, tmp_path, method):
     m = T.run(cfg(fx, tmp_path / "o", method, merge=method == "sharelora-a"), log=quiet, keep=keep)
     b = probe(fx)
     ours = logits(keep["model"], b)
-    fresh = lk.load_adapters(base_model(fx, seed=77), str(tmp_path / "o")).eval()
+    fresh = lk.load_adapters(base_model(fx, seed=77), str(tmp_path / "o" / "adapter")).eval()
     assert torch.equal(logits(fresh, b), ours)
     assert m["format"] == "lora_kernels"
     if method == "sharelora-a":
@@ -116,7 +116,8 @@ def test_own_format_reloads_into_a_fresh_base(fx, tmp_path, method):
         # (out = 32 for five per block, 64 for intermediate.dense), each shared matrix stored and counted once
         want = 8 * (5 * 32 + 64) + 2 * 8 * (5 * 32 + 64)
         assert m["trainable_adapter_params"] == want
-        assert sum(t.numel() for k, t in tensors(tmp_path / "o").items() if k.endswith(("lora_A", "lora_B"))) == want
+        assert sum(t.numel() for k, t in tensors(tmp_path / "o" / "adapter").items()
+                   if k.endswith(("lora_A", "lora_B"))) == want
     else:
         assert sum(m["experts_per_block"]) == 4 and len(m["experts_per_block"]) == 2
 
