@@ -64,6 +64,13 @@ def test_protocol_quick_schema_and_resume(tmp_path):
     lines, imgs = bp.report_md("protocol_cpu_quick.json", again, str(tmp_path / "plots"))
     assert any(line.startswith("| shaplora |") for line in lines) and len(imgs) == 2
     assert all(os.path.getsize(p) > 0 for p in imgs)
+    # bench/report.py renders the same section from a results folder
+    from bench import report
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "protocol_cpu.json").write_text((tmp_path / "protocol_cpu_quick.json").read_text())
+    text = report.build(results=str(res), out_dir=str(tmp_path), plots=str(tmp_path / "plots2"))
+    assert "| shaplora |" in text and "protocol_cpu_paired_diff.png" in text
 
 
 def test_test_split_is_read_once_and_hidden_from_training():
