@@ -89,9 +89,11 @@ def per_example_loss(model, batch) -> torch.Tensor:
     return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
 
 
-def train(model, task: Task, seed: int, steps: int, orth_reg: float = 0.0, allocator=None, moe: bool = False) -> float:
+def train(model, task: Task, seed: int, steps: int, orth_reg: float = 0.0, allocator=None, moe: bool = False,
+          on_step=None) -> float:
     """AdamW with linear warmup (10%) and decay; returns wall seconds. ``allocator``: AdaLoRA's, called
-    after every optimizer step as PEFT does."""
+    after every optimizer step as PEFT does. ``on_step(n, model)`` after the n-th step (n from 1; e.g. a validation
+    curve): its time is not counted, and the model is back in train mode after it."""
     from python_api.allocators.adalora import orthogonality_penalty
     from python_api.app.data import train_stream
     from python_api.moe import moe_aux_loss
@@ -106,7 +108,7 @@ def train(model, task: Task, seed: int, steps: int, orth_reg: float = 0.0, alloc
     t0 = time.perf_counter()
     for step, batch in enumerate(train_stream(task.train, cfg["batch"], steps, seed=seed)):
         with _autocast(cfg):
-            loss = per_example_loss(model, batch).mean()
+            loss = getattr(task, "loss_fn", per_example_loss)(model, batch).mean()   # a task may bring its own
             if orth_reg:
                 loss = loss + orth_reg * orthogonality_penalty(model)
             if moe:
@@ -119,6 +121,11 @@ def train(model, task: Task, seed: int, steps: int, orth_reg: float = 0.0, alloc
             allocator.update_and_allocate(step)
         opt.zero_grad(set_to_none=True)
         sched.step()
+        if on_step is not None:
+            t1 = time.perf_counter()
+            on_step(step + 1, model)
+            model.train()
+            t0 += time.perf_counter() - t1
     return time.perf_counter() - t0
 
 
@@ -175,7 +182,9 @@ def adalora_schedule(cfg) -> dict:
     """PEFT's schedule shape (AdaLoraConfig's words): warm up at r_init, cubic decrease, final fixed pattern for
     the last fifth; ours and PEFT's AdaLoRA both run it."""
     steps = cfg["steps"]
-    return {"total_step": steps, "tinit": steps // 10, "tfinal": steps // 5, "deltaT": max(1, steps // 20)}
+    f_init, f_final, f_delta = cfg.get("adalora_fractions", (0.1, 0.2, 0.05))  # of the run's steps
+    part = (lambda f: int(steps * f + 1e-9))   # floor, safe from 0.1·70 = 6.99… rounding
+    return {"total_step": steps, "tinit": part(f_init), "tfinal": part(f_final), "deltaT": max(1, part(f_delta))}
 
 
 def peft_lora_model(task, seed):
@@ -267,7 +276,7 @@ def run_shaplora(task, seed):
     t0 = time.perf_counter()
     with _autocast(cfg):
         out = shaplora_workflow(lambda: _svd_model(task, seed), do_train, val, lambda m: None,
-                                loss_fn=per_example_loss, r_target=cfg["r"], seed=seed,
+                                loss_fn=getattr(task, "loss_fn", per_example_loss), r_target=cfg["r"], seed=seed,
                                 min_improvement=cfg.get("supernet_min_improvement", 0.05))
     total = time.perf_counter() - t0
     model = out["model"]

