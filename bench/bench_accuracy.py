@@ -89,6 +89,13 @@ def per_example_loss(model, batch) -> torch.Tensor:
     return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
 
 
+def predict(model, batch):
+    """(predicted labels, labels) of a classification batch: the super-network's learned-check compares its accuracy
+    with the majority class."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits.argmax(-1), batch["labels"]
+
+
 def train(model, task: Task, seed: int, steps: int, orth_reg: float = 0.0, allocator=None, moe: bool = False,
           on_step=None) -> float:
     """AdamW with linear warmup (10%) and decay; returns wall seconds. ``allocator``: AdaLoRA's, called
@@ -277,7 +284,8 @@ def run_shaplora(task, seed):
     with _autocast(cfg):
         out = shaplora_workflow(lambda: _svd_model(task, seed), do_train, val, lambda m: None,
                                 loss_fn=getattr(task, "loss_fn", per_example_loss), r_target=cfg["r"], seed=seed,
-                                min_improvement=cfg.get("supernet_min_improvement", 0.05))
+                                min_improvement=cfg.get("supernet_min_improvement", 0.05),
+                                predict_fn=predict if getattr(task, "loss_fn", None) is None else None)
     total = time.perf_counter() - t0
     model = out["model"]
     phi = {n: [None if math.isnan(v) else round(v, 8) for v in s.tolist()] for n, s in out["scores"].items()}

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import bench_accuracy as acc
-from bench.harness import RESULTS, make_row, pin_threads, write_results
+from bench.harness import RESULTS, make_row, pin_threads, results_dir, write_results
 from bench.protocol_stats import mean_sd, paired_diff_ci, params_ratio, plateau_step, within
 
 PLOTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plots")
@@ -85,9 +85,10 @@ FULL = {"tasks": [t for t in TASKS if TASKS[t].kind == "cls"], "methods": list(M
         "tune_seeds": None,
         "lrs": [5e-4, 1e-3, 2e-3, 5e-3], "steps": 300, "batch": 16, "r": 4, "r_init": 8, "orth_reg": 0.0,
         "bf16": False, "adalora_fractions": [0.1, 0.2, 0.05], "split_seed": 0, "split_scale": 1.0,
-        "curve_every": 25, "curve_lr": 2e-3, "threads": None}
+        "curve_every": 25, "curve_lr": 2e-3, "threads": None, "supernet_min_improvement": 0.05}
 QUICK = {**FULL, "tasks": ["rotten_tomatoes"], "methods": ["lora", "shaplora"], "seeds": [0, 1], "lrs": [2e-3],
-         "steps": 4, "batch": 4, "split_scale": 0.02, "curve_every": 2, "threads": 1}
+         "steps": 4, "batch": 4, "split_scale": 0.02, "curve_every": 2, "threads": 1,
+         "supernet_min_improvement": None}   # a 2-step super-network cannot learn: the quick run checks plumbing
 # threads: None = $BENCH_THREADS or every core. One thread for --quick: on a box shared with other jobs, two OpenMP
 # threads per process ran a MiniLM step 30x slower than one (measured: 20 s vs 0.7 s, load average 14 on 2 cores).
 # what decides one run's outcome (seeds, method and task lists, the lr grid are per-record or per-choice)
@@ -425,8 +426,9 @@ def _r(x: float):
 
 
 # ---- the command ----------------------------------------------------------------------------------------
-def run(quick: bool = False, directory: str = RESULTS, mode: str = "protocol", **over) -> list[dict]:
+def run(quick: bool = False, directory: str | None = None, mode: str = "protocol", **over) -> list[dict]:
     """Runs (or resumes) the protocol; ``over`` overrides config entries (tasks, methods, seeds, lrs, steps, …)."""
+    directory = directory or results_dir()
     cfg = dict(QUICK if quick else FULL)
     for k, v in over.items():
         if k not in cfg:

@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from bench.harness import (RESULTS, format_table, make_row, measure, peak_alloc_bytes, pin_threads,
+from bench.harness import (RESULTS, format_table, results_dir, make_row, measure, peak_alloc_bytes, pin_threads,
                            write_results)
 
 PLOTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plots")
@@ -44,7 +44,7 @@ MOE_EXPERTS = 4
 def load(name: str):
     """``(model, vocab size, target module suffixes, task)`` for ``minilm`` (classification) or ``smollm2``
     (causal LM), fp32, offline."""
-    from python_api import models
+    from python_api.app import models
     if name == "minilm":
         model, _ = models.load_minilm(num_labels=2, seed=0)
         return model, model.config.vocab_size, list(models.MINILM_TARGETS), "cls"
@@ -202,9 +202,12 @@ def plot(rows: list[dict], path: str) -> str:
 
 
 def run(quick: bool = False, models=None, ranks=None, dtypes=None, steps: int | None = None,
-        warmup: int | None = None, threads: int = 2, directory: str = RESULTS, plots: str = PLOTS,
+        warmup: int | None = None, threads: int = 2, directory: str | None = None, plots: str | None = None,
         reference: bool = False, shapes: dict | None = None, name: str | None = None) -> list[dict]:
     pin_threads(threads)
+    directory = directory or results_dir()
+    # beside the results when they go elsewhere (an installed package never writes into site-packages)
+    plots = plots or (PLOTS if directory == RESULTS else directory)
     cfg = QUICK if quick else {"models": ("minilm", "smollm2"), "ranks": (8, 16), "dtypes": ("fp32", "bf16"),
                                "steps": 20, "warmup": 3, "shapes": SHAPES}
     models, ranks, dtypes = models or cfg["models"], ranks or cfg["ranks"], dtypes or cfg["dtypes"]

@@ -12,7 +12,7 @@ from lora_kernels.gated_lora import op as gated
 
 def test_available_backends_reports_each_with_reason():
     info = lora_kernels.available_backends()
-    assert set(info) == {"torch", "native", "triton", "cuda"}
+    assert set(info) == {"torch", "cpu", "native", "triton", "cuda"}
     for name, v in info.items():
         assert isinstance(v["usable"], bool) and v["reason"], name
     assert info["torch"]["usable"]
@@ -20,8 +20,11 @@ def test_available_backends_reports_each_with_reason():
         assert not info["cuda"]["usable"]
 
 
-def test_auto_picks_torch_on_cpu(monkeypatch):
+def test_auto_picks_the_cpu_backend_on_cpu_and_torch_when_forced(monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
+    name, _ = gated.select_backend(torch.randn(4, 4), None, 0.0)
+    assert name == "cpu"
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
     name, _ = gated.select_backend(torch.randn(4, 4), None, 0.0)
     assert name == "torch"
 
