@@ -285,7 +285,7 @@ def run_shaplora(task, seed):
         out = shaplora_workflow(lambda: _svd_model(task, seed), do_train, val, lambda m: None,
                                 loss_fn=getattr(task, "loss_fn", per_example_loss), r_target=cfg["r"], seed=seed,
                                 min_improvement=cfg.get("supernet_min_improvement", 0.05),
-                                predict_fn=predict if getattr(task, "loss_fn", None) is None else None)
+                                predict_fn=predict if task.cfg.get("kind", "cls") == "cls" else None)
     total = time.perf_counter() - t0
     model = out["model"]
     phi = {n: [None if math.isnan(v) else round(v, 8) for v in s.tolist()] for n, s in out["scores"].items()}
