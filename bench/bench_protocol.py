@@ -561,12 +561,7 @@ def plot_diffs(name: str, rows: list[dict], plots: str = PLOTS) -> str | None:
         ax.set_xlabel("test accuracy − uniform LoRA (points)" if tr[0].get("metric", "acc") == "acc" else
                       "test perplexity − uniform LoRA (lower is better)")
         ax.set_title(f"{t} (n={tr[0]['diff_vs_lora']['n']} seeds, 95% CI)", fontsize=9)
-    fig.tight_layout()
-    os.makedirs(plots, exist_ok=True)
-    path = os.path.join(plots, name.replace(".json", "") + "_paired_diff.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, plt, plots, name, "_paired_diff.png")
 
 
 def plot_curves(name: str, rows: list[dict], plots: str = PLOTS) -> str | None:
@@ -583,9 +578,13 @@ def plot_curves(name: str, rows: list[dict], plots: str = PLOTS) -> str | None:
     ax.set_ylabel("validation accuracy")
     ax.set_title("uniform LoRA: validation curve (dotted: flattened)", fontsize=9)
     ax.legend(fontsize=7)
+    return _save(fig, plt, plots, name, "_curves.png")
+
+
+def _save(fig, plt, plots: str, name: str, suffix: str) -> str:
     fig.tight_layout()
     os.makedirs(plots, exist_ok=True)
-    path = os.path.join(plots, name.replace(".json", "") + "_curves.png")
+    path = os.path.join(plots, name.replace(".json", "") + suffix)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
