@@ -10,6 +10,13 @@ Eigenvalues ``λ = σ(W)²`` of every matrix of one shape come from ONE batched 
         keeps the squared condition number harmless: the absolute error is ~1e-16·λ_max, below the fp32
         rounding of the weights themselves.
     method="svd": ``torch.linalg.svdvals`` on the stack, then squared (what AlphaLoRA's code does).
+Backend (``lapack``) of the gram method on CPU: "numpy" (the default there) runs the Gram product and the batched
+    ``eigvalsh`` through NumPy's BLAS/LAPACK (OpenBLAS in the NumPy wheels): the same dsyevd on the same fp64 Gram,
+    measured 1.3× (eigvalsh) and 1.7× (Gram product) faster than torch's MKL on one AMD EPYC core, eigenvalues
+    equal to ~1e-15·λ_max. "torch" is the readable reference (torch.linalg only; the only backend off CPU).
+    NumPy's BLAS threads follow its own settings (OPENBLAS_NUM_THREADS, the CPU affinity), not torch's.
+Non-finite input is caught on the Gram diagonal (Σ w² is NaN/Inf iff a row holds NaN/Inf, or overflows): one
+    O(B·n) check per shape instead of a pass over every weight; only then are the matrices scanned to name the first.
 
 ``hill_fit`` scans every candidate x_min of every matrix at once: for candidate index i with tail size m = n − i
     α_i = 1 + m / Σ_{j≥i} ln(λ_j / λ_i)
@@ -57,7 +64,8 @@ FLAT_EPS = 8.0        # near-constant: relative spread ≤ FLAT_EPS·ε (round-o
 
 
 def eigenvalues(mats: Sequence[torch.Tensor], method: str = "gram", dtype: torch.dtype = torch.float64,
-                device: torch.device | str | None = None) -> list[torch.Tensor]:
+                device: torch.device | str | None = None, lapack: str = "auto",
+                names: Sequence[str] | None = None) -> list[torch.Tensor]:
     """Sorted (ascending) eigenvalues ``σ(W)²`` of each matrix, batched over equal shapes.
 
     Args:
@@ -65,6 +73,9 @@ def eigenvalues(mats: Sequence[torch.Tensor], method: str = "gram", dtype: torch
         method: "gram" (eigvalsh of the smaller Gram matrix) or "svd" (svdvals squared).
         dtype: compute dtype, torch.float32 or torch.float64.
         device: where to compute (default: each matrix's own device; pass "cuda" to use a GPU).
+        lapack: backend of the gram method on CPU: "auto" (= "numpy" on CPU), "numpy" or "torch" (the reference;
+            see the module docstring). Ignored by method="svd" and off CPU (always torch).
+        names: labels of the matrices for error messages (default ``mats[i]``).
     Returns:
         list of [min(N_i, K_i)] tensors in ``dtype``, in the order of ``mats``.
     """
@@ -72,32 +83,71 @@ def eigenvalues(mats: Sequence[torch.Tensor], method: str = "gram", dtype: torch
         raise ValueError(f"method must be 'gram' or 'svd', got {method!r}")
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if lapack not in ("auto", "numpy", "torch"):
+        raise ValueError(f"lapack must be 'auto', 'numpy' or 'torch', got {lapack!r}")
+    if names is not None and len(names) != len(mats):
+        raise ValueError(f"names has {len(names)} entries for {len(mats)} matrices")
+    label = (lambda i: f"mats[{i}]") if names is None else (lambda i: names[i])
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, w in enumerate(mats):
         if not isinstance(w, torch.Tensor) or w.dim() != 2:
-            raise ValueError(f"mats[{i}] must be a 2-D tensor, got "
+            raise ValueError(f"{label(i)} must be a 2-D tensor, got "
                              f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
         if not w.is_floating_point():
-            raise TypeError(f"mats[{i}] must be floating point, got dtype {w.dtype}")
+            raise TypeError(f"{label(i)} must be floating point, got dtype {w.dtype}")
         if min(w.shape) == 0:
-            raise ValueError(f"mats[{i}] has an empty dimension: shape {tuple(w.shape)}")
-        if not bool(torch.isfinite(w).all()):  # else eigvalsh fails with an opaque _LinAlgError
-            raise ValueError(f"mats[{i}] contains NaN or Inf: no spectrum")
+            raise ValueError(f"{label(i)} has an empty dimension: shape {tuple(w.shape)}")
         dev = torch.device(device) if device is not None else w.device
         groups[(tuple(w.shape), dev)].append(i)
     out: list[torch.Tensor | None] = [None] * len(mats)
     for (shape, dev), idx in groups.items():
-        stack = torch.stack([mats[i].detach().to(device=dev, dtype=dtype) for i in idx])   # [B, N, K]
-        if method == "svd":
-            ev = torch.linalg.svdvals(stack).square()                                     # [B, n] descending
+        if method == "gram" and dev.type == "cpu" and lapack != "torch":
+            ev = _gram_eigvalsh_numpy([mats[i] for i in idx], shape, dtype)                # [B, n] ascending
+            if ev is None:
+                _raise_nonfinite(mats, label)
         else:
-            st = stack if shape[0] <= shape[1] else stack.transpose(1, 2)                  # [B, n, max]
-            gram = st @ st.transpose(1, 2)                                                 # [B, n, n]
-            ev = torch.linalg.eigvalsh(gram).clamp_min_(0)                                 # [B, n] ascending
-        ev = ev.sort(dim=1).values
+            stack = torch.stack([mats[i].detach().to(device=dev, dtype=dtype) for i in idx])  # [B, N, K]
+            if method == "svd":
+                if not bool(torch.isfinite(stack).all()):  # else svdvals fails with an opaque _LinAlgError
+                    _raise_nonfinite(mats, label)
+                ev = torch.linalg.svdvals(stack).square()                                 # [B, n] descending
+            else:
+                st = stack if shape[0] <= shape[1] else stack.transpose(1, 2)              # [B, n, max]
+                gram = st @ st.transpose(1, 2)                                             # [B, n, n]
+                if not bool(torch.isfinite(gram.diagonal(dim1=1, dim2=2)).all()):
+                    _raise_nonfinite(mats, label)
+                ev = torch.linalg.eigvalsh(gram).clamp_min_(0)                             # [B, n] ascending
+            ev = ev.sort(dim=1).values
         for j, i in enumerate(idx):
             out[i] = ev[j]
     return out  # type: ignore[return-value]
+
+
+def _gram_eigvalsh_numpy(mats: Sequence[torch.Tensor], shape: tuple, dtype: torch.dtype) -> torch.Tensor | None:
+    """The gram method through NumPy's BLAS/LAPACK: [B, n] ascending eigenvalues, or None if non-finite."""
+    import numpy as np  # an install requirement; imported here so the torch-only paths never need it
+
+    npdt = np.float64 if dtype == torch.float64 else np.float32
+    # One stack in the weights' own dtype, widened once (NumPy has no bf16/fp16 matmul: those widen first).
+    src = torch.stack([w.detach().to("cpu") for w in mats])
+    if src.dtype not in (torch.float32, torch.float64):
+        src = src.to(dtype)
+    st = src.numpy().astype(npdt, copy=False)                                            # [B, N, K]
+    if shape[0] > shape[1]:
+        st = st.transpose(0, 2, 1)                                                       # [B, n, max]
+    gram = st @ st.transpose(0, 2, 1)                                                    # [B, n, n]
+    if not np.isfinite(np.einsum("bii->bi", gram)).all():
+        return None
+    ev = torch.from_numpy(np.linalg.eigvalsh(gram)).clamp_min_(0)                        # [B, n] ascending
+    return ev.sort(dim=1).values  # LAPACK's order is ascending already; sort keeps the contract explicit
+
+
+def _raise_nonfinite(mats: Sequence[torch.Tensor], label) -> None:
+    """Names the first matrix with NaN/Inf (a Gram diagonal can also overflow from finite entries)."""
+    for i, w in enumerate(mats):
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"{label(i)} contains NaN or Inf: no spectrum")
+    raise ValueError("the Gram matrix of some matrix overflows (entries beyond ~1e154 in float64): no spectrum")
 
 
 def _candidates(lam: torch.Tensor, valid: torch.Tensor, start: torch.Tensor, mode: str) -> torch.Tensor:
@@ -216,11 +266,12 @@ def hill_fit(lam: torch.Tensor, xmin: str = "faithful", threshold: float = 0.0,
 
 def alphas_of(mats: Sequence[torch.Tensor], xmin: str = "faithful", method: str = "gram",
               dtype: torch.dtype = torch.float64, device=None, threshold: float = 0.0,
-              return_degenerate: bool = False):
+              return_degenerate: bool = False, lapack: str = "auto", names: Sequence[str] | None = None):
     """α of each matrix [len(mats)] (fp64, on CPU): eigenvalues and fits batched per shape. Degenerate spectra
     (see the module docstring; ε is each matrix's own dtype's) and, outside faithful mode, spectra with no
-    candidate α > 1 get NaN; ``return_degenerate`` also returns the [len(mats)] bool mask of them."""
-    evs = eigenvalues(mats, method=method, dtype=dtype, device=device)
+    candidate α > 1 get NaN; ``return_degenerate`` also returns the [len(mats)] bool mask of them. ``lapack`` and
+    ``names``: see :func:`eigenvalues`."""
+    evs = eigenvalues(mats, method=method, dtype=dtype, device=device, lapack=lapack, names=names)
     out = torch.empty(len(mats), dtype=torch.float64)
     deg = torch.zeros(len(mats), dtype=torch.bool)
     by_len: dict[tuple, list[int]] = defaultdict(list)

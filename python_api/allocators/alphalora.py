@@ -125,16 +125,11 @@ def layer_alphas(model: nn.Module, target_modules: Sequence[str] | None = None, 
     found = target_linears(model, target_modules)
     if not found:
         raise ValueError(f"no nn.Linear inside numbered blocks matches target_modules={target_modules!r}")
-    for name, _, mod in found:
-        w = mod.weight
-        if min(w.shape) == 0:
-            raise ValueError(f"layer_alphas: {name}.weight has an empty dimension: shape {tuple(w.shape)}")
-        if not w.is_floating_point():
-            raise TypeError(f"layer_alphas: {name}.weight must be floating point, got {w.dtype}")
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError(f"layer_alphas: {name}.weight contains NaN or Inf: no spectrum")
+    # Empty, non-float and non-finite weights are ValueErrors/TypeErrors naming the module, raised by the kernel
+    # (non-finite ones found on the Gram diagonal: no separate pass over every weight).
     a, deg = _alpha.alphas_of([m.weight for _, _, m in found], xmin=xmin, method=method, dtype=dtype,
-                              device=device, threshold=threshold, return_degenerate=True)
+                              device=device, threshold=threshold, return_degenerate=True,
+                              names=[f"layer_alphas: {name}.weight" for name, _, _ in found])
     reasons = {name: "no power-law fit (low rank or near-constant spectrum, or no x_min candidate to fit)"
                for (name, _, _), d in zip(found, deg.tolist()) if d}
     if len(reasons) == len(found):

@@ -109,3 +109,61 @@ def test_alphas_of_groups_shapes_in_order():
     for w, a in zip(mats, got):
         ev = np.linalg.svd(w.double().numpy(), compute_uv=False) ** 2
         assert a.item() == pytest.approx(loop_fit(ev, "scan"), rel=1e-8)
+
+
+def _fast_path_mats():
+    """Several shape groups (odd, tall, wide, square, 1-row), dtypes, and rank-deficient/degenerate matrices."""
+    g = torch.Generator().manual_seed(3)
+    low = torch.cat([torch.randn(15, 31, generator=g), torch.zeros(8, 31)])              # rank 15 of 23: zero rows
+    rank1 = torch.randn(19, 1, generator=g) @ torch.randn(1, 13, generator=g)          # rank 1
+    ortho = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))[0]
+    st = torch.distributions.StudentT(torch.tensor(2.0)).sample((2, 40, 57))           # heavy-tailed
+    return [randn(17, 33), randn(33, 17), randn(17, 33, noncontiguous=True), low, rank1, ortho.float(),
+            st[0], st[1].T, randn(45, 45, dtype=torch.float64), torch.zeros(6, 11),
+            randn(12, 20).to(torch.bfloat16), randn(12, 20).to(torch.float16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_numpy_gram_backend_matches_torch_reference(dtype):
+    # + one-eigenvalue spectra (no fit), an fp64 orthogonal matrix and a rank-2 product: the reference does not flag
+    # the last two as degenerate and fits their round-off, where two LAPACKs differ, so the alpha test skips them
+    d = torch.float64
+    mats = _fast_path_mats() + [randn(1, 9), randn(9, 1), torch.linalg.qr(randn(16, 16, dtype=d))[0],
+                                randn(23, 2, dtype=d) @ randn(2, 31, dtype=d)]
+    ref = A.eigenvalues(mats, dtype=dtype, lapack="torch")
+    for lapack in ("numpy", "auto"):
+        got = A.eigenvalues(mats, dtype=dtype, lapack=lapack)
+        for r, e in zip(ref, got):
+            assert e.dtype == r.dtype == dtype and e.shape == r.shape
+            assert bool((e[1:] >= e[:-1]).all()) and bool((e >= 0).all())
+            assert_close(e, r, dtype, scale=max(float(r.max()), 1.0))
+
+
+@pytest.mark.parametrize("xmin", A.XMIN_MODES)
+def test_numpy_gram_backend_gives_the_reference_alphas(xmin):
+    mats = _fast_path_mats()
+    ref, ref_deg = A.alphas_of(mats, xmin=xmin, lapack="torch", return_degenerate=True)
+    got, deg = A.alphas_of(mats, xmin=xmin, lapack="numpy", return_degenerate=True)
+    assert torch.equal(deg, ref_deg) and bool(deg[[4, 5, 9]].all())   # rank 1, orthogonal, zero
+    ok = ~ref_deg & ~ref.isnan()
+    assert bool(ok.sum() >= 6) and torch.equal(got.isnan(), ref.isnan())
+    assert_close(got[ok], ref[ok], torch.float64, scale=1.0)
+
+
+@pytest.mark.parametrize("lapack", ["numpy", "torch"])
+@pytest.mark.parametrize("method", ["gram", "svd"])
+def test_eigenvalues_nonfinite_names_the_first_bad_matrix(lapack, method):
+    bad = randn(6, 9)
+    bad[1, 1] = float("nan")
+    worse = randn(9, 6)
+    worse[0, 0] = float("-inf")
+    with pytest.raises(ValueError, match=r"^w1 contains NaN or Inf"):   # first in input order, any shape group
+        A.eigenvalues([randn(6, 9), bad, worse], method=method, lapack=lapack, names=["w0", "w1", "w2"])
+    with pytest.raises(ValueError, match=r"mats\[0\] contains NaN or Inf"):
+        A.eigenvalues([worse, bad], method=method, lapack=lapack)
+    with pytest.raises(ValueError, match="overflows"):           # finite entries whose squares overflow
+        A.eigenvalues([torch.full((3, 4), 1e200, dtype=torch.float64)], method="gram", lapack=lapack)
+    with pytest.raises(ValueError, match="lapack"):
+        A.eigenvalues([randn(3, 3)], lapack="mkl")
+    with pytest.raises(ValueError, match="names"):
+        A.eigenvalues([randn(3, 3)], names=["a", "b"])
