@@ -78,6 +78,8 @@ class SensitivityTracker:
         self.scores = torch.zeros(off, dtype=torch.float32, device=device)   # [total_R], last update's
         self.step = 0
         self._skipped = torch.zeros((), dtype=torch.int64, device=device)   # device counter: no sync
+        self._wkey: list | None = None            # (data_ptr, dtype, shape) of each weight: see _weights_flat
+        self._wviews: list[torch.Tensor | None] = []
         # Validated once; per step only cheap checks (the full check cost more than the CPU update itself).
         self._plan = SensitivityPlan([t.detach() for t in self._tensors], self.ipt, self.unc, self.kinds,
                                      self.offsets, off)
@@ -89,6 +91,17 @@ class SensitivityTracker:
             out.append(flat[pos: pos + t.numel()].view(shape))
             pos += t.numel()
         return out
+
+    def _weights_flat(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """Every tracked weight in one flat tensor (a copy made by one ``cat``). The flat views it concatenates
+        are cached while the weights keep their storage, shape and dtype (checked per step: building 108 views
+        costs as much as the copy)."""
+        key = [(p.data_ptr(), p.dtype, p.shape) for p in params]
+        if key != self._wkey:
+            self._wkey = key
+            self._wviews = [p.detach().view(-1) if p.is_contiguous() else None for p in params]
+        views = [v if v is not None else p.detach().reshape(-1) for v, p in zip(self._wviews, params)]
+        return torch.cat(views) if len({v.dtype for v in views}) == 1 else torch.cat([v.float() for v in views])
 
     @property
     def skipped_steps(self) -> int:
@@ -103,14 +116,15 @@ class SensitivityTracker:
         """
         params = self._tensors  # only read (no_grad): no detach() per tensor
         grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in self._tensors]
-        # The op checks the gradients only; a non-finite weight makes |w·g| NaN for good. max|w| per tensor is one
-        # fused pass, exact (no overflow) and NaN-propagating.
-        wmax = torch._foreach_norm(params, float("inf"))
-        wbad = ~torch.isfinite(torch.stack([w.float() for w in wmax])).all()
+        # The op checks the gradients only; a non-finite weight makes |w·g| NaN for good, so the weights are
+        # checked here: min and max of all of them in one pass over one flat copy (exact: no overflow, NaN
+        # propagates). A per-tensor _foreach_norm(inf) cost 2.5 ms per step on MiniLM's 108 tensors on CPU, more
+        # than the update itself; this costs ~0.3 ms.
+        wbad = ~torch.isfinite(torch.stack(torch.aminmax(self._weights_flat(params)))).all()
         if wbad.device.type == "cpu" and bool(wbad):
             self.step += 1
             self._skipped += 1
-            mods = sorted({self._owner[j] for j, w in enumerate(wmax) if not bool(torch.isfinite(w))})
+            mods = sorted({self._owner[j] for j, w in enumerate(params) if not bool(torch.isfinite(w).all())})
             warnings.warn(f"SensitivityTracker: non-finite weight in modules {mods} at update {self.step}; state "
                           f"left untouched ({self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)
             return wbad
