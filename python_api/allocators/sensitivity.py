@@ -101,7 +101,7 @@ class SensitivityTracker:
             self._wkey = key
             self._wviews = [p.detach().view(-1) if p.is_contiguous() else None for p in params]
         views = [v if v is not None else p.detach().reshape(-1) for v, p in zip(self._wviews, params)]
-        return torch.cat(views) if len({v.dtype for v in views}) == 1 else torch.cat([v.float() for v in views])
+        return torch.cat(views)   # mixed dtypes promote (bf16 + fp32 → fp32, anything + fp64 → fp64): exact
 
     @property
     def skipped_steps(self) -> int:

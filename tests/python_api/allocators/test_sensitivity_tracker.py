@@ -97,3 +97,50 @@ def test_missing_grad_counts_as_zero_and_bad_input():
     assert torch.equal(tr.scores, torch.zeros(9))
     with pytest.raises(ValueError, match="no LoRALinear"):
         SensitivityTracker(nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_weight_skipped_through_the_cached_flat_views(bad):
+    # The weight check reads cached flat views of the weights: in-place edits, a replaced storage (p.data = ...)
+    # and a non-contiguous weight must all be seen.
+    m = _model()
+    tr = SensitivityTracker(m)
+    _step(m, 0)
+    assert not bool(tr.update())
+    with torch.no_grad():
+        m[0].lora_B[3, 1] = bad                                   # in place: same storage as the cached view
+    _step(m, 1)
+    with pytest.warns(RuntimeWarning, match=r"non-finite weight in modules \['0'\]"):
+        assert bool(tr.update())
+    with torch.no_grad():
+        m[0].lora_B[3, 1] = 0.5
+    _step(m, 2)
+    assert not bool(tr.update())
+    snap = tr.state_dict()
+    fresh = m[2].lora_A.detach().t().contiguous().t()             # new storage, non-contiguous [R, K]
+    fresh[0, 0] = bad
+    m[2].lora_A.data = fresh
+    _step(m, 3)
+    with pytest.warns(RuntimeWarning, match=r"non-finite weight in modules \['2'\]"):
+        assert bool(tr.update())
+    assert tr.skipped_steps == 2 and torch.equal(tr.state_dict()["ipt"], snap["ipt"])
+    with torch.no_grad():
+        m[2].lora_A[0, 0] = 0.25
+    _step(m, 4)
+    assert not bool(tr.update()) and torch.isfinite(tr.scores).all()
+
+
+def test_nonfinite_weight_check_with_mixed_dtypes():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    b = torch.randn(5, 3, generator=g).to(torch.bfloat16)
+    for t in (a, b):
+        t.grad = torch.randn(t.shape, generator=g).to(t.dtype)
+    tr = SensitivityTracker({"m": (None, a, b)})
+    assert not bool(tr.update())
+    b[4, 2] = float("-inf")
+    with pytest.warns(RuntimeWarning, match=r"non-finite weight in modules \['m'\]"):
+        assert bool(tr.update())
+    b[4, 2] = 1.0
+    a[0, 0] = 1e300                                   # finite: beyond float32 but not a skipped step
+    assert not bool(tr.update())
