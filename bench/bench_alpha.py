@@ -61,6 +61,8 @@ def _run(quick: bool) -> list[dict]:
     fns = {
         "weightwatcher.analyze": ww_analyze,
         "ours-scan-gram-fp64": lambda: layer_alphas(model, xmin="scan", threshold=1e-5, return_matrix_alphas=True),
+        # the same fit with the reference backend (torch.linalg / MKL for the Gram product and eigvalsh)
+        "ref-scan-gram-fp64-torch-lapack": lambda: layer_alphas(model, xmin="scan", threshold=1e-5, lapack="torch"),
         "ours-faithful-gram-fp64": lambda: layer_alphas(model, xmin="faithful"),
         "ours-faithful-svd-fp32": lambda: layer_alphas(model, xmin="faithful", method="svd", dtype=torch.float32),
         "torch.svdvals-only": lambda: [torch.linalg.svdvals(w.detach()) for w in mats],

@@ -102,14 +102,14 @@ def _what(name: str | None) -> str:
 @torch.no_grad()
 def layer_alphas(model: nn.Module, target_modules: Sequence[str] | None = None, xmin: str = "faithful",
                  method: str = "gram", dtype: torch.dtype = torch.float64, device=None, threshold: float = 0.0,
-                 return_matrix_alphas: bool = False, return_degenerate: bool = False):
+                 return_matrix_alphas: bool = False, return_degenerate: bool = False, lapack: str = "auto"):
     """Per-layer α: the mean α of each numbered block's target matrices, ordered by block index.
 
     Args:
         model: any module with numbered blocks (HF decoders ``model.layers.i``, BERT ``encoder.layer.i``).
         target_modules: name suffixes to include (default: every nn.Linear inside the blocks).
-        xmin, threshold: see :func:`alpha_hill`. method, dtype, device: see
-            :func:`lora_kernels.spectra.alpha.eigenvalues`.
+        xmin, threshold: see :func:`alpha_hill`. method, dtype, device, lapack: see
+            :func:`lora_kernels.spectra.alpha.eigenvalues` ("auto": NumPy's LAPACK on CPU, "torch": the reference).
         return_matrix_alphas: also return ``{module name: α}`` (NaN for a degenerate matrix).
         return_degenerate: also return ``{module name: reason}`` of the degenerate matrices.
     Returns:
@@ -128,7 +128,7 @@ def layer_alphas(model: nn.Module, target_modules: Sequence[str] | None = None, 
     # Empty, non-float and non-finite weights are ValueErrors/TypeErrors naming the module, raised by the kernel
     # (non-finite ones found on the Gram diagonal: no separate pass over every weight).
     a, deg = _alpha.alphas_of([m.weight for _, _, m in found], xmin=xmin, method=method, dtype=dtype,
-                              device=device, threshold=threshold, return_degenerate=True,
+                              device=device, threshold=threshold, return_degenerate=True, lapack=lapack,
                               names=[f"layer_alphas: {name}.weight" for name, _, _ in found])
     reasons = {name: "no power-law fit (low rank or near-constant spectrum, or no x_min candidate to fit)"
                for (name, _, _), d in zip(found, deg.tolist()) if d}

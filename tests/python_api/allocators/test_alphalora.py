@@ -199,3 +199,23 @@ def test_layer_alphas_minilm(monkeypatch):
     assert sum(n) == 24 and len(n) == 6
     svd = layer_alphas(model, xmin="faithful", method="svd", dtype=torch.float32)
     assert max(abs(x - y) for x, y in zip(a, svd)) < 0.05
+
+
+def test_layer_alphas_lapack_backends_agree():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.layers = nn.ModuleList()
+    for _ in range(3):
+        blk = nn.Module()
+        blk.up, blk.down, blk.sq = nn.Linear(40, 70), nn.Linear(70, 40), nn.Linear(33, 33)
+        with torch.no_grad():
+            for lin in (blk.up, blk.down, blk.sq):
+                lin.weight.copy_(heavy(2.5, tuple(lin.weight.shape), seed=int(torch.randint(0, 999, ()))))
+        model.layers.append(blk)
+    for xmin in ("faithful", "scan"):
+        ref, ref_m = layer_alphas(model, xmin=xmin, lapack="torch", return_matrix_alphas=True)
+        got, got_m = layer_alphas(model, xmin=xmin, return_matrix_alphas=True)
+        assert len(got_m) == 9 and got == pytest.approx(ref, rel=1e-8)
+        assert list(got_m.values()) == pytest.approx(list(ref_m.values()), rel=1e-8)
+    with pytest.raises(ValueError, match="lapack"):
+        layer_alphas(model, lapack="mkl")
