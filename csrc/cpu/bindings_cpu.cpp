@@ -24,13 +24,13 @@ void check(bool cond, const Parts&... parts) {
   throw std::invalid_argument(os.str());
 }
 
-bool sensitivity_update(uintptr_t table_ptr, int64_t n_tensors, uintptr_t scores_ptr, int64_t n_scores, float beta1,
-                        float beta2, int n_threads) {
+int sensitivity_update_checked(uintptr_t table_ptr, int64_t n_tensors, uintptr_t scores_ptr, int64_t n_scores,
+                               float beta1, float beta2, int n_threads, bool check_params) {
   check(n_tensors >= 0, "n_tensors must be >= 0, got ", n_tensors);
   check(beta1 >= 0.f && beta1 < 1.f, "beta1 must be in [0, 1), got ", beta1);
   check(beta2 >= 0.f && beta2 < 1.f, "beta2 must be in [0, 1), got ", beta2);
   check(n_threads >= 1, "n_threads must be >= 1, got ", n_threads);
-  if (n_tensors == 0) return false;
+  if (n_tensors == 0) return kSensOk;
   check(table_ptr != 0, "table_ptr is a null pointer");
   check(scores_ptr != 0, "scores_ptr is a null pointer");
   const int64_t* table = reinterpret_cast<const int64_t*>(table_ptr);
@@ -50,7 +50,14 @@ bool sensitivity_update(uintptr_t table_ptr, int64_t n_tensors, uintptr_t scores
     for (int c = kColParam; c <= kColUnc; ++c) check(r[c] != 0, "table row ", j, ": column ", c, " is null");
   }
   py::gil_scoped_release no_gil;
-  return sensitivity_update_cpu(table, n_tensors, reinterpret_cast<float*>(scores_ptr), beta1, beta2, n_threads);
+  return sensitivity_update_cpu_checked(table, n_tensors, reinterpret_cast<float*>(scores_ptr), beta1, beta2,
+                                        n_threads, check_params);
+}
+
+bool sensitivity_update(uintptr_t table_ptr, int64_t n_tensors, uintptr_t scores_ptr, int64_t n_scores, float beta1,
+                        float beta2, int n_threads) {
+  return sensitivity_update_checked(table_ptr, n_tensors, scores_ptr, n_scores, beta1, beta2, n_threads, false) !=
+         kSensOk;
 }
 
 }  // namespace
@@ -64,10 +71,18 @@ PYBIND11_MODULE(_lora_kernels_cpu, mod) {
 #else
   mod.attr("OPENMP") = false;
 #endif
-  mod.attr("LAUNCHERS") = py::make_tuple("sensitivity_update");
+  mod.attr("LAUNCHERS") = py::make_tuple("sensitivity_update", "sensitivity_update_checked");
   mod.def("sensitivity_update", &sensitivity_update,
           "non-finite check of every gradient (True: nothing written), then one fused EMA/score pass; "
           "table: int64 [n_tensors, SENS_TABLE_COLS]",
           py::arg("table_ptr"), py::arg("n_tensors"), py::arg("scores_ptr"), py::arg("n_scores"), py::arg("beta1"),
           py::arg("beta2"), py::arg("n_threads") = 1);
+  mod.def("sensitivity_update_checked", &sensitivity_update_checked,
+          "sensitivity_update returning 0 (updated), 1 (a gradient is NaN/Inf) or 2 (a weight is NaN/Inf: scanned "
+          "first when check_params); nothing written unless 0",
+          py::arg("table_ptr"), py::arg("n_tensors"), py::arg("scores_ptr"), py::arg("n_scores"), py::arg("beta1"),
+          py::arg("beta2"), py::arg("n_threads") = 1, py::arg("check_params") = true);
+  mod.attr("SENS_OK") = kSensOk;
+  mod.attr("SENS_BAD_GRAD") = kSensBadGrad;
+  mod.attr("SENS_BAD_PARAM") = kSensBadParam;
 }

@@ -91,11 +91,11 @@ bool any_nonfinite(const void* g, int64_t n) {
   return false;
 }
 
-bool tensor_nonfinite(const Entry& e) {
+bool tensor_nonfinite(const Entry& e, const void* data) {
   switch (e.dtype) {
-    case kF16: return any_nonfinite<F16>(e.g, e.numel);
-    case kBF16: return any_nonfinite<BF16>(e.g, e.numel);
-    default: return any_nonfinite<F32>(e.g, e.numel);
+    case kF16: return any_nonfinite<F16>(data, e.numel);
+    case kBF16: return any_nonfinite<BF16>(data, e.numel);
+    default: return any_nonfinite<F32>(data, e.numel);
   }
 }
 
@@ -190,24 +190,34 @@ int64_t ranks_of(const Entry& e) {
 
 }  // namespace
 
-bool sensitivity_update_cpu(const int64_t* table, int64_t n_tensors, float* scores, float beta1, float beta2,
-                            int n_threads) {
-  if (n_tensors <= 0) return false;
+int sensitivity_update_cpu_checked(const int64_t* table, int64_t n_tensors, float* scores, float beta1, float beta2,
+                                   int n_threads, bool check_params) {
+  if (n_tensors <= 0) return kSensOk;
   std::vector<Entry> es(static_cast<size_t>(n_tensors));
   std::vector<int64_t> part_off(static_cast<size_t>(n_tensors) + 1, 0);
   for (int64_t j = 0; j < n_tensors; ++j) {
     es[j] = entry(table, j);
     part_off[j + 1] = part_off[j] + ranks_of(es[j]);
   }
-  // The whole check runs before any write: a skipped step must leave every state untouched.
-  bool bad = false;
+  // The whole check runs before any write: a skipped step must leave every state untouched. Weights first
+  // (their code wins when both are bad), each scan stopping at its first hit.
+  bool bad_p = false, bad_g = false;
+  if (check_params) {
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) reduction(|| : bad) if (n_threads > 1)
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) reduction(|| : bad_p) if (n_threads > 1)
+#endif
+    for (int64_t j = 0; j < n_tensors; ++j) {
+      if (!bad_p && es[j].numel > 0) bad_p = tensor_nonfinite(es[j], es[j].p);
+    }
+    if (bad_p) return kSensBadParam;
+  }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) reduction(|| : bad_g) if (n_threads > 1)
 #endif
   for (int64_t j = 0; j < n_tensors; ++j) {
-    if (!bad && es[j].numel > 0) bad = tensor_nonfinite(es[j]);
+    if (!bad_g && es[j].numel > 0) bad_g = tensor_nonfinite(es[j], es[j].g);
   }
-  if (bad) return true;
+  if (bad_g) return kSensBadGrad;
   std::vector<double> part(static_cast<size_t>(part_off[n_tensors]));
   // One tensor per task; each writes only its own slice of `part`, so threads never share an accumulator.
 #ifdef _OPENMP
@@ -222,7 +232,12 @@ bool sensitivity_update_cpu(const int64_t* table, int64_t n_tensors, float* scor
     float* dst = scores + es[j].score_offset;
     for (int64_t r = 0, R = part_off[j + 1] - part_off[j]; r < R; ++r) dst[r] += float(src[r]);
   }
-  return false;
+  return kSensOk;
+}
+
+bool sensitivity_update_cpu(const int64_t* table, int64_t n_tensors, float* scores, float beta1, float beta2,
+                            int n_threads) {
+  return sensitivity_update_cpu_checked(table, n_tensors, scores, beta1, beta2, n_threads, false) != kSensOk;
 }
 
 }  // namespace cpu

@@ -19,5 +19,14 @@ namespace cpu {
 bool sensitivity_update_cpu(const int64_t* table, int64_t n_tensors, float* scores, float beta1, float beta2,
                             int n_threads);
 
+// Return codes of sensitivity_update_cpu_checked.
+constexpr int kSensOk = 0, kSensBadGrad = 1, kSensBadParam = 2;
+
+// The same update; with check_params the weights are scanned for NaN/Inf too (before the gradients, in the same
+// pre-pass), so a non-finite weight skips the step without a separate pass in Python. Returns kSensOk,
+// kSensBadParam (some weight non-finite; checked first) or kSensBadGrad; nothing is written unless kSensOk.
+int sensitivity_update_cpu_checked(const int64_t* table, int64_t n_tensors, float* scores, float beta1, float beta2,
+                                   int n_threads, bool check_params);
+
 }  // namespace cpu
 }  // namespace lora_kernels

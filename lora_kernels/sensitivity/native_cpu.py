@@ -36,23 +36,31 @@ def _flush_denormal_on() -> bool:
 FLUSH_ENV = "LORA_KERNELS_FLUSH_DENORMAL"   # "0": the native loop keeps subnormals (exact below 1.2e-38)
 
 
-def native_update(mod, *args) -> bool:
+def native_update(mod, *args, fn: str = "sensitivity_update"):
     """The native loop with flush-to-zero on (the caller's setting restored after). Gradients that repeat push
     Ū = β2·Ū + (1−β2)·|I − Ī| geometrically into fp32 subnormals, and subnormal arithmetic is microcoded on x86:
     measured on the 2-core EPYC, MiniLM's 72 A/B tensors with Ū at 1e-39: 0.66 → 0.39 ms per update (1.7×).
     Values below 1.2e-38 become 0 (scores of that size are 0 for ranking). NATIVE_THREADS = 1: the loop runs on
     this thread, the one whose MXCSR ``set_flush_denormal`` sets. ``LORA_KERNELS_FLUSH_DENORMAL=0`` turns it off
-    (then bf16 weights below 1.2e-38, themselves subnormal, are decoded and used exactly)."""
+    (then bf16 weights below 1.2e-38, themselves subnormal, are decoded and used exactly). ``fn``: the module's
+    ``sensitivity_update`` (bool) or ``sensitivity_update_checked`` (0/1/2 code, see :func:`has_checked`)."""
+    call = getattr(mod, fn)
     if os.environ.get(FLUSH_ENV, "1").strip() == "0":
-        return mod.sensitivity_update(*args)
+        return call(*args)
     was_on = _flush_denormal_on()
     if not was_on:
         torch.set_flush_denormal(True)
     try:
-        return mod.sensitivity_update(*args)
+        return call(*args)
     finally:
         if not was_on:
             torch.set_flush_denormal(False)
+
+
+def has_checked(mod) -> bool:
+    """Whether the compiled module has ``sensitivity_update_checked`` (weights scanned for NaN/Inf in the same
+    pre-pass as the gradients; modules built before it lack it, and callers then check the weights themselves)."""
+    return hasattr(mod, "sensitivity_update_checked")
 
 
 def _native_ok(p: torch.Tensor, g: torch.Tensor) -> bool:

@@ -104,32 +104,57 @@ class SensitivityPlan:
         self._table = native_cpu._native_table(self.ipt, self.unc, self.kinds, self.offsets)
         self._np = self._table.numpy()
 
-    def __call__(self, params, grads, scores: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
-        """Same as :func:`fused_sensitivity_update` over this plan's state; returns the 0-dim bool flag."""
+    def _fill(self, params, grads, scores: torch.Tensor, beta1: float, beta2: float) -> bool:
+        """Writes this step's pointers into the native table; False when the native loop cannot run the step."""
+        n = len(self.shapes)
+        if not (n and self._state_cpu and scores.is_cpu and scores.numel() == self.n_scores
+                and scores.dtype is torch.float32 and scores.is_contiguous() and 0.0 <= beta1 < 1.0
+                and 0.0 <= beta2 < 1.0 and _native_selected(params[0].dtype)):
+            return False
+        pp, gp, codes = [], [], []
+        for p, g, shape in zip(params, grads, self.shapes):
+            code = native_cpu.NATIVE_DTYPES.get(p.dtype)
+            if (code is None or g.dtype is not p.dtype or p.shape != shape or g.shape != shape or not p.is_cpu
+                    or not g.is_cpu or not p.is_contiguous() or not g.is_contiguous()):
+                return False
+            pp.append(p.data_ptr())
+            gp.append(g.data_ptr())
+            codes.append(code)
+        native_cpu._fill_native(self._np, pp, gp, codes)
+        return True
+
+    def _check_counts(self, params, grads) -> None:
         n = len(self.shapes)
         if len(params) != n or len(grads) != n:
             raise ValueError(f"the plan covers {n} tensors, got {len(params)} params and {len(grads)} grads")
-        if (n and self._state_cpu and scores.is_cpu and scores.numel() == self.n_scores
-                and scores.dtype is torch.float32 and scores.is_contiguous() and 0.0 <= beta1 < 1.0
-                and 0.0 <= beta2 < 1.0 and _native_selected(params[0].dtype)):
-            pp, gp, codes = [], [], []
-            for p, g, shape in zip(params, grads, self.shapes):
-                code = native_cpu.NATIVE_DTYPES.get(p.dtype)
-                if (code is None or g.dtype is not p.dtype or p.shape != shape or g.shape != shape or not p.is_cpu
-                        or not g.is_cpu or not p.is_contiguous() or not g.is_contiguous()):
-                    break
-                pp.append(p.data_ptr())
-                gp.append(g.data_ptr())
-                codes.append(code)
-            else:
-                native_cpu._fill_native(self._np, pp, gp, codes)
-                mod = native_cpu.cpu_module.require()
-                return torch.tensor(native_cpu.native_update(mod, self._table.data_ptr(), n, scores.data_ptr(),
-                                                             self.n_scores, float(beta1), float(beta2),
-                                                             native_cpu.NATIVE_THREADS))
+
+    def __call__(self, params, grads, scores: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
+        """Same as :func:`fused_sensitivity_update` over this plan's state; returns the 0-dim bool flag."""
+        self._check_counts(params, grads)
+        if self._fill(params, grads, scores, beta1, beta2):
+            mod = native_cpu.cpu_module.require()
+            return torch.tensor(native_cpu.native_update(mod, self._table.data_ptr(), len(self.shapes),
+                                                         scores.data_ptr(), self.n_scores, float(beta1),
+                                                         float(beta2), native_cpu.NATIVE_THREADS))
         flat = [(p.reshape(-1), g.reshape(-1)) if k == KIND_E else (p, g) for p, g, k in zip(params, grads, self.kinds)]
         return fused_sensitivity_update([p for p, _ in flat], [g for _, g in flat], self.ipt, self.unc, self.kinds,
                                         self.offsets, scores, beta1, beta2)
+
+    def update_checked(self, params, grads, scores: torch.Tensor, beta1: float, beta2: float) -> int | None:
+        """The step with the weights checked for NaN/Inf too, in the native loop's pre-pass: returns
+        ``SENS_OK`` (0, updated), ``SENS_BAD_GRAD`` (1) or ``SENS_BAD_PARAM`` (2, checked first); nothing is
+        written unless 0. None (nothing done) when the native loop cannot run this step or the compiled module
+        predates the check: the caller then checks the weights itself and calls the plan."""
+        self._check_counts(params, grads)
+        mod = native_cpu.cpu_module.load()[0] if self._state_cpu else None
+        if mod is None or not native_cpu.has_checked(mod) or not self._fill(params, grads, scores, beta1, beta2):
+            return None
+        return int(native_cpu.native_update(mod, self._table.data_ptr(), len(self.shapes), scores.data_ptr(),
+                                            self.n_scores, float(beta1), float(beta2), native_cpu.NATIVE_THREADS,
+                                            True, fn="sensitivity_update_checked"))
+
+
+SENS_OK, SENS_BAD_GRAD, SENS_BAD_PARAM = 0, 1, 2   # codes of SensitivityPlan.update_checked (csrc: kSens*)
 
 
 REGISTRY = {"torch": reference_backend(fused_sensitivity_update=reference.sensitivity_update_ref), "native": native_cpu,

@@ -183,6 +183,52 @@ def test_plan_matches_oracle_and_falls_back(monkeypatch, env):
         plan(P[:3], G[:3], torch.zeros(9), 0.85, 0.85)
 
 
+@native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
+def test_plan_update_checked_codes_and_untouched_state(dtype, bad_value):
+    P, G, ipt, unc, kinds, offs = _inputs(dtype, seed=5)
+    plan = S.SensitivityPlan(P, ipt, unc, kinds, offs, 9)
+    ei, eu, es = _oracle(P, G, ipt, unc, kinds, offs, 0.85, 0.85, 9)
+    scores = torch.zeros(9)
+    assert plan.update_checked(P, G, scores, 0.85, 0.85) == op.SENS_OK       # same step as plan(...)
+    assert_close(scores, es, torch.float32, name="scores")
+    for j in range(len(P)):
+        assert_close(ipt[j], ei[j], torch.float32, name=f"ipt[{j}]")
+        assert_close(unc[j], eu[j], torch.float32, name=f"unc[{j}]")
+    before = _copy(ipt + unc)
+    P[4].view(-1)[-1] = bad_value                                             # a weight: its own code
+    s = torch.zeros(9)
+    assert plan.update_checked(P, G, s, 0.85, 0.85) == op.SENS_BAD_PARAM
+    G[2].view(-1)[0] = bad_value                                             # both bad: the weight wins
+    assert plan.update_checked(P, G, s, 0.85, 0.85) == op.SENS_BAD_PARAM
+    P[4].view(-1)[-1] = 0.5
+    assert plan.update_checked(P, G, s, 0.85, 0.85) == op.SENS_BAD_GRAD
+    assert not bool(s.any()) and all(torch.equal(a, b) for a, b in zip(before, ipt + unc))
+    # plain plan(...) still checks gradients only (the codes are opt-in)
+    G[2].view(-1)[0] = 0.25
+    P[4].view(-1)[-1] = bad_value
+    assert not bool(plan(P, G, torch.zeros(9), 0.85, 0.85))
+
+
+@native
+def test_plan_update_checked_declines_when_native_cannot_run(monkeypatch):
+    P, G, ipt, unc, kinds, offs = _inputs(torch.float32, seed=6)
+    plan = S.SensitivityPlan(P, ipt, unc, kinds, offs, 9)
+    before = _copy(ipt + unc)
+    G2 = list(G)
+    G2[1] = randn(*SHAPES[1][1], noncontiguous=True)
+    assert plan.update_checked(P, G2, torch.zeros(9), 0.85, 0.85) is None      # non-contiguous gradient
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
+    assert plan.update_checked(P, G, torch.zeros(9), 0.85, 0.85) is None       # torch backend forced
+    monkeypatch.delenv("LORA_KERNELS_BACKEND")
+    monkeypatch.setattr(native_cpu, "has_checked", lambda mod: False)        # a module built before the check
+    assert plan.update_checked(P, G, torch.zeros(9), 0.85, 0.85) is None
+    assert all(torch.equal(a, b) for a, b in zip(before, ipt + unc))
+    with pytest.raises(ValueError, match="plan covers 9"):
+        plan.update_checked(P[:3], G[:3], torch.zeros(9), 0.85, 0.85)
+
+
 def test_import_does_not_load_cpu_module():
     code = ("import sys, lora_kernels, python_api, lora_kernels.sensitivity, python_api.allocators.sensitivity; "
             "print('lora_kernels._lora_kernels_cpu' in sys.modules)")

@@ -99,8 +99,14 @@ def test_missing_grad_counts_as_zero_and_bad_input():
         SensitivityTracker(nn.Linear(3, 3))
 
 
+@pytest.mark.parametrize("native_check", [True, False])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_nonfinite_weight_skipped_through_the_cached_flat_views(bad):
+def test_nonfinite_weight_skipped_through_the_cached_flat_views(bad, native_check, monkeypatch):
+    # native_check: the native loop's pre-pass checks the weights; False: a compiled module without that check,
+    # so the tracker's own check (one aminmax over cached flat views) runs.
+    from lora_kernels.sensitivity import native_cpu
+    if not native_check:
+        monkeypatch.setattr(native_cpu, "has_checked", lambda mod: False)
     # The weight check reads cached flat views of the weights: in-place edits, a replaced storage (p.data = ...)
     # and a non-contiguous weight must all be seen.
     m = _model()
