@@ -201,3 +201,47 @@ def test_alpha_pattern_sets_the_scale_per_module_and_is_checked():
         apply_adapters(Net(), ["q"], alpha_pattern={"zz": 2.0})
     with pytest.raises(TypeError, match="alpha_pattern"):
         apply_adapters(Net(), ["q"], alpha_pattern=[("q", 2.0)])
+
+
+# ---- AdaLoRA's parameter budget -----------------------------------------------------------------------------
+class Mixed(nn.Module):
+    """Modules of different in + out, so a parameter budget is not a rank budget."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = LoRALinear(8, 8, 3, svd=True), LoRALinear(8, 20, 3, svd=True), \
+            LoRALinear(20, 8, 3, svd=True)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(x + torch.tanh(self.a(x)))))
+
+
+def test_adalora_parameter_budget_schedule_and_final_mask():
+    from python_api.allocators.adalora import AdaLoRAAllocator
+    torch.manual_seed(0)
+    m = Mixed()
+    budget = 2 * 17 + 29 + 5                                    # costs per rank: a 17, b 29, c 29
+    alloc = AdaLoRAAllocator(m, budget=budget, budget_unit="params", total_step=24, tinit=2, tfinal=4, deltaT=2)
+    assert alloc.init_bgt == 3 * 17 + 6 * 29 and alloc.target_bgt == budget
+    assert alloc.state_dict()["schedule"]["budget_unit"] == "params"
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-2)
+    g = torch.Generator().manual_seed(0)
+    costs = {"a": 17, "b": 29, "c": 29}
+    for step in range(24):
+        x = torch.randn(16, 8, generator=g)
+        nn.functional.mse_loss(m(x), torch.sin(3 * x)).backward()
+        opt.step()
+        pattern = alloc.update_and_allocate(step)
+        if pattern is not None:
+            spent = sum(costs[n] * sum(k) for n, k in pattern.items())
+            assert spent <= alloc.budget_schedule(step)[0]
+        opt.zero_grad()
+    spent = sum(costs[n] * sum(k) for n, k in alloc.rank_pattern.items())
+    assert budget - 17 < spent <= budget                       # within the cheapest rank of the budget
+    for n, k in alloc.rank_pattern.items():                    # masked λ are zero
+        assert all(float(v) == 0.0 for v, keep in zip(getattr(m, n).lora_E.detach(), k) if not keep)
+    for kwargs in ({"budget": 16}, {"budget": 3 * 17 + 6 * 29 + 1}, {"target_r": 2}):
+        with pytest.raises(ValueError, match="budget|target_r"):
+            AdaLoRAAllocator(Mixed(), budget_unit="params", total_step=20, **kwargs)
+    with pytest.raises(ValueError, match="budget_unit"):
+        AdaLoRAAllocator(Mixed(), budget=3, budget_unit="flops", total_step=20)
