@@ -123,6 +123,8 @@ def train(model, task: Task, seed: int, steps: int, orth_reg: float = 0.0, alloc
                 if aux is not None:
                     loss = loss + aux
         loss.backward()
+        if cfg.get("max_grad_norm"):   # transformers.Trainer's default is 1.0
+            torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
         opt.step()
         if allocator is not None:
             allocator.update_and_allocate(step)

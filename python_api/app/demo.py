@@ -44,6 +44,7 @@ class DemoConfig:
     batch_size: int = 16
     max_length: int = 64
     lr: float = 1e-3
+    max_grad_norm: float = 1.0   # gradient clipping as transformers.Trainer does by default (0: off)
     r: int = 8
     r_init: int = 12            # ShapLoRA super-network rank
     expert_r: int = 4           # AlphaLoRA rank per expert
@@ -87,6 +88,8 @@ def train(model: nn.Module, train_data: D.Encoded, cfg: DemoConfig, steps: int, 
         loss = _per_example_loss(model, batch).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         done += 1
         loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()

@@ -60,8 +60,9 @@ OUTPUT_NAMES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jso
 # What must not change between a run and its --resume (anything else, e.g. --threads, may).
 IDENTITY_KEYS = ("method", "task", "text_column", "label_column", "targets", "r", "r_init", "budget", "steps",
                  "epochs", "lr", "batch_size", "max_length", "seed", "bf16", "val_frac", "test_frac", "expert_r",
-                 "beta", "eval_data", "budget_unit")
-IDENTITY_DEFAULTS = {"budget_unit": "ranks"}   # what a run written before the key existed used
+                 "beta", "eval_data", "budget_unit", "max_grad_norm")
+# what a run written before the key existed used
+IDENTITY_DEFAULTS = {"budget_unit": "ranks", "max_grad_norm": 0.0}
 ORTH_WEIGHT = 0.5        # PEFT AdaLoraConfig.orth_reg_weight
 SHAPLEY_VAL_EXAMPLES = 256
 
@@ -88,6 +89,7 @@ class TrainConfig:
     steps: int | None = None
     epochs: float | None = None
     lr: float | None = None
+    max_grad_norm: float = 1.0       # gradient-norm clipping before each AdamW step (0: off)
     batch_size: int | None = None
     max_length: int | None = None
     seed: int = 0
@@ -136,6 +138,10 @@ def check_args(cfg: TrainConfig) -> None:
         v = getattr(cfg, name)
         if v is not None and (not isinstance(v, int) or v < 1):
             raise BadInput(f"--{name.replace('_', '-')}: expected a positive integer, got {v!r}")
+    if not (isinstance(cfg.max_grad_norm, (int, float)) and math.isfinite(cfg.max_grad_norm)
+            and cfg.max_grad_norm >= 0):
+        raise BadInput(f"--max-grad-norm: expected a finite number >= 0 (0 switches clipping off), got "
+                       f"{cfg.max_grad_norm!r}")
     for name in ("epochs", "lr"):
         v = getattr(cfg, name)
         if v is not None and not v > 0:
@@ -462,6 +468,8 @@ class Run:
                     else:
                         total = loss
                 total.backward()
+                if cfg.max_grad_norm:   # transformers.Trainer's default clipping (1.0); 0 switches it off
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
                 sched.step()
                 if allocator is not None:

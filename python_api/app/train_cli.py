@@ -40,6 +40,8 @@ def _model_data(p: argparse.ArgumentParser, required: bool):
                         "ranks add (modules differ in in + out, so equal ranks are not equal parameters)")
     p.add_argument("--lr", type=_pos_float, default=None, help="AdamW learning rate, linear decay "
                                                               "(default 1e-3 classify, 2e-4 causal-lm)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="clip the gradient norm before each step (transformers.Trainer's default 1.0; 0: off)")
     p.add_argument("--batch-size", type=_pos_int, default=None, help="default 16 classify, 8 causal-lm")
     p.add_argument("--max-length", type=_pos_int, default=None, help="tokens per text; longer texts are truncated "
                                                                     "and counted (default 128 classify, 256 causal-lm)")
@@ -100,6 +102,7 @@ def config_from_args(args, method: str | None = None, argv: list[str] | None = N
         text_column=g("text_column"), label_column=g("label_column"), eval_data=g("eval_data"), targets=g("targets"),
         r=g("r", 8), r_init=g("r_init", 12), budget=g("budget"),
         budget_unit=g("budget_unit", "ranks"), steps=g("steps"), epochs=g("epochs"), lr=g("lr"),
+        max_grad_norm=g("max_grad_norm", 1.0),
         batch_size=g("batch_size"), max_length=g("max_length"), seed=g("seed", 0), bf16=bool(g("bf16", False)),
         grad_checkpointing=bool(g("grad_checkpointing", False)),
         resume=bool(g("resume", False)), overwrite=bool(g("overwrite", False)), merge=bool(g("merge", False)),
