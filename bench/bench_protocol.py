@@ -86,7 +86,8 @@ FULL = {"tasks": [t for t in TASKS if TASKS[t].kind == "cls"], "methods": list(M
         "tune_seeds": None,
         "lrs": [5e-4, 1e-3, 2e-3, 5e-3], "steps": 300, "batch": 16, "r": 4, "r_init": 8, "orth_reg": 0.0,
         "bf16": False, "adalora_fractions": [0.1, 0.2, 0.05], "split_seed": 0, "split_scale": 1.0,
-        "curve_every": 25, "curve_lr": 2e-3, "threads": None, "supernet_min_improvement": 0.05}
+        "curve_every": 25, "curve_lr": 2e-3, "threads": None, "supernet_min_improvement": 0.05,
+        "max_grad_norm": 1.0}   # transformers.Trainer's default; without it a 400-step LoRA run at 2e-3 collapsed
 QUICK = {**FULL, "tasks": ["rotten_tomatoes"], "methods": ["lora", "shaplora"], "seeds": [0, 1], "lrs": [2e-3],
          "steps": 4, "batch": 4, "split_scale": 0.02, "curve_every": 2, "threads": 1,
          "supernet_min_improvement": None}   # a 2-step super-network cannot learn: the quick run checks plumbing
@@ -94,11 +95,11 @@ QUICK = {**FULL, "tasks": ["rotten_tomatoes"], "methods": ["lora", "shaplora"], 
 # threads per process ran a MiniLM step 30x slower than one (measured: 20 s vs 0.7 s, load average 14 on 2 cores).
 # what decides one run's outcome (seeds, method and task lists, the lr grid are per-record or per-choice)
 _RUN_KEYS = ("version", "steps", "batch", "r", "r_init", "orth_reg", "bf16", "adalora_fractions", "split_seed",
-             "split_scale")
+             "split_scale", "max_grad_norm")
 
 
 # what decides uniform LoRA's validation curve (its length is the curve's own --steps, not the protocol's)
-_CURVE_KEYS = ("batch", "r", "bf16", "split_seed", "split_scale")
+_CURVE_KEYS = ("batch", "r", "bf16", "split_seed", "split_scale", "max_grad_norm")
 
 
 def config_key(cfg: dict, keys: tuple = _RUN_KEYS) -> str:
