@@ -303,6 +303,7 @@ def run_shaplora(task, seed, retrain: str = "plain"):
     phi = {n: [None if math.isnan(v) else round(v, 8) for v in s.tolist()] for n, s in out["scores"].items()}
     return model, {"train_time_s": times[-1], "alloc_time_s": total - times[-1],
                    "allocated_params": count_trainable(model), "shapley": phi,
+                   "score_stability": round(out["score_stability"], 4), "supernet": out["supernet"],
                    # from the masks: a module allocated no rank is a plain nn.Linear in the plain retrain
                    "ranks": {n: int(m.sum()) for n, m in out["masks"].items()}}
 

@@ -269,6 +269,9 @@ def train_method(view: _RunView, method: str, seed: int):
            "trainable_params": trainable, "adapter_params": trainable - head, "total_rank": rank}
     if info.get("ranks"):
         out["ranks"] = info["ranks"]
+    for k in ("score_stability", "supernet"):   # ShapLoRA: agreement of two scorings, the learned-check's figures
+        if k in info:
+            out[k] = info[k]
     return model, out
 
 
