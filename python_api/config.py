@@ -105,6 +105,8 @@ class AdapterConfig:
         share_scope: ``"module_type"`` (one matrix per module type across layers) or ``"attention"`` (one across q,
             k, v of all layers).
         rank_pattern: module name or suffix -> rank for that module (PEFT's ``rank_pattern``).
+        alpha_pattern: module name or suffix -> alpha for that module (PEFT's ``alpha_pattern``); e.g. ``alpha = 2·r``
+            per module keeps one scale ``alpha / r = 2`` across a non-uniform rank pattern.
         rank_masks: module name or suffix -> 0/1 mask [r] applied with ``set_rank_mask``.
         svd: SVD-form adapters ``ΔW = B diag(E) A`` (AdaLoRA / ShapLoRA); E is never shared.
         modules_to_save: names or suffixes of modules kept trainable (a task head such as ``"classifier"``).
@@ -121,6 +123,7 @@ class AdapterConfig:
     share: str | None = None
     share_scope: str = "module_type"
     rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
     rank_masks: dict[str, list[int]] = field(default_factory=dict)
     svd: bool = False
     modules_to_save: list[str] = field(default_factory=list)
@@ -153,6 +156,12 @@ class AdapterConfig:
         # None means "none" for the per-module options, as in the keyword API before AdapterConfig
         self.rank_pattern = {} if self.rank_pattern is None else self.rank_pattern
         self.rank_masks = {} if self.rank_masks is None else self.rank_masks
+        self.alpha_pattern = {} if self.alpha_pattern is None else self.alpha_pattern
+        if not isinstance(self.alpha_pattern, dict):
+            raise TypeError(f"alpha_pattern must be a dict of module name -> alpha, got "
+                            f"{type(self.alpha_pattern).__name__}")
+        self.alpha_pattern = {str(k): check_finite(f"alpha_pattern[{k!r}]", v, positive=True)
+                              for k, v in self.alpha_pattern.items()}
         if not isinstance(self.rank_pattern, dict):
             raise TypeError(f"rank_pattern must be a dict of module name -> rank, got "
                             f"{type(self.rank_pattern).__name__}")

@@ -164,7 +164,8 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     heads = sorted({k.rsplit(".", 1)[0] for k in extra})
     apply_adapters(model, sorted(lora), r=max(ranks.values()),
                    alpha=float(cfg.get("lora_alpha", 8)), dropout=float(cfg.get("lora_dropout", 0.0)),
-                   rank_pattern=ranks, modules_to_save=heads or None)
+                   rank_pattern=ranks, alpha_pattern={n: scale(n) * k for n, k in ranks.items()},
+                   modules_to_save=heads or None)
     for name, layer in adapter_layers(model).items():
         layer.lora_A.copy_(lora[name]["lora_A"])
         layer.lora_B.copy_(lora[name]["lora_B"])

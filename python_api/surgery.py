@@ -177,7 +177,8 @@ def apply_adapters(model: nn.Module, config: AdapterConfig | Iterable[str] | str
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     cfg = _config_of(config, overrides)
     names = find_modules(model, cfg.target_modules)
-    for key, what in ((cfg.rank_pattern, "rank_pattern"), (cfg.rank_masks, "rank_masks")):
+    for key, what in ((cfg.rank_pattern, "rank_pattern"), (cfg.alpha_pattern, "alpha_pattern"),
+                      (cfg.rank_masks, "rank_masks")):
         stray = [k for k in key if not any(matches(n, [k]) for n in names)]
         if stray:
             raise ValueError(f"{what} keys {stray} match none of the adapted modules ({names[:6]}...)")
@@ -202,7 +203,8 @@ def apply_adapters(model: nn.Module, config: AdapterConfig | Iterable[str] | str
                 mine[pname] = getattr(owner, pname)
         cls = SharedLoRALinear if shared else LoRALinear
         try:
-            layer = cls.from_linear(base, rank, cfg.alpha, cfg.dropout, svd=cfg.svd, lora_A=mine.get("lora_A"),
+            alpha = lookup(name, cfg.alpha_pattern, cfg.alpha)
+            layer = cls.from_linear(base, rank, alpha, cfg.dropout, svd=cfg.svd, lora_A=mine.get("lora_A"),
                                     lora_B=mine.get("lora_B"), adapter_dtype=cfg.adapter_dtype)
             mask = lookup(name, cfg.rank_masks, None)
             if mask is not None:

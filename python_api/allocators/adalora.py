@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .sensitivity import SensitivityTracker, Triplet, find_adapters
-from .shaplora import check_budget
+from .shaplora import BUDGET_UNITS, check_budget, select_within_budget
 
 
 def budget_schedule(step: int, init_bgt: int, target_bgt: int, total_step: int, tinit: int, tfinal: int,
@@ -49,9 +49,17 @@ class AdaLoRAAllocator:
 
     def __init__(self, adapters: nn.Module | dict[str, Triplet], target_r: int | None = None,
                  total_step: int | None = None, tinit: int = 0, tfinal: int = 0, deltaT: int = 1,
-                 beta1: float = 0.85, beta2: float = 0.85, *, budget: int | None = None):
-        """``target_r`` (PEFT's: budget = target_r × #modules) or ``budget`` (total ranks kept, any integer):
-        exactly one of them."""
+                 beta1: float = 0.85, beta2: float = 0.85, *, budget: int | None = None,
+                 budget_unit: str = "ranks"):
+        """``target_r`` (PEFT's: budget = target_r × #modules) or ``budget``: exactly one of them. ``budget`` counts
+        ranks kept (``budget_unit="ranks"``, any integer) or the trainable parameters they keep
+        (``budget_unit="params"``: a rank of module n costs ``in + out + 1``, its rows of A and B and its λ); with
+        parameters the cubic schedule runs from every rank's parameters down to ``budget`` and each mask keeps the
+        best-scoring ranks that fit (:func:`~python_api.allocators.shaplora.select_within_budget`)."""
+        if budget_unit not in BUDGET_UNITS:
+            raise ValueError(f"budget_unit must be one of {BUDGET_UNITS}, got {budget_unit!r}")
+        if target_r is not None and budget_unit != "ranks":
+            raise ValueError("target_r counts ranks: pass budget=... with budget_unit='params'")
         if (target_r is None) == (budget is None):
             raise ValueError("give exactly one of target_r (ranks per module) and budget (total ranks), got "
                              f"target_r={target_r!r}, budget={budget!r}")
@@ -71,11 +79,22 @@ class AdaLoRAAllocator:
             raise ValueError(f"deltaT must be >= 1, got {deltaT}")
         self.adapters = trip
         self.tracker = SensitivityTracker(trip, beta1, beta2)
-        self.init_bgt = self.tracker.total_rank
-        if budget is None:
+        self.budget_unit = budget_unit
+        self.costs = None
+        if budget_unit == "params":
+            # per rank, in the tracker's flat order: A's row + B's column + λ
+            per_rank = {n: trip[n][1].shape[1] + trip[n][2].shape[0] + 1 for n in self.tracker.names}
+            self.costs = torch.cat([torch.full((self.tracker.ranks[n],), per_rank[n], dtype=torch.long)
+                                    for n in self.tracker.names])
+            self.init_bgt = int(self.costs.sum())
+            self.target_bgt = check_budget(budget, int(self.costs.min()), self.init_bgt,
+                                           f"the parameters of one rank up to all {self.tracker.total_rank} ranks")
+        elif budget is None:
+            self.init_bgt = self.tracker.total_rank
             self.target_bgt = check_budget(int(target_r) * len(trip), 1, self.init_bgt, "the initial ranks",
                                            "target budget target_r·modules")
         else:
+            self.init_bgt = self.tracker.total_rank
             self.target_bgt = check_budget(budget, 1, self.init_bgt, f"the {self.init_bgt} initial ranks")
         self.total_step, self.tinit, self.tfinal, self.deltaT = int(total_step), int(tinit), int(tfinal), int(deltaT)
         self.rank_pattern: dict[str, list[bool]] | None = None
@@ -86,11 +105,15 @@ class AdaLoRAAllocator:
 
     @torch.no_grad()
     def mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
-        """Zeroes λ of every triplet scoring ≤ the (init_bgt − budget)-th smallest score; returns the pattern."""
+        """Zeroes λ of every triplet scoring ≤ the (init_bgt − budget)-th smallest score (a parameter budget: of
+        every triplet outside the best ones that fit in ``budget``); returns the pattern."""
         scores = self.tracker.scores
-        k = self.init_bgt - budget
-        thr = torch.kthvalue(scores, k).values if k > 0 else scores.min() - 1
-        keep = scores > thr
+        if self.costs is not None:
+            keep = select_within_budget(scores.detach().double().cpu(), int(budget), self.costs).to(scores.device)
+        else:
+            k = self.init_bgt - budget
+            thr = torch.kthvalue(scores, k).values if k > 0 else scores.min() - 1
+            keep = scores > thr
         # One host copy of the mask; only modules that lose a rank are touched (a per-module masked_fill_ and
         # tolist() cost ~1.7 ms per step on MiniLM-L6's 36 modules, more than the fused sensitivity update).
         flags = keep.tolist()
@@ -131,7 +154,8 @@ class AdaLoRAAllocator:
     def state_dict(self) -> dict:
         return {"tracker": self.tracker.state_dict(), "rank_pattern": self.rank_pattern,
                 "schedule": {"init_bgt": self.init_bgt, "target_bgt": self.target_bgt, "total_step": self.total_step,
-                             "tinit": self.tinit, "tfinal": self.tfinal, "deltaT": self.deltaT}}
+                             "tinit": self.tinit, "tfinal": self.tfinal, "deltaT": self.deltaT,
+                             **({"budget_unit": "params"} if self.costs is not None else {})}}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()["schedule"]

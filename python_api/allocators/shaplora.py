@@ -305,13 +305,52 @@ def check_budget(budget, low: int, high: int, what: str = "", name: str = "budge
     return budget
 
 
-def allocate_ranks(scores: dict[str, torch.Tensor], budget: int, *, by: str = "signed") -> dict[str, torch.Tensor]:
-    """Keep the global top-``budget`` rank triplets.
+BUDGET_UNITS = ("ranks", "params")
+RETRAIN_FORMS = ("plain", "svd")
+
+
+def select_within_budget(key: torch.Tensor, budget: int, costs: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool mask of the items kept: the highest ``key`` first (ties toward the earlier item; ``-inf`` never kept).
+    Without ``costs``: the top ``budget`` items. With ``costs`` (a positive integer cost per item, e.g. the
+    parameters one rank adds): greedily in key order, every item whose cost still fits in what is left of
+    ``budget`` (an item that does not fit is skipped and cheaper ones after it may still fit), so the total cost
+    is at most ``budget`` and short of it by less than the cost of the cheapest item left out."""
+    order = torch.sort(key, descending=True, stable=True).indices
+    order = order[key[order] != -math.inf]   # -inf: not a candidate
+    keep = torch.zeros(key.numel(), dtype=torch.bool)
+    if costs is None:
+        keep[order[:budget]] = True
+        return keep
+    left = int(budget)
+    for i, c in zip(order.tolist(), costs[order].tolist()):
+        if c <= left:
+            keep[i] = True
+            left -= int(c)
+            if left == 0:
+                break
+    return keep
+
+
+def rank_costs(model: nn.Module, form: str = "plain") -> dict[str, int]:
+    """Trainable parameters one rank adds to each LoRALinear of ``model`` once retrained in ``form``:
+    ``in + out`` for plain LoRA (a row of A, a column of B), one more (its λ) in SVD form."""
+    if form not in RETRAIN_FORMS:
+        raise ValueError(f"form must be one of {RETRAIN_FORMS}, got {form!r}")
+    return {n: m.in_features + m.out_features + (form == "svd") for n, m in _layers(model).items()}
+
+
+def allocate_ranks(scores: dict[str, torch.Tensor], budget: int, *, by: str = "signed",
+                   costs: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """Keep the global top-``budget`` rank triplets, or the best ones within a parameter budget.
 
     Args:
         scores: module name → [R] scores (NaN = not a candidate, e.g. already pruned).
-        budget: total ranks kept over all modules, any integer (Python or numpy) in [0, #scored ranks].
+        budget: without ``costs``: total ranks kept over all modules, any integer (Python or numpy) in
+            [0, #scored ranks]. With ``costs``: total trainable parameters the kept ranks may add, any integer
+            from 0 to the cost of every scored rank; ranks are taken best first while they fit
+            (:func:`select_within_budget`), so the total is within one rank's cost of the budget.
         by: ``"signed"`` ranks by φ (a rank that raises the loss ranks last), ``"abs"`` by |φ| (AdaLoRA-like).
+        costs: module name → parameters per rank of that module (:func:`rank_costs`); None = a rank budget.
     Returns:
         module name → bool mask [R]. Ties break toward the earlier (module, rank).
     """
@@ -325,12 +364,23 @@ def allocate_ranks(scores: dict[str, torch.Tensor], budget: int, *, by: str = "s
     if inf:  # ±inf would tie with the NaN (not a candidate) key below
         raise ValueError(f"scores of modules {inf} contain ±Inf; scores must be finite (NaN = not a candidate)")
     valid = ~torch.isnan(flat)
-    budget = check_budget(budget, 0, int(valid.sum()), "the number of scored ranks")
+    cost = None
+    if costs is None:
+        budget = check_budget(budget, 0, int(valid.sum()), "the number of scored ranks")
+    else:
+        missing = [n for n in names if n not in costs]
+        if missing:
+            raise KeyError(f"costs has no entry for modules {missing}")
+        bad = {n: costs[n] for n in names if isinstance(costs[n], bool) or not isinstance(costs[n], numbers.Integral)
+               or costs[n] < 1}
+        if bad:
+            raise ValueError(f"costs must be positive integers (parameters per rank), got {bad}")
+        cost = torch.cat([torch.full((torch.as_tensor(scores[n]).numel(),), int(costs[n]), dtype=torch.long)
+                          for n in names])
+        budget = check_budget(budget, 0, int(cost[valid].sum()), "the parameters of every scored rank")
     key = flat.abs() if by == "abs" else flat.clone()
     key[~valid] = -math.inf
-    order = torch.sort(key, descending=True, stable=True).indices
-    keep = torch.zeros(flat.numel(), dtype=torch.bool)
-    keep[order[:budget]] = True
+    keep = select_within_budget(key, budget, cost)
     out, off = {}, 0
     for n in names:
         r = torch.as_tensor(scores[n]).numel()
@@ -384,6 +434,51 @@ def apply_rank_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         raise KeyError(f"masks name modules that are not LoRALinear layers of the model: {unknown}")
     for n, m in masks.items():
         layers[n].set_rank_mask(m)
+
+
+def to_plain_lora(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """Turns a freshly built model with SVD-form adapters into plain LoRA with the allocated rank pattern, in
+    place: module ``n`` gets a new rank-``k_n`` LoRALinear (``k_n`` = kept ranks, fresh LoRA init: A Kaiming,
+    B = 0) at the SVD layer's scale (``alpha_n = scale · k_n``, so ``alpha/r`` is unchanged), over the same frozen
+    base weight; a module with no kept rank is given back its plain ``nn.Linear``. Dropout, the task heads kept
+    trainable and every module not named in ``masks`` stay as they were. What a PEFT user would train: LoRA with
+    ``rank_pattern`` / ``alpha_pattern`` (:func:`to_peft_lora_config`). All or nothing on error."""
+    from ..surgery import CONFIG_ATTR, apply_adapters, replace_modules
+    layers = _layers(model)
+    unknown = sorted(set(masks) - set(layers))
+    if unknown:
+        raise KeyError(f"masks name modules that are not LoRALinear layers of the model: {unknown}")
+    from ..share import SharedLoRALinear
+    shared = [n for n in masks if isinstance(layers[n], SharedLoRALinear)]
+    if shared:
+        raise ValueError(f"to_plain_lora needs unshared adapters; shared: {shared[:4]}")
+    record = dict(getattr(model, CONFIG_ATTR, None) or {})
+    ranks = {n: int(torch.as_tensor(m).sum()) for n, m in masks.items()}
+    if not any(ranks.values()):
+        raise ValueError("every module was allocated rank 0: nothing to retrain")
+    scale = {n: layers[n].scaling for n in masks}
+    dropout = {layers[n].dropout for n in masks}
+    if len(dropout) > 1:
+        raise ValueError(f"the adapters' dropouts differ ({sorted(dropout)}): one plain config cannot hold them")
+
+    def unwrap(name, layer):
+        lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        lin.weight = layer.weight
+        lin.bias = layer.bias
+        return lin
+    before = dict(layers)
+    replace_modules(model, list(masks), unwrap)
+    kept = {n: k for n, k in ranks.items() if k > 0}
+    try:
+        apply_adapters(model, list(kept), r=max(kept.values()), rank_pattern=kept,
+                       alpha_pattern={n: scale[n] * k for n, k in kept.items()}, dropout=dropout.pop(),
+                       modules_to_save=record.get("modules_to_save") or [])
+    except BaseException:
+        replace_modules(model, list(masks), lambda n, _: before[n])
+        if record:
+            setattr(model, CONFIG_ATTR, record)
+        raise
+    return model
 
 
 # ---- the super-network's basis --------------------------------------------------------------------------
@@ -522,6 +617,8 @@ def shaplora_workflow(
     loss_fn: LossFn,
     r_target: int | None = None,
     budget: int | None = None,
+    budget_unit: str = "ranks",
+    retrain: str = "plain",
     rounds: int = 1,
     mode: str = "taylor",
     num_passes: int = 1,
@@ -538,7 +635,7 @@ def shaplora_workflow(
     """ShapLoRA, workflows (a) and (b): train the super-network at r_init → check it learned → Shapley-score
     on the validation split (twice, independently: the mean is allocated, the agreement reported) → keep the
     global top-``budget`` triplets (``rounds`` > 1 prunes geometrically and rescores in between) → build a
-    FRESH model, apply the rank pattern, train it from scratch → evaluate.
+    FRESH model with the rank pattern (plain LoRA by default), train it from scratch → evaluate.
 
     Args:
         build_model: returns a new model with SVD-form LoRALinear adapters at r_init (fresh init each call).
@@ -549,6 +646,13 @@ def shaplora_workflow(
         r_target / budget: the rank budget, exactly one of them: ``r_target`` ranks per module on average
             (budget = r_target × #modules) or ``budget`` ranks in total (any integer, e.g. 7 over 12 modules).
             Both are checked before any training.
+        budget_unit: ``"ranks"`` (``budget`` counts ranks) or ``"params"`` (``budget`` counts the trainable
+            parameters the kept ranks add in the retrained form, :func:`rank_costs`; e.g. uniform LoRA's adapter
+            parameters for an equal-parameter comparison: modules differ in ``in + out``, so equal ranks are not
+            equal parameters). ``r_target`` is always in ranks.
+        retrain: ``"plain"`` (default): the retrained model is plain LoRA with the rank pattern
+            (:func:`to_plain_lora`, fresh LoRA init, the super-network's scale), what a PEFT user runs;
+            ``"svd"``: SVD-form adapters at r_init with the rank masks (λ starts at 0, as AdaLoRA).
         basis: ``"merged"`` (default) scores each module's update in the SVD basis of its merged update
             (:func:`to_merged_basis`), so one learned direction is one player; ``"trained"`` scores the
             components as trained.
@@ -569,6 +673,12 @@ def shaplora_workflow(
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if budget_unit not in BUDGET_UNITS:
+        raise ValueError(f"budget_unit must be one of {BUDGET_UNITS}, got {budget_unit!r}")
+    if retrain not in RETRAIN_FORMS:
+        raise ValueError(f"retrain must be one of {RETRAIN_FORMS}, got {retrain!r}")
+    if r_target is not None and budget_unit != "ranks":
+        raise ValueError("r_target counts ranks: pass budget=... with budget_unit='params'")
     if basis not in ("merged", "trained"):
         raise ValueError(f"basis must be 'merged' or 'trained', got {basis!r}")
     if (r_target is None) == (budget is None):
@@ -592,8 +702,13 @@ def shaplora_workflow(
     if r_target is not None:
         check_budget(int(r_target) * len(layers), 1, start, f"the super-network's {start} ranks", "r_target·modules")
         budget = int(r_target) * len(layers)
-    else:
+    elif budget_unit == "ranks":
         budget = check_budget(budget, 1, start, f"the super-network's {start} ranks over {len(layers)} modules")
+    costs = rank_costs(supernet, retrain) if budget_unit == "params" else None
+    if costs is not None:
+        most = sum(costs[n] * int(m.rank_mask.sum()) for n, m in layers.items())
+        budget = check_budget(budget, min(costs.values()), most,
+                              f"the parameters of one rank up to all {start} ranks of the super-network", "budget")
     before = _fit_check(supernet, val_batches, loss_fn, predict_fn)
     need = (f"a validation loss {min_improvement or 0:.0%} lower"
             f"{' and accuracy above the majority class' * bool(predict_fn)}")
@@ -627,11 +742,15 @@ def shaplora_workflow(
                           f"{stability[-1]:.2f} < {min_stability} (round {k}); raise num_passes or use more "
                           "validation examples", RuntimeWarning, stacklevel=2)
         scores = {n: (first[n] + second[n]) / 2 for n in first}
-        b_k = round(start * (budget / start) ** (k / rounds)) if k < rounds else budget
-        masks = allocate_ranks(scores, int(b_k), by=by)
+        full = start if costs is None else most
+        b_k = round(full * (budget / full) ** (k / rounds)) if k < rounds else budget
+        masks = allocate_ranks(scores, int(b_k), by=by, costs=costs)
         apply_rank_masks(supernet, masks)
     model = build_model()
-    apply_rank_masks(model, masks)
+    if retrain == "plain":
+        to_plain_lora(model, masks)
+    else:
+        apply_rank_masks(model, masks)
     train(model)
     fit = {"val_loss_untrained": before["val_loss"], "val_loss": after["val_loss"], "extra_train_calls": extra}
     if predict_fn is not None:
@@ -639,4 +758,5 @@ def shaplora_workflow(
                    val_accuracy_untrained=before["val_accuracy"])
     return {"masks": masks, "scores": scores, "peft_rank_pattern": to_peft_rank_pattern(masks),
             "config": rank_pattern_config(masks), "result": evaluate(model), "model": model, "rng_state": rng_state,
-            "budget": budget, "score_stability": stability[0], "score_stability_rounds": stability, "supernet": fit}
+            "budget": budget, "budget_unit": budget_unit, "score_stability": stability[0],
+            "score_stability_rounds": stability, "supernet": fit}

@@ -44,6 +44,7 @@ class DemoConfig:
     batch_size: int = 16
     max_length: int = 64
     lr: float = 1e-3
+    max_grad_norm: float = 1.0   # gradient clipping as transformers.Trainer does by default (0: off)
     r: int = 8
     r_init: int = 12            # ShapLoRA super-network rank
     expert_r: int = 4           # AlphaLoRA rank per expert
@@ -87,6 +88,8 @@ def train(model: nn.Module, train_data: D.Encoded, cfg: DemoConfig, steps: int, 
         loss = _per_example_loss(model, batch).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         done += 1
         loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
@@ -140,35 +143,51 @@ def run_lora(base, splits, cfg, deadline, share=None, name="lora") -> dict:
 
 
 def run_shaplora(base, splits, cfg, deadline) -> dict:
-    from ..allocators.shaplora import allocate_ranks, rank_pattern_config, shapley_sensitivity
-    from ..surgery import apply_adapters
+    """ShapLoRA as the library's workflow runs it: super-network, learned-check, Shapley scores in the merged
+    basis, uniform LoRA's parameter budget, plain-LoRA retrain."""
+    from ..allocators.shaplora import (SupernetNotLearnedError, _fit_check, _learned, allocate_ranks, rank_costs,
+                                       rank_pattern_config, shapley_sensitivity, to_merged_basis, to_plain_lora)
+    from ..surgery import apply_adapters, count_trainable
 
-    def build(masks=None):
-        return apply_adapters(copy.deepcopy(base), MINILM_TARGETS, r=cfg.r_init, alpha=2 * cfg.r, svd=True,
-                              rank_masks=masks, modules_to_save=["classifier"])
+    def build():   # alpha = 2·r_init: the scale alpha/r = 2 of uniform LoRA, kept by the plain retrain
+        return apply_adapters(copy.deepcopy(base), MINILM_TARGETS, r=cfg.r_init, alpha=2 * cfg.r_init, svd=True,
+                              modules_to_save=["classifier"])
 
     t0 = time.perf_counter()
     supernet = build()
+    val = list(D.batches(splits["validation"], cfg.batch_size))
+    val = val[: max(1, cfg.val_for_shapley // cfg.batch_size)]
+
+    def predict(m, b):
+        return m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1), b["labels"]
+    before = _fit_check(supernet, val, _per_example_loss, predict)
     # The super-net, the scoring and the retrain share this method's time: the super-net may take a third, so a
     # slow machine still leaves the retrained model (the one that is evaluated) most of its steps.
     sup_deadline = t0 + (deadline - t0) / 3
     sup = train(supernet, splits["train"], cfg, max(1, cfg.steps // 2), sup_deadline, "shaplora super-net")
-    val = list(D.batches(splits["validation"], cfg.batch_size))
-    val = val[: max(1, cfg.val_for_shapley // cfg.batch_size)]
+    after = _fit_check(supernet, val, _per_example_loss, predict)
+    if not _learned(before, after, 0.05):   # never hand noise scores to the allocator
+        raise SupernetNotLearnedError(
+            f"shaplora: the super-network did not learn in {sup['steps']} steps (validation {after} vs untrained "
+            f"{before}); its Shapley scores would be noise. Give the demo more steps or time.")
+    to_merged_basis(supernet)
     t1 = time.perf_counter()
     scores = shapley_sensitivity(supernet, val, "taylor", loss_fn=_per_example_loss,
                                  generator=torch.Generator().manual_seed(cfg.seed),
                                  batch_size_fn=lambda b: b["labels"].shape[0])
     score_s = time.perf_counter() - t1
-    masks = allocate_ranks(scores, cfg.r * len(scores))
+    costs = rank_costs(supernet)
+    budget = cfg.r * sum(costs.values())                 # uniform LoRA's adapter parameters at r
+    masks = allocate_ranks(scores, budget, costs=costs)
     alloc_s = time.perf_counter() - t0
     del supernet
-    model = build({n: m for n, m in masks.items()})
+    model = to_plain_lora(build(), masks)
     tr = train(model, splits["train"], cfg, cfg.steps, deadline, "shaplora retrain")
     ranks = {n: int(m.sum()) for n, m in masks.items()}
     return {"method": "shaplora", "model": model, "alloc_s": alloc_s, "score_s": score_s,
             "supernet_steps": sup["steps"], **tr, "ranks": ranks, "rank_pattern": rank_pattern_config(masks),
-            "allocation": f"ranks {min(ranks.values())}..{max(ranks.values())} (budget {cfg.r}×{len(ranks)})"}
+            "allocation": f"ranks {min(ranks.values())}..{max(ranks.values())} ({count_trainable(model, True):,} "
+                          f"adapter parameters, uniform LoRA's r={cfg.r} budget {budget:,})"}
 
 
 def _min_experts_kw(cfg) -> dict:

@@ -60,7 +60,9 @@ OUTPUT_NAMES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jso
 # What must not change between a run and its --resume (anything else, e.g. --threads, may).
 IDENTITY_KEYS = ("method", "task", "text_column", "label_column", "targets", "r", "r_init", "budget", "steps",
                  "epochs", "lr", "batch_size", "max_length", "seed", "bf16", "val_frac", "test_frac", "expert_r",
-                 "beta", "eval_data")
+                 "beta", "eval_data", "budget_unit", "max_grad_norm")
+# what a run written before the key existed used
+IDENTITY_DEFAULTS = {"budget_unit": "ranks", "max_grad_norm": 0.0}
 ORTH_WEIGHT = 0.5        # PEFT AdaLoraConfig.orth_reg_weight
 SHAPLEY_VAL_EXAMPLES = 256
 
@@ -83,9 +85,11 @@ class TrainConfig:
     r: int = 8
     r_init: int = 12
     budget: int | None = None
+    budget_unit: str = "ranks"       # adalora / shaplora: --budget counts ranks or trainable parameters
     steps: int | None = None
     epochs: float | None = None
     lr: float | None = None
+    max_grad_norm: float = 1.0       # gradient-norm clipping before each AdamW step (0: off)
     batch_size: int | None = None
     max_length: int | None = None
     seed: int = 0
@@ -134,12 +138,20 @@ def check_args(cfg: TrainConfig) -> None:
         v = getattr(cfg, name)
         if v is not None and (not isinstance(v, int) or v < 1):
             raise BadInput(f"--{name.replace('_', '-')}: expected a positive integer, got {v!r}")
+    if not (isinstance(cfg.max_grad_norm, (int, float)) and math.isfinite(cfg.max_grad_norm)
+            and cfg.max_grad_norm >= 0):
+        raise BadInput(f"--max-grad-norm: expected a finite number >= 0 (0 switches clipping off), got "
+                       f"{cfg.max_grad_norm!r}")
     for name in ("epochs", "lr"):
         v = getattr(cfg, name)
         if v is not None and not v > 0:
             raise BadInput(f"--{name}: expected a positive number, got {v!r}")
     if cfg.max_length is not None and cfg.max_length < 2:
         raise BadInput(f"--max-length: must be at least 2, got {cfg.max_length}")
+    if cfg.budget_unit not in ("ranks", "params"):
+        raise BadInput(f"--budget-unit: {cfg.budget_unit!r} is not one of ranks, params")
+    if cfg.budget_unit == "params" and cfg.method not in ("adalora", "shaplora"):
+        raise BadInput(f"--budget-unit params: only adalora and shaplora take a parameter budget, not {cfg.method}")
     if cfg.method in ("adalora", "shaplora") and cfg.r > cfg.r_init:
         raise BadInput(f"--r ({cfg.r}) must not exceed --r-init ({cfg.r_init}) for {cfg.method}")
     if cfg.merge and cfg.method in MOE_METHODS:
@@ -170,7 +182,7 @@ def check_out(cfg: TrainConfig, ident: dict) -> None:
         if old.get("method") != ident["method"]:
             raise BadInput(f"--resume: the checkpoint in {out} is for method {old.get('method')!r}, "
                            f"not {ident['method']!r}")
-        diff = [k for k in ident if old.get(k) != ident[k]]
+        diff = [k for k in ident if old.get(k, IDENTITY_DEFAULTS.get(k)) != ident[k]]
         if diff:
             args = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} (now {ident[k]!r})" for k in diff)
             raise BadInput(f"--resume: the checkpoint in {out} was written with {args}; resume with the same options")
@@ -309,6 +321,12 @@ def _adapt(base, cfg, targets, heads, masks, experts):
                 p.requires_grad_(True)
         return model
     share = {"sharelora-a": "A", "sharelora-b": "B", "sharelora-ab": "AB"}.get(m)
+    if m == "shaplora" and masks is not None:
+        # the retrain: plain LoRA with the allocated rank pattern at uniform LoRA's scale (alpha = 2·rank)
+        from ..allocators.shaplora import to_plain_lora
+        svd = lk.apply_adapters(model, targets, r=cfg.r_init, alpha=2 * cfg.r_init, svd=True,
+                                modules_to_save=heads or None)
+        return to_plain_lora(svd, masks)
     if m in ("adalora", "shaplora"):
         return lk.apply_adapters(model, targets, r=cfg.r_init, alpha=2 * cfg.r, svd=True, rank_masks=masks,
                                  modules_to_save=heads or None)
@@ -450,6 +468,8 @@ class Run:
                     else:
                         total = loss
                 total.backward()
+                if cfg.max_grad_norm:   # transformers.Trainer's default clipping (1.0); 0 switches it off
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
                 sched.step()
                 if allocator is not None:
@@ -539,17 +559,31 @@ def prepare(cfg: TrainConfig, log=print, check_output: bool = True) -> dict:
     for k, ex in splits.items():
         enc[k], longer[k] = encode(tok, ex, cfg.max_length)
     n_blocks = len({_block(n) for n in targets})
+    # parameters one rank adds per module: plain LoRA (shaplora's retrain) in + out, SVD form (adalora) one more
+    cost = {n: sum(_in_out(base.get_submodule(n))) + (cfg.method == "adalora") for n in targets}
     if cfg.budget is None:
-        cfg.budget = (2 * n_blocks) if cfg.method in MOE_METHODS else cfg.r * len(targets)
+        if cfg.budget_unit == "params":   # uniform LoRA's adapter parameters at --r
+            cfg.budget = cfg.r * sum(sum(_in_out(base.get_submodule(n))) for n in targets)
+        else:
+            cfg.budget = (2 * n_blocks) if cfg.method in MOE_METHODS else cfg.r * len(targets)
         ident["budget_default"] = cfg.budget
-    if cfg.method in ("adalora", "shaplora") and cfg.budget > cfg.r_init * len(targets):
+    if cfg.method in ("adalora", "shaplora") and cfg.budget_unit == "ranks" and cfg.budget > cfg.r_init * len(targets):
         raise BadInput(f"--budget: {cfg.budget} ranks exceed the {cfg.r_init} × {len(targets)} = "
                        f"{cfg.r_init * len(targets)} of the super-network (raise --r-init)")
+    if cfg.budget_unit == "params":
+        most = cfg.r_init * sum(cost.values())
+        if not min(cost.values()) <= cfg.budget <= most:
+            raise BadInput(f"--budget: {cfg.budget} parameters is outside [{min(cost.values())}, {most}] (one rank "
+                           f"of the smallest module up to all {cfg.r_init} × {len(targets)} ranks; raise --r-init)")
     n_train = len(enc["train"])
     steps = cfg.steps if cfg.steps is not None else math.ceil((cfg.epochs or 1.0) * math.ceil(n_train / cfg.batch_size))
     cfg.steps_resolved = steps   # type: ignore[attr-defined]
     return {"cfg": cfg, "src": src, "splits": splits, "info": info, "tok": tok, "base": base, "targets": targets,
             "heads": heads, "ident": ident, "enc": enc, "longer": longer, "steps": steps, "n_blocks": n_blocks}
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    return module.in_features, module.out_features
 
 
 def _block(name: str) -> int:
@@ -674,10 +708,8 @@ def _adalora_factory(cfg: TrainConfig):
         tinit, tfinal = steps // 10, steps // 5
         if tinit + tfinal >= steps:
             tinit, tfinal = 0, 0
-        alloc = AdaLoRAAllocator(model, target_r=cfg.r, total_step=steps, tinit=tinit, tfinal=tfinal,
-                                 deltaT=max(1, steps // 20))
-        alloc.target_bgt = int(cfg.budget)
-        return alloc
+        return AdaLoRAAllocator(model, budget=int(cfg.budget), budget_unit=cfg.budget_unit, total_step=steps,
+                                tinit=tinit, tfinal=tfinal, deltaT=max(1, steps // 20))
     return make
 
 
@@ -692,7 +724,7 @@ def _experts(cfg: TrainConfig, base, targets, n_blocks) -> tuple[list[int], list
 
 def _shaplora_masks(runner: Run, P: dict, resume_state=None) -> dict[str, torch.Tensor]:
     """Super-network for half the steps, Shapley scores on (up to 256) validation examples, global top-budget."""
-    from ..allocators.shaplora import (SupernetNotLearnedError, _fit_check, _learned, allocate_ranks,
+    from ..allocators.shaplora import (SupernetNotLearnedError, _fit_check, _learned, allocate_ranks, rank_costs,
                                        shapley_sensitivity, to_merged_basis)
 
     cfg, tok, enc = runner.cfg, P["tok"], P["enc"]
@@ -728,7 +760,8 @@ def _shaplora_masks(runner: Run, P: dict, resume_state=None) -> dict[str, torch.
     scores = shapley_sensitivity(sup, batches, "taylor", loss_fn=loss_fn,
                                  generator=torch.Generator().manual_seed(cfg.seed),
                                  batch_size_fn=lambda b: b["input_ids"].shape[0])
-    return allocate_ranks(scores, int(cfg.budget))
+    costs = rank_costs(sup, "plain") if cfg.budget_unit == "params" else None
+    return allocate_ranks(scores, int(cfg.budget), costs=costs)
 
 
 def _shaplora(runner: Run, P: dict, resume_state) -> nn.Module:

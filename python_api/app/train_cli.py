@@ -33,9 +33,15 @@ def _model_data(p: argparse.ArgumentParser, required: bool):
     p.add_argument("--r-init", type=_pos_int, default=12, help="initial rank of adalora / the shaplora super-net")
     p.add_argument("--budget", type=_pos_int, default=None,
                    help="total rank over modules (adalora, shaplora; default r × modules) or total experts "
-                        "(moe-uniform, alphalora; default 2 × blocks)")
+                        "(moe-uniform, alphalora; default 2 × blocks); with --budget-unit params: trainable "
+                        "parameters (default: uniform LoRA's at --r)")
+    p.add_argument("--budget-unit", choices=("ranks", "params"), default="ranks",
+                   help="adalora / shaplora: --budget counts ranks (default) or the trainable parameters the kept "
+                        "ranks add (modules differ in in + out, so equal ranks are not equal parameters)")
     p.add_argument("--lr", type=_pos_float, default=None, help="AdamW learning rate, linear decay "
                                                               "(default 1e-3 classify, 2e-4 causal-lm)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="clip the gradient norm before each step (transformers.Trainer's default 1.0; 0: off)")
     p.add_argument("--batch-size", type=_pos_int, default=None, help="default 16 classify, 8 causal-lm")
     p.add_argument("--max-length", type=_pos_int, default=None, help="tokens per text; longer texts are truncated "
                                                                     "and counted (default 128 classify, 256 causal-lm)")
@@ -74,6 +80,8 @@ def add_alloc_options(a: argparse.ArgumentParser) -> None:
     a.add_argument("--model", default=None, help="with --data: allocate on your own model (see `train --help`)")
     a.add_argument("--data", default=None, help="with --model: your own data")
     a.add_argument("--budget", type=_pos_int, default=None, help="total rank (shaplora/adalora) or experts (alphalora)")
+    a.add_argument("--budget-unit", choices=("ranks", "params"), default="ranks",
+                   help="shaplora / adalora: --budget in ranks or trainable parameters")
     a.add_argument("--text-column", default=None)
     a.add_argument("--label-column", default=None)
     a.add_argument("--task", choices=("classify", "causal-lm"), default=None)
@@ -92,7 +100,9 @@ def config_from_args(args, method: str | None = None, argv: list[str] | None = N
     return TrainConfig(
         model=args.model, data=args.data, method=method or args.method, out=args.out, task=g("task"),
         text_column=g("text_column"), label_column=g("label_column"), eval_data=g("eval_data"), targets=g("targets"),
-        r=g("r", 8), r_init=g("r_init", 12), budget=g("budget"), steps=g("steps"), epochs=g("epochs"), lr=g("lr"),
+        r=g("r", 8), r_init=g("r_init", 12), budget=g("budget"),
+        budget_unit=g("budget_unit", "ranks"), steps=g("steps"), epochs=g("epochs"), lr=g("lr"),
+        max_grad_norm=g("max_grad_norm", 1.0),
         batch_size=g("batch_size"), max_length=g("max_length"), seed=g("seed", 0), bf16=bool(g("bf16", False)),
         grad_checkpointing=bool(g("grad_checkpointing", False)),
         resume=bool(g("resume", False)), overwrite=bool(g("overwrite", False)), merge=bool(g("merge", False)),

@@ -79,9 +79,9 @@ def test_peft_methods_load_in_peft_with_equal_outputs(fx, tmp_path, method):
     assert (theirs - ours).abs().max() <= 1e-5
     assert (plain - ours).abs().max() > 1e-4          # the adapters and the head changed something
     # trainable_params counts active ranks only: what the PEFT file holds (A, B of kept ranks + head) plus, in
-    # SVD form, one λ per kept rank (PEFT's file has λ folded into B)
+    # SVD form (adalora; shaplora retrains plain LoRA), one λ per kept rank (PEFT's file has λ folded into B)
     cfg_json = json.load(open(tmp_path / "o" / "adapter_config.json"))
-    kept = sum(cfg_json["rank_pattern"].values()) if method != "lora" else 0
+    kept = sum(cfg_json["rank_pattern"].values()) if method == "adalora" else 0
     assert m["trainable_params"] == sum(t.numel() for t in tensors(tmp_path / "o").values()) + kept
     assert cfg_json["modules_to_save"] == ["classifier"]
     if method != "lora":
@@ -94,6 +94,36 @@ def test_peft_methods_load_in_peft_with_equal_outputs(fx, tmp_path, method):
                 "steps", "seed", "config"):
         assert key in m
     assert m["peft_reload_max_abs_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["adalora", "shaplora"])
+def test_parameter_budget(fx, tmp_path, method):
+    """--budget-unit params: the kept ranks' trainable parameters fit the budget (default: uniform LoRA's at --r)
+    and miss it by less than one rank; ShapLoRA retrains plain LoRA (no λ)."""
+    keep = {}
+    m = T.run(cfg(fx, tmp_path / "o", method, budget_unit="params"), log=quiet, keep=keep)
+    import python_api as lk
+    layers = lk.adapter_layers(keep["model"])
+    per_rank = {n: lay.in_features + lay.out_features + (method == "adalora") for n, lay in layers.items()}
+    spent = sum(per_rank[n] * k for n, k in m["ranks"].items())
+    lora = T.run(cfg(fx, tmp_path / "l", "lora"), log=quiet)
+    head = m["trainable_params"] - spent
+    budget = lora["trainable_params"] - head                       # uniform LoRA's adapter parameters at r = 8
+    assert budget - max(per_rank.values()) < spent <= budget
+    assert not any(lay.svd for lay in layers.values()) if method == "shaplora" else all(
+        lay.svd for lay in layers.values())
+    assert json.load(open(tmp_path / "o" / T.MARKER))["budget_unit"] == "params"
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--method", "lora", "--budget-unit", "params"], "--budget-unit"),
+    (["--method", "shaplora", "--budget-unit", "params", "--budget", "3"], "--budget"),
+    (["--method", "adalora", "--budget-unit", "params", "--budget", "10000000"], "--budget")])
+def test_parameter_budget_refused_before_training(fx, tmp_path, capsys, argv, match):
+    rc = cli.main(["train", "--model", fx["bert"], "--data", fx["csv"], "--out", str(tmp_path / "o"), "--steps", "2",
+                   *argv])
+    assert rc == 2 and match in capsys.readouterr().err
+    assert not (tmp_path / "o" / T.CKPT_DIR).exists()
 
 
 @pytest.mark.parametrize("method", ["sharelora-a", "moe-uniform", "alphalora"])
