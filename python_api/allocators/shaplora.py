@@ -175,6 +175,12 @@ def _taylor(players: _Players, model, batches, loss_fn, num_passes, q, generator
         return pre
 
     handles = [m.register_forward_pre_hook(hook(nm)) for nm, m in players.layers.items()]
+    # Only the gates' gradients are read: with A, B, λ frozen for the pass, the op's backward skips dA and dB (two
+    # of its five products, each a pass over x or dy). Restored in the finally below, errors included.
+    frozen = [(p, p.requires_grad) for m in players.layers.values()
+              for p in (m.lora_A, m.lora_B, m.lora_E) if p is not None]
+    for p, _ in frozen:
+        p.requires_grad_(False)
     try:
         for _ in range(num_passes):
             for batch in batches:
@@ -209,6 +215,8 @@ def _taylor(players: _Players, model, batches, loss_fn, num_passes, q, generator
     finally:
         for h in handles:
             h.remove()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
     if seen == 0:
         raise ValueError("batches is empty: no validation examples")
     if count == 0:

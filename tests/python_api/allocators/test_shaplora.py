@@ -226,3 +226,29 @@ def test_workflow_end_to_end_and_reproducible():
 def test_apply_rank_masks_rejects_unknown():
     with pytest.raises(KeyError, match="nope"):
         apply_rank_masks(Toy(4), {"nope": torch.ones(4, dtype=torch.bool)})
+
+
+def test_taylor_pass_freezes_adapters_only_while_scoring(toy):
+    """The pass reads the gates' gradients only: A, B, λ are frozen during it (the op then skips dA, dB) and get
+    their flags back afterwards, after an error too; nothing accumulates in their .grad."""
+    m, val, _ = toy
+    m.fc1.lora_B.requires_grad_(False)                     # a user's own choice is kept as it was
+    seen = []
+    m.fc1.register_forward_pre_hook(lambda mod, args: seen.append(
+        [p.requires_grad for p in (mod.lora_A, mod.lora_B, mod.lora_E)]))
+    try:
+        shapley_sensitivity(m, val, "taylor", loss_fn=mse, generator=torch.Generator().manual_seed(0))
+        assert seen and all(flags == [False, False, False] for flags in seen)
+        assert [m.fc1.lora_A.requires_grad, m.fc1.lora_B.requires_grad, m.fc1.lora_E.requires_grad] == \
+            [True, False, True]
+        assert all(p.grad is None for p in (m.fc1.lora_A, m.fc1.lora_E))
+
+        def bad_loss(model, batch):
+            raise RuntimeError("boom")
+        with pytest.raises(RuntimeError, match="boom"):
+            shapley_sensitivity(m, val, "taylor", loss_fn=bad_loss)
+        assert [m.fc1.lora_A.requires_grad, m.fc1.lora_B.requires_grad, m.fc1.lora_E.requires_grad] == \
+            [True, False, True]
+    finally:
+        m.fc1.lora_B.requires_grad_(True)
+        m.fc1._forward_pre_hooks.clear()
