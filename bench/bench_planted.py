@@ -7,6 +7,8 @@ loss). At a total budget equal to the planted total rank:
 - ShapLoRA (``shaplora_workflow``, SVD-form super-network at ``r_init``; variants = the ablations below),
 - AdaLoRA (``AdaLoRAAllocator(budget=B)``, PEFT's schedule shape, orthogonality weight 0.5 = PEFT's default,
   trained for the super-network's + the retrain's steps, i.e. the same total steps as ShapLoRA),
+- AlphaLoRA (experts per module from the layer alphas of the frozen base, one rank per expert, ``min_experts`` 0;
+  data-free, so blind to the planted deltas),
 - uniform LoRA at rank ceil(B / modules) on every module (>= the budget: generous to uniform),
 - the oracle (plain LoRA with the planted pattern).
 Measured: the exact-pattern hit (per-module counts equal the planted ones), "support" (every rank in a planted
@@ -196,7 +198,7 @@ def run_shaplora(task, variant: str, seed: int, hp=HP) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = shaplora_workflow(build, train, task["val"], lambda m: test_loss(m, task) if full else None,
-                                loss_fn=mse, budget=budget, seed=seed, **spec)
+                                loss_fn=mse, budget=budget, seed=seed, retrain="svd", **spec)
     wall = time.perf_counter() - t0
     counts = counts_of(out["masks"])
     return {"counts": counts, **score(counts, task["cfg"]["planted"]), "loss": retrain_plain(task, counts, seed, hp),
@@ -219,6 +221,23 @@ def run_adalora(task, seed, hp=HP) -> dict:
             "own_loss": test_loss(model, task), "train_s": t}
 
 
+def run_alphalora(task, seed, hp=HP) -> dict:
+    """AlphaLoRA's allocation on the same budget: layer alphas of the student's frozen base (each module is its own
+    numbered layer), ``allocate_experts(total = planted total rank, β = 2.5, min_experts = 0)``, one rank per
+    expert, then the same plain-LoRA retrain. AlphaLoRA is data-free: it reads the base weights' spectra, which do
+    not hold the planted deltas, so this measures what a task-blind allocation gets."""
+    from python_api.allocators.alphalora import allocate_experts, layer_alphas
+    budget = sum(task["cfg"]["planted"].values())
+    base = Stack([_linear(w, b) for w, b in task["base"]])
+    t0 = time.perf_counter()
+    alphas = layer_alphas(base)
+    experts = allocate_experts(alphas, budget, beta=2.5, min_experts=0)
+    t = time.perf_counter() - t0
+    counts = {i: n for i, n in enumerate(experts) if n > 0}
+    return {"counts": counts, **score(counts, task["cfg"]["planted"]), "loss": retrain_plain(task, counts, seed, hp),
+            "alphas": [round(float(a), 4) for a in alphas], "alloc_s": t}
+
+
 def run_fixed(task, seed, counts_or_r, hp=HP) -> dict:
     return {"loss": retrain_plain(task, counts_or_r, seed, hp)}
 
@@ -230,6 +249,8 @@ def run_one(cfg_name, seed, method, hp=HP) -> dict:
     budget = sum(cfg["planted"].values())
     if method == "adalora":
         res = run_adalora(task, seed, hp)
+    elif method == "alphalora":
+        res = run_alphalora(task, seed, hp)
     elif method == "uniform":
         r = math.ceil(budget / cfg["layers"])
         res = {**run_fixed(task, seed, r, hp), "rank": r, "total_rank": r * cfg["layers"]}
@@ -269,6 +290,8 @@ def main(argv=None):
     ap.add_argument("--seed-start", type=int, default=0, help="run seeds seed-start .. seeds-1 (split over processes)")
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--methods", nargs="*", default=None,
+                    help="oracle, uniform, adalora, alphalora, shaplora:<variant> (default: all, every variant)")
     ap.add_argument("--out", default="planted_cpu")
     args = ap.parse_args(argv)
     threads = pin_threads(int(os.environ.get("BENCH_THREADS") or 1))
@@ -281,7 +304,7 @@ def main(argv=None):
                 if r is not None and (r["config"], r["seed"], r["method"]) not in done:  # first of any duplicate
                     done.add((r["config"], r["seed"], r["method"]))
                     rows.append(r)
-    methods = ["oracle", "uniform", "adalora"] + [f"shaplora:{v}" for v in args.variants]
+    methods = args.methods or ["oracle", "uniform", "adalora", "alphalora"] + [f"shaplora:{v}" for v in args.variants]
     for cfg_name in args.configs:
         for seed in range(args.seed_start, args.seeds):
             for method in methods:
