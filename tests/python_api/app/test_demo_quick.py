@@ -31,7 +31,9 @@ def test_demo_quick(tmp_path):
     rows = {r["method"]: r for r in summary["rows"]}
     assert all(r["status"] == "ok" for r in rows.values()), rows
     assert rows["sharelora"]["trainable"] < rows["lora"]["trainable"]
-    assert sum(rows["shaplora"]["ranks"].values()) == 8 * 36
+    # ShapLoRA gets uniform LoRA's adapter parameters (r = 8 on 36 modules), short of them by less than one rank
+    # of the widest module (384 + 1536); the head is trainable in both
+    assert rows["lora"]["trainable"] - (384 + 1536) < rows["shaplora"]["trainable"] <= rows["lora"]["trainable"]
     for png in ("accuracy.png", "shaplora_ranks.png", "alphalora_experts.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "shaplora_rank_pattern.json").exists()
