@@ -457,6 +457,9 @@ def to_plain_lora(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module
     if unknown:
         raise KeyError(f"masks name modules that are not LoRALinear layers of the model: {unknown}")
     from ..share import SharedLoRALinear
+    merged = [n for n in masks if layers[n].merged]
+    if merged:   # the base weight holds the update: unwrapping would keep it in a "plain" nn.Linear
+        raise ValueError(f"to_plain_lora needs unmerged adapters; merged: {merged[:4]} (unmerge() first)")
     shared = [n for n in masks if isinstance(layers[n], SharedLoRALinear)]
     if shared:
         raise ValueError(f"to_plain_lora needs unshared adapters; shared: {shared[:4]}")
