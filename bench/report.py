@@ -381,6 +381,12 @@ def build(results: str = RESULTS, out_dir: str = HERE, plots: str | None = None)
             imgs = ([img] if img else []) + imgs + _plot_scaling(fname, rows, plots)
             parts += [f"![{os.path.basename(i)}]({rel(i)})" for i in imgs]
             parts += [""]
+        if prefix == "step" and len(files) > 1:   # every model, rank and dtype in one picture
+            from bench.bench_step import plot as plot_steps
+            every = [r for _, d in files for r in (d.get("rows", []) if isinstance(d, dict) else d)
+                     if r.get("op") == "train_step"]
+            img = plot_steps(every, os.path.join(plots, "step_cpu_all.png"))
+            parts += ["All whole-step configurations:", "", f"![{os.path.basename(img)}]({rel(img)})", ""]
     shown = {os.path.basename(line.split("(", 1)[1].rstrip(")")) for line in parts if line.startswith("![")}
     extra = [p for p in sorted(glob.glob(os.path.join(plots, "alloc_*.png"))) if os.path.basename(p) not in shown]
     if extra:
