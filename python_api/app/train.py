@@ -560,10 +560,11 @@ def prepare(cfg: TrainConfig, log=print, check_output: bool = True) -> dict:
         enc[k], longer[k] = encode(tok, ex, cfg.max_length)
     n_blocks = len({_block(n) for n in targets})
     # parameters one rank adds per module: plain LoRA (shaplora's retrain) in + out, SVD form (adalora) one more
-    cost = {n: sum(_in_out(base.get_submodule(n))) + (cfg.method == "adalora") for n in targets}
+    width = {n: base.get_submodule(n).in_features + base.get_submodule(n).out_features for n in targets}
+    cost = {n: w + (cfg.method == "adalora") for n, w in width.items()}
     if cfg.budget is None:
         if cfg.budget_unit == "params":   # uniform LoRA's adapter parameters at --r
-            cfg.budget = cfg.r * sum(sum(_in_out(base.get_submodule(n))) for n in targets)
+            cfg.budget = cfg.r * sum(width.values())
         else:
             cfg.budget = (2 * n_blocks) if cfg.method in MOE_METHODS else cfg.r * len(targets)
         ident["budget_default"] = cfg.budget
@@ -580,10 +581,6 @@ def prepare(cfg: TrainConfig, log=print, check_output: bool = True) -> dict:
     cfg.steps_resolved = steps   # type: ignore[attr-defined]
     return {"cfg": cfg, "src": src, "splits": splits, "info": info, "tok": tok, "base": base, "targets": targets,
             "heads": heads, "ident": ident, "enc": enc, "longer": longer, "steps": steps, "n_blocks": n_blocks}
-
-
-def _in_out(module: nn.Module) -> tuple[int, int]:
-    return module.in_features, module.out_features
 
 
 def _block(name: str) -> int:
