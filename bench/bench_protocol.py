@@ -81,8 +81,10 @@ TASKS = {
 METRIC = {"cls": "acc", "lm": "ppl"}          # acc: higher is better; ppl: lower is better
 LM_METHODS = ["lora", "shaplora", "shareA"]
 MOE_METHODS = ["moe_uniform", "alphalora", "mola_2468"]   # equal total experts (experts_per_layer × layers)
-METHODS = ["lora", "adalora", "shaplora", "shaplora_svd", "shareA", "shareB", "shareAB", "peft_lora", "peft_adalora",
-           *MOE_METHODS]
+# ShareLoRA at uniform LoRA's rank (shareA, shareB, shareAB) and at its parameters (…_eqp: the rank whose shared
+# adapters come closest to LoRA's adapter parameters)
+SHARE_METHODS = ["shareA", "shareB", "shareAB", "shareA_eqp", "shareB_eqp", "shareAB_eqp"]
+METHODS = ["lora", "adalora", "shaplora", "shaplora_svd", *SHARE_METHODS, "peft_lora", "peft_adalora", *MOE_METHODS]
 REFERENCE = "lora"
 # the goals' other comparisons, paired by seed like the one against uniform LoRA: ShapLoRA against AdaLoRA, the
 # non-uniform expert allocations against uniform MoE at the same total experts
@@ -91,7 +93,8 @@ PAIRED_WITH = {"shaplora": "adalora", "shaplora_svd": "adalora", "alphalora": "m
 # a final classifier whose validation accuracy is within this of the majority-class rate is flagged "at chance"
 CHANCE_MARGIN = 0.005
 # methods meant to match uniform LoRA's parameters; ShareA is the reduced-budget method the issue measures at ≤ 50%
-EQUAL_BUDGET = {"lora", "adalora", "shaplora", "shaplora_svd", "peft_lora", "peft_adalora"}
+EQUAL_BUDGET = {"lora", "adalora", "shaplora", "shaplora_svd", "peft_lora", "peft_adalora", "shareA_eqp",
+                "shareB_eqp", "shareAB_eqp"}
 
 FULL = {"tasks": [t for t in TASKS if TASKS[t].kind == "cls"], "methods": list(METHODS), "seeds": [0, 1, 2, 3, 4],
         "version": 2,   # 2: ShapLoRA / AdaLoRA at uniform LoRA's parameter budget, ShapLoRA retrained as plain LoRA
@@ -194,9 +197,27 @@ class ProtocolTask:
         # ShapLoRA and AdaLoRA allocate uniform LoRA's adapter parameters (not its ranks: modules differ in in + out)
         self.cfg["param_budget"] = self.ref_params
         self.ref_rank = sum(acc._ranks(ref).values())
+        self._share_ranks: dict[str, int] = {}
         self.head_params = sum(p.numel() for h in self.heads for p in self.base.get_submodule(h).parameters())
 
     fresh = acc.Task.fresh
+
+    def share_rank(self, share: str) -> int:
+        """The rank at which ShareLoRA with ``share`` shared comes closest to uniform LoRA's adapter parameters
+        (the smaller rank on a tie): the equal-parameter view of ShareLoRA."""
+        from python_api.surgery import apply_adapters, count_trainable
+        if share not in self._share_ranks:
+            def params(r):
+                model = apply_adapters(copy.deepcopy(self.base), self.targets, r=r, alpha=2 * r, share=share)
+                return count_trainable(model, adapters_only=True)
+            lo, hi = 1, self.cfg["r"]
+            while params(hi) < self.ref_params:   # parameters grow with the rank: bracket, then bisect
+                lo, hi = hi, 2 * hi
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if params(mid) < self.ref_params else (lo, mid)
+            self._share_ranks[share] = min((lo, hi), key=lambda r: abs(params(r) - self.ref_params))
+        return self._share_ranks[share]
 
     def view(self, lr: float) -> "_RunView":
         return _RunView(self, {**self.cfg, "lr": lr})
@@ -287,8 +308,11 @@ def train_method(view: _RunView, method: str, seed: int):
     torch.manual_seed(seed)
     if method == "lora":
         model, info = acc.run_lora(view, seed)
-    elif method.startswith("share"):
-        model, info = acc.run_lora(view, seed, share=method[len("share"):])
+    elif method in SHARE_METHODS:
+        share = method[len("share"):].removesuffix("_eqp")
+        if method.endswith("_eqp"):   # the same run at the rank that matches uniform LoRA's parameters
+            view = _RunView(view._task, {**view.cfg, "r": view._task.share_rank(share)})
+        model, info = acc.run_lora(view, seed, share=share)
     elif method == "adalora":
         model, info = acc.run_adalora(view, seed)
     elif method in ("shaplora", "shaplora_svd"):

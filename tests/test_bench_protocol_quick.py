@@ -181,3 +181,21 @@ def test_runs_at_the_majority_class_are_flagged(tmp_path):
     assert row["at_chance_seeds"] == [1] and row["majority_rate"] == pytest.approx(maj, abs=1e-5)
     lines, _ = bp.report_md("x.json", [row], str(tmp_path))
     assert any(x.startswith("| lora |") and "1 of 3 (seed 1)" in x for x in lines)
+
+
+def test_share_rank_matches_uniform_lora_parameters():
+    """ShareLoRA's equal-parameter view: the chosen rank's shared adapters are the closest to uniform LoRA's."""
+    import copy
+
+    from python_api.surgery import apply_adapters, count_trainable
+    task = bp.ProtocolTask("rotten_tomatoes", bp.QUICK)
+
+    def params(r, share):
+        m = apply_adapters(copy.deepcopy(task.base), task.targets, r=r, alpha=2 * r, share=share)
+        return count_trainable(m, adapters_only=True)
+    for share in ("A", "B", "AB"):
+        r = task.share_rank(share)
+        gap = abs(params(r, share) - task.ref_params)
+        assert r > task.cfg["r"]    # sharing saves parameters: matching LoRA's takes a higher rank
+        assert gap <= abs(params(r + 1, share) - task.ref_params) and gap <= abs(params(r - 1, share) - task.ref_params)
+    assert task.share_rank("AB") > task.share_rank("A")
