@@ -284,10 +284,13 @@ def run_shaplora(task, seed, retrain: str = "plain"):
     supernet = []
 
     def do_train(model):
-        # the super-network (half the steps; called again if the workflow extends it), then the retrain (full steps)
+        # the super-network (half the steps; called again if the workflow extends it), then the retrain (full
+        # steps): a new model, or with retrain="warm" the super-network itself turned into plain LoRA
+        from python_api.surgery import adapter_layers
         if not supernet:
             supernet.append(model)
-        steps = cfg["steps"] // 2 if model is supernet[0] else cfg["steps"]
+        still_svd = any(m.svd for m in adapter_layers(model).values())
+        steps = cfg["steps"] // 2 if model is supernet[0] and still_svd else cfg["steps"]
         times.append(train(model, task, seed, steps, orth_reg=cfg["orth_reg"]))
 
     val = list(batches(task.val, 32))

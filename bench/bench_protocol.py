@@ -84,16 +84,19 @@ MOE_METHODS = ["moe_uniform", "alphalora", "mola_2468"]   # equal total experts 
 # ShareLoRA at uniform LoRA's rank (shareA, shareB, shareAB) and at its parameters (…_eqp: the rank whose shared
 # adapters come closest to LoRA's adapter parameters)
 SHARE_METHODS = ["shareA", "shareB", "shareAB", "shareA_eqp", "shareB_eqp", "shareAB_eqp"]
-METHODS = ["lora", "adalora", "shaplora", "shaplora_svd", *SHARE_METHODS, "peft_lora", "peft_adalora", *MOE_METHODS]
+# ShapLoRA's retrain: plain LoRA from scratch (shaplora), SVD form (shaplora_svd), plain LoRA from the
+# super-network's kept components (shaplora_warm: the super-network's steps come on top, counted as extra time)
+SHAPLORA_METHODS = {"shaplora": "plain", "shaplora_svd": "svd", "shaplora_warm": "warm"}
+METHODS = ["lora", "adalora", *SHAPLORA_METHODS, *SHARE_METHODS, "peft_lora", "peft_adalora", *MOE_METHODS]
 REFERENCE = "lora"
 # the goals' other comparisons, paired by seed like the one against uniform LoRA: ShapLoRA against AdaLoRA, the
 # non-uniform expert allocations against uniform MoE at the same total experts
-PAIRED_WITH = {"shaplora": "adalora", "shaplora_svd": "adalora", "alphalora": "moe_uniform",
+PAIRED_WITH = {**{m: "adalora" for m in SHAPLORA_METHODS}, "alphalora": "moe_uniform",
                "mola_2468": "moe_uniform"}
 # a final classifier whose validation accuracy is within this of the majority-class rate is flagged "at chance"
 CHANCE_MARGIN = 0.005
 # methods meant to match uniform LoRA's parameters; ShareA is the reduced-budget method the issue measures at ≤ 50%
-EQUAL_BUDGET = {"lora", "adalora", "shaplora", "shaplora_svd", "peft_lora", "peft_adalora", "shareA_eqp",
+EQUAL_BUDGET = {"lora", "adalora", *SHAPLORA_METHODS, "peft_lora", "peft_adalora", "shareA_eqp",
                 "shareB_eqp", "shareAB_eqp"}
 
 FULL = {"tasks": [t for t in TASKS if TASKS[t].kind == "cls"], "methods": list(METHODS), "seeds": [0, 1, 2, 3, 4],
@@ -315,8 +318,8 @@ def train_method(view: _RunView, method: str, seed: int):
         model, info = acc.run_lora(view, seed, share=share)
     elif method == "adalora":
         model, info = acc.run_adalora(view, seed)
-    elif method in ("shaplora", "shaplora_svd"):
-        model, info = acc.run_shaplora(view, seed, retrain="svd" if method == "shaplora_svd" else "plain")
+    elif method in SHAPLORA_METHODS:
+        model, info = acc.run_shaplora(view, seed, retrain=SHAPLORA_METHODS[method])
     elif method in ("peft_lora", "peft_adalora"):
         model, info = acc.run_peft(view, seed, method)
     elif method in MOE_METHODS:

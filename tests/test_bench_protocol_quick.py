@@ -199,3 +199,20 @@ def test_share_rank_matches_uniform_lora_parameters():
         assert r > task.cfg["r"]    # sharing saves parameters: matching LoRA's takes a higher rank
         assert gap <= abs(params(r + 1, share) - task.ref_params) and gap <= abs(params(r - 1, share) - task.ref_params)
     assert task.share_rank("AB") > task.share_rank("A")
+
+
+def test_shaplora_warm_retrain_gets_the_full_steps(tmp_path, monkeypatch):
+    """The warm retrain continues the super-network as plain LoRA: half the steps for the super-network, then
+    the protocol's full steps for the retrain, at uniform LoRA's parameters."""
+    steps = []
+    real = bp.acc.train
+
+    def spy(model, task, seed, n, **kw):
+        steps.append(n)
+        return real(model, task, seed, n, **kw)
+    monkeypatch.setattr(bp.acc, "train", spy)
+    rows = bp.run(quick=True, directory=str(tmp_path), methods=["lora", "shaplora_warm"], seeds=[0])
+    by = {r["provider"]: r for r in rows if r["op"] == "protocol"}
+    n = bp.QUICK["steps"]
+    assert steps == [n, n // 2, n]       # LoRA; the super-network; its warm retrain
+    assert by["shaplora_warm"]["params_equal"] is True and by["shaplora_warm"]["extra_time_s"] > 0

@@ -314,7 +314,7 @@ def check_budget(budget, low: int, high: int, what: str = "", name: str = "budge
 
 
 BUDGET_UNITS = ("ranks", "params")
-RETRAIN_FORMS = ("plain", "svd")
+RETRAIN_FORMS = ("plain", "svd", "warm")   # warm: plain LoRA started from the super-network's kept components
 
 
 def select_within_budget(key: torch.Tensor, budget: int, costs: torch.Tensor | None = None) -> torch.Tensor:
@@ -341,7 +341,8 @@ def select_within_budget(key: torch.Tensor, budget: int, costs: torch.Tensor | N
 
 def rank_costs(model: nn.Module, form: str = "plain") -> dict[str, int]:
     """Trainable parameters one rank adds to each LoRALinear of ``model`` once retrained in ``form``:
-    ``in + out`` for plain LoRA (a row of A, a column of B), one more (its λ) in SVD form."""
+    ``in + out`` for plain LoRA (a row of A, a column of B; ``"warm"`` is plain LoRA too), one more (its λ) in
+    SVD form."""
     if form not in RETRAIN_FORMS:
         raise ValueError(f"form must be one of {RETRAIN_FORMS}, got {form!r}")
     return {n: m.in_features + m.out_features + (form == "svd") for n, m in _layers(model).items()}
@@ -444,13 +445,18 @@ def apply_rank_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         layers[n].set_rank_mask(m)
 
 
-def to_plain_lora(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    """Turns a freshly built model with SVD-form adapters into plain LoRA with the allocated rank pattern, in
-    place: module ``n`` gets a new rank-``k_n`` LoRALinear (``k_n`` = kept ranks, fresh LoRA init: A Kaiming,
-    B = 0) at the SVD layer's scale (``alpha_n = scale · k_n``, so ``alpha/r`` is unchanged), over the same frozen
-    base weight; a module with no kept rank is given back its plain ``nn.Linear``. Dropout, the task heads kept
-    trainable and every module not named in ``masks`` stay as they were. What a PEFT user would train: LoRA with
-    ``rank_pattern`` / ``alpha_pattern`` (:func:`to_peft_lora_config`). All or nothing on error."""
+def to_plain_lora(model: nn.Module, masks: dict[str, torch.Tensor], warm: bool = False) -> nn.Module:
+    """Turns a model with SVD-form adapters into plain LoRA with the allocated rank pattern, in place: module
+    ``n`` gets a new rank-``k_n`` LoRALinear (``k_n`` = kept ranks) at the SVD layer's scale (``alpha_n = scale ·
+    k_n``, so ``alpha/r`` is unchanged), over the same frozen base weight; a module with no kept rank is given
+    back its plain ``nn.Linear``. Dropout, the task heads kept trainable and every module not named in ``masks``
+    stay as they were. What a PEFT user would train: LoRA with ``rank_pattern`` / ``alpha_pattern``
+    (:func:`to_peft_lora_config`). All or nothing on error.
+
+    ``warm=False``: fresh LoRA init (A Kaiming, B = 0): a retrain from scratch. ``warm=True``: the new adapters
+    start at the kept components' update ``B[:, kept]·diag(λ[kept])·A[kept]``, factored by SVD into balanced
+    factors ``A = √S·Vᵀ``, ``B = U·√S``; the layer's output equals the masked super-network's (up to rounding).
+    """
     from ..surgery import CONFIG_ATTR, apply_adapters, replace_modules
     layers = _layers(model)
     unknown = sorted(set(masks) - set(layers))
@@ -477,19 +483,43 @@ def to_plain_lora(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module
         lin.weight = layer.weight
         lin.bias = layer.bias
         return lin
+    kept = {n: k for n, k in ranks.items() if k > 0}
+    start = {n: _balanced_factors(layers[n], masks[n]) for n in kept} if warm else {}
     before = dict(layers)
     replace_modules(model, list(masks), unwrap)
-    kept = {n: k for n, k in ranks.items() if k > 0}
     try:
         apply_adapters(model, list(kept), r=max(kept.values()), rank_pattern=kept,
                        alpha_pattern={n: scale[n] * k for n, k in kept.items()}, dropout=dropout.pop(),
                        modules_to_save=record.get("modules_to_save") or [])
+        with torch.no_grad():
+            for n, (a, b) in start.items():
+                # a component with no singular value (an update of lower rank than the ranks kept) keeps its
+                # fresh init (A Kaiming, B = 0), free to learn, rather than starting dead at A = B = 0
+                live = (b.norm(dim=0) * a.norm(dim=1) > 0).nonzero().flatten()
+                new = model.get_submodule(n)
+                new.lora_A[live] = a[live].to(new.lora_A.dtype)
+                new.lora_B[:, live] = b[:, live].to(new.lora_B.dtype)
     except BaseException:
         replace_modules(model, list(masks), lambda n, _: before[n])
         if record:
             setattr(model, CONFIG_ATTR, record)
         raise
     return model
+
+
+@torch.no_grad()
+def _balanced_factors(layer, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # the kept components' update B[:, kept]·diag(g[kept])·A[kept] (g = λ in SVD form) as A = √S·Vᵀ, B = U·√S
+    act = (torch.as_tensor(mask).bool() & layer.rank_mask.bool()).nonzero().flatten()
+    a, b = layer.lora_A[act].double(), layer.lora_B[:, act].double()
+    if layer.svd:
+        b = b * layer.lora_E[act].double()
+    u, sv, vh = torch.linalg.svd(b @ a, full_matrices=False)
+    k = act.numel()
+    # the numerical rank's usual cut (S_max · max(out, in) · eps of the adapters' dtype): below it, rounding
+    tol = float(sv[0]) * max(b.shape[0], a.shape[1]) * torch.finfo(layer.lora_A.dtype).eps if len(sv) else 0.0
+    root = torch.where(sv[:k] > tol, sv[:k], 0).sqrt()
+    return root[:, None] * vh[:k], u[:, :k] * root
 
 
 # ---- the super-network's basis --------------------------------------------------------------------------
@@ -663,7 +693,9 @@ def shaplora_workflow(
             equal parameters). ``r_target`` is always in ranks.
         retrain: ``"plain"`` (default): the retrained model is plain LoRA with the rank pattern
             (:func:`to_plain_lora`, fresh LoRA init, the super-network's scale), what a PEFT user runs;
-            ``"svd"``: SVD-form adapters at r_init with the rank masks (λ starts at 0, as AdaLoRA).
+            ``"svd"``: SVD-form adapters at r_init with the rank masks (λ starts at 0, as AdaLoRA);
+            ``"warm"``: the super-network itself (its heads too) becomes plain LoRA with the rank pattern,
+            started from its kept components (:func:`to_plain_lora` ``warm=True``), and ``train`` continues it.
         basis: ``"merged"`` (default) scores each module's update in the SVD basis of its merged update
             (:func:`to_merged_basis`), so one learned direction is one player; ``"trained"`` scores the
             components as trained.
@@ -757,11 +789,14 @@ def shaplora_workflow(
         b_k = round(full * (budget / full) ** (k / rounds)) if k < rounds else budget
         masks = allocate_ranks(scores, int(b_k), by=by, costs=costs)
         apply_rank_masks(supernet, masks)
-    model = build_model()
-    if retrain == "plain":
-        to_plain_lora(model, masks)
+    if retrain == "warm":
+        model = to_plain_lora(supernet, masks, warm=True)
     else:
-        apply_rank_masks(model, masks)
+        model = build_model()
+        if retrain == "plain":
+            to_plain_lora(model, masks)
+        else:
+            apply_rank_masks(model, masks)
     train(model)
     fit = {"val_loss_untrained": before["val_loss"], "val_loss": after["val_loss"], "extra_train_calls": extra}
     if predict_fn is not None:

@@ -157,6 +157,36 @@ def test_to_plain_lora_refuses_and_leaves_the_model_as_it_was():
     assert adapter_layers(net) == before
 
 
+def test_to_plain_lora_warm_starts_at_the_kept_components():
+    """warm=True: the plain layers start at the masked super-network's update (the same outputs), with balanced
+    factors; a kept rank whose component has no singular value keeps its fresh init instead of A = B = 0."""
+    _, net = _svd_net()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for lay in adapter_layers(net).values():
+            lay.lora_A.normal_()
+            lay.lora_B.normal_()
+            lay.lora_E.normal_()
+        net.ff.lora_E[1] = 0.0    # a kept component that contributes nothing
+    masks = {"q": torch.tensor([1, 0, 1, 1]).bool(), "v": torch.zeros(4, dtype=torch.bool),
+             "ff": torch.tensor([0, 1, 1, 0]).bool()}
+    ref = copy.deepcopy(net)
+    for n, m in masks.items():
+        getattr(ref, n).set_rank_mask(m)
+    to_plain_lora(net, masks, warm=True)
+    net.eval()
+    ref.eval()
+    x = torch.randn(6, 8)
+    torch.testing.assert_close(net(x), ref(x))
+    q = net.q
+    a, b = q.lora_A.detach(), q.lora_B.detach()
+    assert not q.svd and q.r == 3
+    torch.testing.assert_close(a.norm(dim=1), b.norm(dim=0))             # balanced: √S on both sides
+    ff = net.ff                                                           # rank 2 kept, an update of rank 1
+    assert ff.r == 2 and torch.count_nonzero(ff.lora_B[:, 1]) == 0 and torch.count_nonzero(ff.lora_A[1]) > 0
+    assert count_trainable(net, adapters_only=True) == 3 * 16 + 2 * 20
+
+
 # ---- the workflow ---------------------------------------------------------------------------------------------
 def test_workflow_parameter_budget_and_plain_retrain():
     build, val, data = _planted_builder()
@@ -179,6 +209,28 @@ def test_workflow_svd_retrain_keeps_the_masks():
     layers = adapter_layers(out["model"])
     assert all(m.svd and m.r == 3 for m in layers.values())
     assert {n: m.active_rank for n, m in layers.items() if m.active_rank} == out["peft_rank_pattern"]
+
+
+def test_workflow_warm_retrain_continues_the_supernetwork():
+    """retrain="warm": the super-network itself, as plain LoRA with the rank pattern, starting where the masked
+    super-network was: its first retrain loss is the masked super-network's, not the base model's."""
+    build, val, data = _planted_builder()
+    calls, seen = [], []
+    train = _adam_train(calls, data)
+
+    def tracking(model):
+        if calls:   # the retrain call: the model's loss before any step
+            with torch.no_grad():
+                seen.append(float(torch.stack([mse(model, b) for b in val]).mean()))
+        train(model)
+    out = shaplora_workflow(build, tracking, val, lambda m: None, loss_fn=mse, budget=3 * 16, budget_unit="params",
+                            retrain="warm", seed=1)
+    model = out["model"]
+    assert all(not m.svd for m in adapter_layers(model).values()) and len(calls) == 2
+    assert count_trainable(model, adapters_only=True) == 3 * 16
+    assert out["peft_rank_pattern"] == {n: m.r for n, m in adapter_layers(model).items()}
+    untrained = float(torch.stack([mse(build(), b) for b in val]).mean())
+    assert seen[0] < 0.5 * untrained       # warm: starts far below a fresh model's loss
 
 
 @pytest.mark.parametrize("kwargs, match", [
