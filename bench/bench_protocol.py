@@ -512,6 +512,9 @@ def aggregate(records: list[dict], cfg: dict, threads: int) -> list[dict]:
                            extra_time_s=round(statistics.fmean(r["extra_time_s"] for r in rs), 2), threads=threads)
             row.update({"diff_vs": {k: v for k, v in diff_vs.items() if v is not None}, "majority_rate":
                         None if majority is None else round(majority, 5), "at_chance_seeds": chance})
+            if any("score_stability" in r for r in rs):   # ShapLoRA: the two scorings' agreement, the super-net
+                row["score_stability"] = [r.get("score_stability") for r in rs]
+                row["supernet_extra_train"] = [r.get("supernet", {}).get("extra_train_calls") for r in rs]
             if any(r.get("experts") for r in rs):
                 row["experts_per_seed"] = {str(r["seed"]): r["experts"] for r in rs}
             if any(r.get("ranks") for r in rs):
@@ -680,6 +683,13 @@ def report_md(name: str, rows: list[dict], plots: str = PLOTS) -> tuple[list[str
                              f"{', '.join(f'{x:g}' for x in r['lr'])} | {r['train_time_s']:.1f} | "
                              f"{r['extra_time_s']:.1f} |")
             lines.append("")
+            for r in rs:
+                if r.get("score_stability"):
+                    rho = [x for x in r["score_stability"] if x is not None]
+                    ext = [x for x in r["supernet_extra_train"] if x]
+                    lines += [f"{r['provider']}: two independent Shapley scorings agree with Spearman ρ "
+                              f"{min(rho):.2f}–{max(rho):.2f}; the super-network's training was extended (it had not "
+                              f"yet learned) in {len(ext)} of {len(r['supernet_extra_train'])} seeds.", ""]
         for c in (r for r in rows if r.get("task") == t and r["op"] == "protocol_curve"):
             lines += [f"{t}: uniform LoRA's validation accuracy flattened (within {c['plateau_tol']:.0%} of its "
                       f"best) at step {c['plateau_step']} of {c['steps'][-1]} (lr {c['lr']:g}).", ""]

@@ -36,6 +36,7 @@ def test_protocol_quick_schema_and_resume(tmp_path):
     # MiniLM module (384 + 1536), so within the ±2% of the equal-parameter view
     assert lora["adapter_params"] - (384 + 1536) < shap["adapter_params"] <= lora["adapter_params"]
     assert shap["params_equal"] is True and len(shap["ranks_per_seed"]["0"]) == 36
+    assert len(shap["score_stability"]) == 2 and shap["supernet_extra_train"] == [0, 0]   # the check is off here
     (c,) = [r for r in rows if r["op"] == "protocol_curve"]
     assert c["steps"] == [2, 4] and len(c["val_acc"]) == 2 and c["plateau_step"] in (2, 4, None)
     with open(tmp_path / "protocol_cpu_quick.json") as f:
@@ -66,6 +67,8 @@ def test_protocol_quick_schema_and_resume(tmp_path):
     assert bp.config_key({**q, "steps": 5}) != bp.config_key(q) == bp.config_key({**q, "seeds": [7]})
     lines, imgs = bp.report_md("protocol_cpu_quick.json", again, str(tmp_path / "plots"))
     assert any(line.startswith("| shaplora |") for line in lines) and len(imgs) == 2
+    assert any(line.startswith("shaplora: two independent Shapley scorings") and "in 0 of 2 seeds" in line
+               for line in lines)
     assert all(os.path.getsize(p) > 0 for p in imgs)
     # bench/report.py renders the same section from a results folder
     from bench import report
