@@ -29,6 +29,9 @@ against AdaLoRA (``PAIRED_WITH``). A final classifier whose validation accuracy 
 (within ``CHANCE_MARGIN``) is listed "at chance" by seed in the table, so a collapsed run is never averaged in
 silently; ``goals_md`` gives issue #16's goals a verdict each (met, missed, or open while tasks are unmeasured).
 
+``--mode aggregate`` trains nothing: it rebuilds ``protocol_cpu.json`` from the runs file, e.g. after running
+tasks or methods in separate processes (one per core) and concatenating their runs files.
+
 ``--mode curve``: uniform LoRA's validation accuracy every ``--curve-every`` steps of a ``--steps`` run, and the
 step where it flattened (within 1 point of its best from there on): the evidence for the step count.
 
@@ -542,6 +545,9 @@ def _r(x: float):
 
 
 # ---- the command ----------------------------------------------------------------------------------------
+MODES = ("protocol", "curve", "both", "aggregate")
+
+
 def run(quick: bool = False, directory: str | None = None, mode: str = "protocol", **over) -> list[dict]:
     """Runs (or resumes) the protocol; ``over`` overrides config entries (tasks, methods, seeds, lrs, steps, …)."""
     directory = directory or results_dir()
@@ -551,8 +557,8 @@ def run(quick: bool = False, directory: str | None = None, mode: str = "protocol
             raise ValueError(f"unknown protocol setting {k!r}; known: {sorted(cfg)}")
         if v is not None:
             cfg[k] = v
-    if mode not in ("protocol", "curve", "both"):
-        raise ValueError(f"mode must be 'protocol', 'curve' or 'both', got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     for t in cfg["tasks"]:
         if t not in TASKS:
             raise ValueError(f"tasks: unknown task {t!r}; known: {sorted(TASKS)}")
@@ -575,6 +581,14 @@ def run(quick: bool = False, directory: str | None = None, mode: str = "protocol
 
     def flush():
         write_results(aggregate(list(log.records.values()), cfg, threads), name, meta, directory)
+    if mode == "aggregate":   # no training: the results file rebuilt from the runs file (runs from several processes)
+        for t in cfg["tasks"]:
+            meta["splits"][t] = {k: len(v) for k, v in task_splits(t, cfg).items()}
+        # each final run read the test split once, when it ran
+        meta["test_reads"] = {t: sum(r["kind"] == "final" and r["task"] == t for r in log.records.values())
+                              for t in cfg["tasks"]}
+        flush()
+        return aggregate(list(log.records.values()), cfg, threads)
     log.on_add = flush
     for t in cfg["tasks"]:
         t0 = time.perf_counter()
@@ -774,7 +788,9 @@ def main(argv=None):
                     "(default: the first seed)")
     ap.add_argument("--lrs", type=float, nargs="+", help="the shared learning-rate grid")
     ap.add_argument("--steps", type=int)
-    ap.add_argument("--mode", default="protocol", choices=["protocol", "curve", "both"])
+    ap.add_argument("--mode", default="protocol", choices=MODES,
+                    help="aggregate: train nothing, rebuild the results file from the runs file (e.g. after running "
+                         "tasks or methods in several processes, one per core, and concatenating their runs files)")
     ap.add_argument("--curve-every", type=int)
     ap.add_argument("--curve-lr", type=float)
     ap.add_argument("--threads", type=int, help="torch threads (default: $BENCH_THREADS or every core)")

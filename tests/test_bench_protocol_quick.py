@@ -63,6 +63,13 @@ def test_protocol_quick_schema_and_resume(tmp_path):
     # a finished configuration trains nothing
     bp.run(quick=True, directory=str(tmp_path), mode="both")
     assert len(_lines(runs)) == len(recs)
+    # --mode aggregate rebuilds the results file from the runs file alone (runs made in several processes)
+    (tmp_path / "protocol_cpu_quick.json").unlink()
+    agg = bp.run(quick=True, directory=str(tmp_path), mode="aggregate")
+    assert len(_lines(runs)) == len(recs) and agg == again
+    with open(tmp_path / "protocol_cpu_quick.json") as f:
+        meta = json.load(f)["meta"]
+    assert meta["test_reads"] == {"rotten_tomatoes": 4} and meta["splits"] == saved["meta"]["splits"]
     # a changed run setting is a new configuration: nothing of the old one is reused
     assert bp.config_key({**q, "steps": 5}) != bp.config_key(q) == bp.config_key({**q, "seeds": [7]})
     lines, imgs = bp.report_md("protocol_cpu_quick.json", again, str(tmp_path / "plots"))
