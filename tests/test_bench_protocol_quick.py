@@ -66,7 +66,9 @@ def test_protocol_quick_schema_and_resume(tmp_path):
     # --mode aggregate rebuilds the results file from the runs file alone (runs made in several processes)
     (tmp_path / "protocol_cpu_quick.json").unlink()
     agg = bp.run(quick=True, directory=str(tmp_path), mode="aggregate")
-    assert len(_lines(runs)) == len(recs) and agg == again
+    def undated(rows):
+        return [{k: v for k, v in r.items() if k != "date"} for r in rows]
+    assert len(_lines(runs)) == len(recs) and undated(agg) == undated(again)
     with open(tmp_path / "protocol_cpu_quick.json") as f:
         meta = json.load(f)["meta"]
     assert meta["test_reads"] == {"rotten_tomatoes": 4} and meta["splits"] == saved["meta"]["splits"]
