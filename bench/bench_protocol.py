@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -213,6 +214,7 @@ class ProtocolTask:
         (the smaller rank on a tie): the equal-parameter view of ShareLoRA."""
         from python_api.surgery import apply_adapters, count_trainable
         if share not in self._share_ranks:
+            @functools.cache
             def params(r):
                 model = apply_adapters(copy.deepcopy(self.base), self.targets, r=r, alpha=2 * r, share=share)
                 return count_trainable(model, adapters_only=True)

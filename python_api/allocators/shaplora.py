@@ -508,16 +508,23 @@ def to_plain_lora(model: nn.Module, masks: dict[str, torch.Tensor], warm: bool =
 
 
 @torch.no_grad()
-def _balanced_factors(layer, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # the kept components' update B[:, kept]·diag(g[kept])·A[kept] (g = λ in SVD form) as A = √S·Vᵀ, B = U·√S
-    act = (torch.as_tensor(mask).bool() & layer.rank_mask.bool()).nonzero().flatten()
+def _update_svd(layer, act: torch.Tensor):
+    # SVD (float64) of the layer's update over the ranks ``act``: B[:, act]·diag(g[act])·A[act], g = λ in SVD form
     a, b = layer.lora_A[act].double(), layer.lora_B[:, act].double()
     if layer.svd:
         b = b * layer.lora_E[act].double()
-    u, sv, vh = torch.linalg.svd(b @ a, full_matrices=False)
+    return torch.linalg.svd(b @ a, full_matrices=False)
+
+
+@torch.no_grad()
+def _balanced_factors(layer, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # the kept components' update B[:, kept]·diag(g[kept])·A[kept] (g = λ in SVD form) as A = √S·Vᵀ, B = U·√S
+    act = (torch.as_tensor(mask).bool() & layer.rank_mask.bool()).nonzero().flatten()
+    u, sv, vh = _update_svd(layer, act)
     k = act.numel()
     # the numerical rank's usual cut (S_max · max(out, in) · eps of the adapters' dtype): below it, rounding
-    tol = float(sv[0]) * max(b.shape[0], a.shape[1]) * torch.finfo(layer.lora_A.dtype).eps if len(sv) else 0.0
+    tol = float(sv[0]) * max(layer.out_features, layer.in_features) * torch.finfo(layer.lora_A.dtype).eps \
+        if len(sv) else 0.0
     root = torch.where(sv[:k] > tol, sv[:k], 0).sqrt()
     return root[:, None] * vh[:k], u[:, :k] * root
 
@@ -550,11 +557,7 @@ def to_merged_basis(model: nn.Module) -> dict[str, torch.Tensor]:
         act = m.rank_mask.nonzero().flatten()
         if act.numel() == 0:
             continue
-        a = m.lora_A[act].double()
-        b = m.lora_B[:, act].double()
-        if m.svd:
-            b = b * m.lora_E[act].double()
-        u, sv, vh = torch.linalg.svd(b @ a, full_matrices=False)
+        u, sv, vh = _update_svd(m, act)
         k = act.numel()
         m.lora_A[act] = vh[:k].to(m.lora_A.dtype)
         if m.svd:
