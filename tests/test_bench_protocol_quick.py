@@ -43,11 +43,17 @@ def test_protocol_quick_schema_and_resume(tmp_path):
         saved = json.load(f)
     assert saved["meta"]["quick"] is True and saved["meta"]["splits"]["rotten_tomatoes"]["validation"] >= 8
     assert saved["meta"]["test_reads"]["rotten_tomatoes"] == len(q["methods"]) * len(q["seeds"])
-    # 1 curve, 1 tuning run per method (one lr, one tuning seed), one final run per method and seed
+    # 1 curve, 1 tuning run per method and seed (one lr; both seeds tune), one lr choice per method, one final run
+    # per method and seed (the tuning run's model: not trained twice)
     runs = tmp_path / "protocol_cpu_quick_runs.jsonl"
     recs = _lines(runs)
     kinds = [r["kind"] for r in recs]
-    assert kinds.count("curve") == 1 and kinds.count("tune") == 2 and kinds.count("final") == 4
+    assert kinds.count("curve") == 1 and kinds.count("tune") == 4 and kinds.count("final") == 4
+    assert kinds.count("choice") == 2 and shap["tune_seeds"] == [0, 1]
+    for r in recs:
+        if r["kind"] == "final":
+            (t,) = [x for x in recs if x["kind"] == "tune" and (x["method"], x["seed"]) == (r["method"], r["seed"])]
+            assert r["val_loss"] == t["val_loss"] and r["train_time_s"] == t["train_time_s"]
     assert all("test_acc" not in r for r in recs if r["kind"] == "tune")    # tuning never reads the test split
     # a partial run resumes: drop uniform LoRA's seed-1 run; only it is redone, with the same data order and result
     (i,) = [k for k, r in enumerate(recs) if (r["kind"], r["method"], r["seed"]) == ("final", "lora", 1)]
@@ -228,3 +234,47 @@ def test_shaplora_warm_retrain_gets_the_full_steps(tmp_path, monkeypatch):
     n = bp.QUICK["steps"]
     assert steps == [n, n // 2, n]       # LoRA; the super-network; its warm retrain
     assert by["shaplora_warm"]["params_equal"] is True and by["shaplora_warm"]["extra_time_s"] > 0
+
+
+def test_lr_choice_rules_out_a_collapsed_seed():
+    """Several tuning seeds: an lr under which one seed ended at the majority class loses to a steadier lr even
+    with the better mean; the choice's evidence is reported, and only the chosen lr's final runs are aggregated."""
+    def ev(seed, acc, loss=0.5):
+        return {"seed": seed, "val_acc": acc, "val_loss": loss}
+    maj = 0.5
+    evidence = {2e-3: [ev(0, 0.90), ev(1, maj), ev(2, 0.90)],      # mean 0.767, seed 1 collapsed
+                1e-3: [ev(0, 0.70), ev(1, 0.71), ev(2, 0.70)]}     # mean 0.703
+    lr, grid = bp.choose_lr(evidence, maj)
+    assert lr == 1e-3 and grid["0.002"]["collapsed_seeds"] == [1] and grid["0.001"]["collapsed_seeds"] == []
+    assert bp.choose_lr({2e-3: evidence[2e-3][::2], 1e-3: evidence[1e-3][::2]}, maj)[0] == 2e-3   # no collapse
+    assert bp.choose_lr({1e-3: [ev(0, 0.8, float("nan"))], 2e-3: [ev(0, 0.6)]}, None)[0] == 2e-3  # NaN loss
+    assert bp.choose_lr({1e-3: [ev(0, 0.8, 2.0)], 2e-3: [ev(0, 0.8, 1.0)]}, maj)[0] == 2e-3       # tie: loss
+    q = {**bp.QUICK, "tasks": ["rotten_tomatoes"]}
+    base = {"kind": "final", "task": "rotten_tomatoes", "method": "lora", "params_ratio": 1.0, "params_equal": True,
+            "rank_ratio": 1.0, "adapter_params": 10, "train_time_s": 1.0, "extra_time_s": 0.0, "val_loss": 0.5}
+    recs = [{**base, "seed": s, "lr": lr_, "val_acc": a, "test_acc": a}
+            for lr_, accs in ((1e-3, (0.7, 0.71, 0.7)), (2e-3, (0.9, 0.5, 0.9))) for s, a in enumerate(accs)]
+    (row,) = [r for r in bp.aggregate(recs, q, 1) if r["op"] == "protocol"]
+    assert row["accs"] == [0.9, 0.5, 0.9]   # a runs file without a choice (before it was recorded): the last runs
+    recs.append({"kind": "choice", "task": "rotten_tomatoes", "method": "lora", "seed": -1, "lr": 0.0,
+                 "chosen_lr": lr, "tune_seeds": [0, 1, 2], "grid": grid})
+    (row,) = [r for r in bp.aggregate(recs, q, 1) if r["op"] == "protocol"]
+    assert row["lr"] == [1e-3] and row["accs"] == [0.7, 0.71, 0.7] and row["tune_seeds"] == [0, 1, 2]
+    assert row["lr_collapsed_seeds"] == {"0.002": [1]} and row["lr_grid_val_acc"] == {"0.002": 0.76667,
+                                                                                       "0.001": 0.70333}
+
+
+def test_share_rank_within_half_of_lora_parameters():
+    """ShareLoRA's reduced-budget view: the largest rank whose shared adapters stay within half of LoRA's."""
+    import copy
+
+    from python_api.surgery import apply_adapters, count_trainable
+    task = bp.ProtocolTask("rotten_tomatoes", bp.QUICK)
+
+    def params(r, share):
+        m = apply_adapters(copy.deepcopy(task.base), task.targets, r=r, alpha=2 * r, share=share)
+        return count_trainable(m, adapters_only=True)
+    for share in ("A", "B", "AB"):
+        r = task.share_rank(share, 0.5)
+        assert params(r, share) <= 0.5 * task.ref_params < params(r + 1, share)
+        assert r <= task.share_rank(share)
