@@ -505,9 +505,9 @@ class RunLog:
             f.write(json.dumps(rec) + "\n")
         self.records[self._k(kind, task, method, seed, lr)] = rec
         print(f"[protocol] {kind} {task}/{method} seed {seed} lr {lr:g}: " + ", ".join(
-            f"{k} {v}" for k, v in info.items() if k in ("chosen_lr", "val_acc", "val_ppl", "test_acc", "test_ppl", "params_ratio",
-                                                          "train_time_s",
-                                                          "extra_time_s", "plateau_step")), flush=True)
+            f"{k} {v}" for k, v in info.items() if k in ("chosen_lr", "val_acc", "val_ppl", "test_acc", "test_ppl",
+                                                          "params_ratio", "train_time_s", "extra_time_s",
+                                                          "plateau_step")), flush=True)
         if self.on_add is not None:
             self.on_add()
 

@@ -30,6 +30,7 @@ _EXPORTS = {
     "shapley_sensitivity": ".allocators.shaplora",
     "allocate_ranks": ".allocators.shaplora",
     "shaplora_workflow": ".allocators.shaplora",
+    "shaplora_allocate": ".allocators.shaplora",
     "adalora_callback": ".allocators.callbacks",
     "shaplora_with_trainer": ".allocators.callbacks",
     "to_peft_rank_pattern": ".allocators.shaplora",

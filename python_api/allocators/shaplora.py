@@ -652,6 +652,94 @@ def _spearman(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return float(rho) if math.isfinite(rho) else 0.0
 
 
+def _check_allocation_args(rounds, budget_unit, retrain, basis) -> None:
+    if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    if budget_unit not in BUDGET_UNITS:
+        raise ValueError(f"budget_unit must be one of {BUDGET_UNITS}, got {budget_unit!r}")
+    if retrain not in RETRAIN_FORMS:
+        raise ValueError(f"retrain must be one of {RETRAIN_FORMS}, got {retrain!r}")
+    if basis not in ("merged", "trained"):
+        raise ValueError(f"basis must be 'merged' or 'trained', got {basis!r}")
+
+
+def _resolve_budget(supernet: nn.Module, budget, budget_unit: str = "ranks", retrain: str = "plain"):
+    """``budget`` checked against what ``supernet`` can give: (budget, the most it can give, per-rank costs or
+    None for a rank budget). ``budget`` None: just the most."""
+    layers = _layers(supernet)
+    if not layers:
+        raise ValueError("the super-network has no LoRALinear adapters (apply_adapters(..., svd=True) first)")
+    start = sum(int(m.rank_mask.sum()) for m in layers.values())
+    if budget_unit == "ranks":
+        if budget is not None:
+            budget = check_budget(budget, 1, start, f"the super-network's {start} ranks over {len(layers)} modules")
+        return budget, start, None
+    costs = rank_costs(supernet, retrain)
+    most = sum(costs[n] * int(m.rank_mask.sum()) for n, m in layers.items())
+    if budget is not None:
+        budget = check_budget(budget, min(costs.values()), most,
+                              f"the parameters of one rank up to all {start} ranks of the super-network", "budget")
+    return budget, most, costs
+
+
+def shaplora_allocate(
+    supernet: nn.Module,
+    val_batches: Iterable,
+    budget: int,
+    *,
+    loss_fn: LossFn,
+    budget_unit: str = "ranks",
+    retrain: str = "plain",
+    rounds: int = 1,
+    mode: str = "taylor",
+    num_passes: int = 1,
+    by: str = "signed",
+    generator: torch.Generator | None = None,
+    basis: str = "merged",
+    min_stability: float = 0.5,
+    batch_size_fn: Callable[[Any], int] | None = None,
+) -> dict:
+    """ShapLoRA's allocation step on a super-network you trained (and checked: :func:`shaplora_workflow` does
+    both): in each of ``rounds`` rounds, re-express each module's update in its merged SVD basis (``basis``
+    ``"merged"``), Shapley-score it twice independently on ``val_batches``, keep the best ranks of the two
+    scorings' mean within the round's budget and mask the rest in ``supernet`` (``rounds`` > 1 prunes
+    geometrically, rescoring in between).
+
+    Args:
+        budget: total ranks (``budget_unit`` ``"ranks"``) or the trainable parameters the kept ranks add once
+            retrained in ``retrain``'s form (``"params"``, :func:`rank_costs`). Checked against the super-network.
+        generator: the coalitions' RNG (None: a fresh unseeded draw).
+        min_stability: a RuntimeWarning when the two scorings' Spearman ρ is below it.
+        Other arguments as :func:`shaplora_workflow` and :func:`shapley_sensitivity`.
+    Returns:
+        dict with ``masks`` (module → bool [R], also applied to ``supernet``), ``scores`` (the last round's),
+        ``budget`` (as checked), ``score_stability`` (first round's ρ) and ``score_stability_rounds``.
+    """
+    _check_allocation_args(rounds, budget_unit, retrain, basis)
+    budget, full, costs = _resolve_budget(supernet, budget, budget_unit, retrain)
+    val_batches = list(val_batches)
+    if not val_batches:
+        raise ValueError("val_batches is empty: no validation examples")
+    scores, masks, stability = None, None, []
+    for k in range(1, rounds + 1):
+        if basis == "merged":
+            to_merged_basis(supernet)
+        kw = dict(loss_fn=loss_fn, num_passes=num_passes, generator=generator, batch_size_fn=batch_size_fn)
+        first = shapley_sensitivity(supernet, val_batches, mode, **kw)
+        second = shapley_sensitivity(supernet, val_batches, mode, **kw)
+        stability.append(_spearman(first, second))
+        if stability[-1] < min_stability:
+            warnings.warn(f"ShapLoRA scores are unstable: two independent scorings agree with Spearman ρ = "
+                          f"{stability[-1]:.2f} < {min_stability} (round {k}); raise num_passes or use more "
+                          "validation examples", RuntimeWarning, stacklevel=2)
+        scores = {n: (first[n] + second[n]) / 2 for n in first}
+        b_k = round(full * (budget / full) ** (k / rounds)) if k < rounds else budget
+        masks = allocate_ranks(scores, int(b_k), by=by, costs=costs)
+        apply_rank_masks(supernet, masks)
+    return {"masks": masks, "scores": scores, "budget": budget, "score_stability": stability[0],
+            "score_stability_rounds": stability}
+
+
 def shaplora_workflow(
     build_model: Callable[[], nn.Module],
     train: Callable[[nn.Module], Any],
@@ -717,16 +805,9 @@ def shaplora_workflow(
         ``score_stability_rounds`` every round) and ``supernet`` (validation loss / accuracy before and after
         training, the majority rate, the number of extra ``train`` calls).
     """
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    if budget_unit not in BUDGET_UNITS:
-        raise ValueError(f"budget_unit must be one of {BUDGET_UNITS}, got {budget_unit!r}")
-    if retrain not in RETRAIN_FORMS:
-        raise ValueError(f"retrain must be one of {RETRAIN_FORMS}, got {retrain!r}")
+    _check_allocation_args(rounds, budget_unit, retrain, basis)
     if r_target is not None and budget_unit != "ranks":
         raise ValueError("r_target counts ranks: pass budget=... with budget_unit='params'")
-    if basis not in ("merged", "trained"):
-        raise ValueError(f"basis must be 'merged' or 'trained', got {basis!r}")
     if (r_target is None) == (budget is None):
         raise ValueError("give exactly one of r_target (ranks per module) and budget (total ranks), got "
                          f"r_target={r_target!r}, budget={budget!r}")
@@ -743,18 +824,11 @@ def shaplora_workflow(
         raise ValueError("val_batches is empty: no validation examples")
     gen = torch.Generator().manual_seed(seed)
     supernet = build_model()
-    layers = _layers(supernet)
-    start = sum(int(m.rank_mask.sum()) for m in layers.values())
     if r_target is not None:
-        check_budget(int(r_target) * len(layers), 1, start, f"the super-network's {start} ranks", "r_target·modules")
-        budget = int(r_target) * len(layers)
-    elif budget_unit == "ranks":
-        budget = check_budget(budget, 1, start, f"the super-network's {start} ranks over {len(layers)} modules")
-    costs = rank_costs(supernet, retrain) if budget_unit == "params" else None
-    if costs is not None:
-        most = sum(costs[n] * int(m.rank_mask.sum()) for n, m in layers.items())
-        budget = check_budget(budget, min(costs.values()), most,
-                              f"the parameters of one rank up to all {start} ranks of the super-network", "budget")
+        most = _resolve_budget(supernet, None)[1]
+        budget = check_budget(int(r_target) * len(_layers(supernet)), 1, most, f"the super-network's {most} ranks",
+                              "r_target·modules")
+    budget = _resolve_budget(supernet, budget, budget_unit, retrain)[0]   # checked before any training
     before = _fit_check(supernet, val_batches, loss_fn, predict_fn)
     need = (f"a validation loss {min_improvement or 0:.0%} lower"
             f"{' and accuracy above the majority class' * bool(predict_fn)}")
@@ -775,23 +849,10 @@ def shaplora_workflow(
             f"untrained {before} (needs {need}); its Shapley scores would be noise. "
             "Train it longer or with a higher learning rate.")
     rng_state = gen.get_state()
-    scores, masks, stability = None, None, []
-    for k in range(1, rounds + 1):
-        if basis == "merged":
-            to_merged_basis(supernet)
-        kw = dict(loss_fn=loss_fn, num_passes=num_passes, generator=gen, batch_size_fn=batch_size_fn)
-        first = shapley_sensitivity(supernet, val_batches, mode, **kw)
-        second = shapley_sensitivity(supernet, val_batches, mode, **kw)
-        stability.append(_spearman(first, second))
-        if stability[-1] < min_stability:
-            warnings.warn(f"ShapLoRA scores are unstable: two independent scorings agree with Spearman ρ = "
-                          f"{stability[-1]:.2f} < {min_stability} (round {k}); raise num_passes or use more "
-                          "validation examples", RuntimeWarning, stacklevel=2)
-        scores = {n: (first[n] + second[n]) / 2 for n in first}
-        full = start if costs is None else most
-        b_k = round(full * (budget / full) ** (k / rounds)) if k < rounds else budget
-        masks = allocate_ranks(scores, int(b_k), by=by, costs=costs)
-        apply_rank_masks(supernet, masks)
+    alloc = shaplora_allocate(supernet, val_batches, budget, loss_fn=loss_fn, budget_unit=budget_unit,
+                              retrain=retrain, rounds=rounds, mode=mode, num_passes=num_passes, by=by, generator=gen,
+                              basis=basis, min_stability=min_stability, batch_size_fn=batch_size_fn)
+    masks = alloc["masks"]
     if retrain == "warm":
         model = to_plain_lora(supernet, masks, warm=True)
     else:
@@ -805,7 +866,6 @@ def shaplora_workflow(
     if predict_fn is not None:
         fit.update(val_accuracy=after["val_accuracy"], majority_rate=after["majority_rate"],
                    val_accuracy_untrained=before["val_accuracy"])
-    return {"masks": masks, "scores": scores, "peft_rank_pattern": to_peft_rank_pattern(masks),
-            "config": rank_pattern_config(masks), "result": evaluate(model), "model": model, "rng_state": rng_state,
-            "budget": budget, "budget_unit": budget_unit, "score_stability": stability[0],
-            "score_stability_rounds": stability, "supernet": fit}
+    return {**alloc, "peft_rank_pattern": to_peft_rank_pattern(masks), "config": rank_pattern_config(masks),
+            "result": evaluate(model), "model": model, "rng_state": rng_state, "budget_unit": budget_unit,
+            "supernet": fit}

@@ -145,8 +145,8 @@ def run_lora(base, splits, cfg, deadline, share=None, name="lora") -> dict:
 def run_shaplora(base, splits, cfg, deadline) -> dict:
     """ShapLoRA as the library's workflow runs it: super-network, learned-check, Shapley scores in the merged
     basis, uniform LoRA's parameter budget, plain-LoRA retrain."""
-    from ..allocators.shaplora import (SupernetNotLearnedError, _fit_check, _learned, allocate_ranks, rank_costs,
-                                       rank_pattern_config, shapley_sensitivity, to_merged_basis, to_plain_lora)
+    from ..allocators.shaplora import (SupernetNotLearnedError, _fit_check, _learned, rank_costs, rank_pattern_config,
+                                       shaplora_allocate, to_plain_lora)
     from ..surgery import apply_adapters, count_trainable
 
     def build():   # alpha = 2·r_init: the scale alpha/r = 2 of uniform LoRA, kept by the plain retrain
@@ -172,22 +172,21 @@ def run_shaplora(base, splits, cfg, deadline) -> dict:
         raise SupernetNotLearnedError(
             f"shaplora: the super-network did not learn in {sup['steps']} steps (validation {after} vs untrained "
             f"{before}); its Shapley scores would be noise. Give the demo more steps or time.")
-    to_merged_basis(supernet)
     t1 = time.perf_counter()
-    scores = shapley_sensitivity(supernet, val, "taylor", loss_fn=_per_example_loss,
-                                 generator=torch.Generator().manual_seed(cfg.seed),
-                                 batch_size_fn=lambda b: b["labels"].shape[0])
+    budget = cfg.r * sum(rank_costs(supernet).values())   # uniform LoRA's adapter parameters at r
+    alloc = shaplora_allocate(supernet, val, budget, loss_fn=_per_example_loss, budget_unit="params",
+                              generator=torch.Generator().manual_seed(cfg.seed),
+                              batch_size_fn=lambda b: b["labels"].shape[0])
+    masks = alloc["masks"]
     score_s = time.perf_counter() - t1
-    costs = rank_costs(supernet)
-    budget = cfg.r * sum(costs.values())                 # uniform LoRA's adapter parameters at r
-    masks = allocate_ranks(scores, budget, costs=costs)
     alloc_s = time.perf_counter() - t0
     del supernet
     model = to_plain_lora(build(), masks)
     tr = train(model, splits["train"], cfg, cfg.steps, deadline, "shaplora retrain")
     ranks = {n: int(m.sum()) for n, m in masks.items()}
     return {"method": "shaplora", "model": model, "alloc_s": alloc_s, "score_s": score_s,
-            "supernet_steps": sup["steps"], **tr, "ranks": ranks, "rank_pattern": rank_pattern_config(masks),
+            "supernet_steps": sup["steps"], "score_stability": alloc["score_stability"], **tr, "ranks": ranks,
+            "rank_pattern": rank_pattern_config(masks),
             "allocation": f"ranks {min(ranks.values())}..{max(ranks.values())} ({count_trainable(model, True):,} "
                           f"adapter parameters, uniform LoRA's r={cfg.r} budget {budget:,})"
                           + ("" if learned else "; super-network NOT learned (--quick): scores are noise")}

@@ -395,7 +395,7 @@ class Run:
         self.checkpoints = True
         self.state: dict = {"phase": None, "step": 0, "losses": {}, "train_seconds": 0.0,
                             "allocation_seconds": 0.0, "phase_seconds": {}, "masks": None, "experts": None,
-                            "alphas": None, "scores": None, "final_pattern": None, "supernet_before": None}
+                            "alphas": None, "score_stability": None, "final_pattern": None, "supernet_before": None}
 
     # -- checkpoints
     @property
@@ -666,6 +666,8 @@ def run(cfg: TrainConfig, log=print, after_step=None, keep: dict | None = None) 
         metrics.update(test_perplexity=test["perplexity"], test_loss=test["loss"], test_tokens=test["tokens"],
                        validation_perplexity=val["perplexity"])
     metrics["ranks"] = _ranks(model) if cfg.method in ("shaplora", "adalora") else None
+    if cfg.method == "shaplora":
+        metrics["score_stability"] = st["score_stability"]
     metrics["experts_per_block"] = st["experts"]
     metrics["layer_alphas"] = st["alphas"]
     sample = _sample(model, tok, P["splits"]["test"]) if cfg.task == "causal-lm" else None
@@ -721,8 +723,7 @@ def _experts(cfg: TrainConfig, base, targets, n_blocks) -> tuple[list[int], list
 
 def _shaplora_masks(runner: Run, P: dict, resume_state=None) -> dict[str, torch.Tensor]:
     """Super-network for half the steps, Shapley scores on (up to 256) validation examples, global top-budget."""
-    from ..allocators.shaplora import (SupernetNotLearnedError, _fit_check, _learned, allocate_ranks, rank_costs,
-                                       shapley_sensitivity, to_merged_basis)
+    from ..allocators.shaplora import SupernetNotLearnedError, _fit_check, _learned, shaplora_allocate
 
     cfg, tok, enc = runner.cfg, P["tok"], P["enc"]
     sup = adapt(P["base"], cfg, P["targets"], P["heads"])
@@ -751,14 +752,16 @@ def _shaplora_masks(runner: Run, P: dict, resume_state=None) -> dict[str, torch.
             f"shaplora: the super-network did not learn in {max(1, P['steps'] // 2)} steps (validation {after} vs "
             f"untrained {before}); its Shapley scores would be noise. Use more --steps or a higher --lr "
             "(--no-supernet-check skips this check).")
-    to_merged_basis(sup)   # one player per learned direction (docs/ALGORITHMS.md §3)
     runner.log(f"shaplora: super-network validation loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}; "
                f"scoring {n} validation examples")
-    scores = shapley_sensitivity(sup, batches, "taylor", loss_fn=loss_fn,
-                                 generator=torch.Generator().manual_seed(cfg.seed),
-                                 batch_size_fn=lambda b: b["input_ids"].shape[0])
-    costs = rank_costs(sup, "plain") if cfg.budget_unit == "params" else None
-    return allocate_ranks(scores, int(cfg.budget), costs=costs)
+    # the library's allocation step: merged basis (one player per learned direction, docs/ALGORITHMS.md §3), two
+    # independent scorings (their agreement reported, a warning under 0.5), the best ranks within the budget
+    alloc = shaplora_allocate(sup, batches, int(cfg.budget), loss_fn=loss_fn, budget_unit=cfg.budget_unit,
+                              generator=torch.Generator().manual_seed(cfg.seed),
+                              batch_size_fn=lambda b: b["input_ids"].shape[0])
+    runner.state["score_stability"] = alloc["score_stability"]
+    runner.log(f"shaplora: two independent scorings agree with Spearman rho {alloc['score_stability']:.2f}")
+    return alloc["masks"]
 
 
 def _shaplora(runner: Run, P: dict, resume_state) -> nn.Module:
@@ -956,6 +959,7 @@ def run_alloc(cfg: TrainConfig, log=print) -> dict:
     elif cfg.method == "shaplora":
         masks = _shaplora_masks(runner, P)
         res["ranks"] = {n: int(m.sum()) for n, m in masks.items()}
+        res["score_stability"] = runner.state["score_stability"]
     else:
         model = adapt(P["base"], cfg, P["targets"], P["heads"])
         alloc = runner.train_phase("train", model, P["enc"]["train"], P["tok"], P["steps"], None,

@@ -13,6 +13,7 @@ from python_api.allocators.shaplora import (
     SupernetNotLearnedError,
     allocate_ranks,
     orthogonality_hooks,
+    shaplora_allocate,
     shaplora_workflow,
     to_merged_basis,
 )
@@ -95,6 +96,42 @@ def test_workflow_total_budget_numpy_and_result_fields():
     sup = out["supernet"]
     assert sup["val_loss"] < 0.95 * sup["val_loss_untrained"] and sup["extra_train_calls"] == 0
     assert len(calls) == 2  # the super-network, then the retrain
+
+
+def test_allocate_step_alone_matches_the_workflow():
+    """shaplora_allocate on a super-network trained by hand (what the CLI and the demo run) keeps the ranks the
+    workflow keeps from the same super-network and coalition draws, and masks them in the super-network."""
+    build, val, data = _planted_builder()
+    out = shaplora_workflow(build, _adam_train([], data), val, lambda m: None, loss_fn=mse, budget=2, seed=3,
+                            rounds=2)
+    sup = build()
+    _adam_train([], data)(sup)
+    gen = torch.Generator()
+    gen.set_state(out["rng_state"])
+    alloc = shaplora_allocate(sup, val, 2, loss_fn=mse, rounds=2, generator=gen)
+    assert {n: m.tolist() for n, m in alloc["masks"].items()} == {n: m.tolist() for n, m in out["masks"].items()}
+    assert alloc["score_stability_rounds"] == out["score_stability_rounds"] and alloc["budget"] == 2
+    assert {n: m.rank_mask.bool().tolist() for n, m in zip(("layers.0", "layers.1", "layers.2", "layers.3"),
+                                                             sup.layers)} == {n: m.tolist()
+                                                                              for n, m in alloc["masks"].items()}
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"budget": 13}, ValueError, "budget"), ({"budget": 2.0}, TypeError, "budget"),
+    ({"budget": 2, "rounds": 0}, ValueError, "rounds"), ({"budget": 2, "basis": "x"}, ValueError, "basis"),
+    ({"budget": 2, "budget_unit": "flops"}, ValueError, "budget_unit"),
+    ({"budget": 15, "budget_unit": "params"}, ValueError, "budget")])   # one rank costs 8 + 8: 15 keeps none
+def test_allocate_step_bad_arguments_name_them(kwargs, exc, match):
+    build, val, _ = _planted_builder()
+    sup = build()
+    before = {k: v.clone() for k, v in sup.state_dict().items()}
+    with pytest.raises(exc, match=match):
+        shaplora_allocate(sup, val, loss_fn=mse, **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in sup.state_dict().items())   # nothing half-done
+    with pytest.raises(ValueError, match="val_batches"):
+        shaplora_allocate(sup, [], 2, loss_fn=mse)
+    with pytest.raises(ValueError, match="no LoRALinear"):
+        shaplora_allocate(nn.Linear(3, 3), val, 2, loss_fn=mse)
 
 
 def test_allocate_ranks_budget_types():

@@ -88,6 +88,8 @@ def test_peft_methods_load_in_peft_with_equal_outputs(fx, tmp_path, method):
         ranks = cfg_json["rank_pattern"]
         assert sum(ranks.values()) == 8 * 12          # default budget r × modules, after the final mask
         assert m["ranks"] and sum(m["ranks"].values()) == 8 * 12
+    if method == "shaplora":
+        assert -1.0 <= m["score_stability"] <= 1.0
     for name in ("metrics.json", "report.md", "loss.png"):
         assert (tmp_path / "o" / name).exists()
     for key in ("method", "task", "trainable_params", "test_accuracy", "train_seconds", "allocation_seconds",
@@ -335,6 +337,7 @@ def test_alloc_on_your_own_model(fx, tmp_path, method, capsys):
     res = json.load(open(out / f"{method}_allocation.json"))
     if method == "shaplora":
         assert sum(res["ranks"].values()) == 8 * 12
+        assert -1.0 <= res["score_stability"] <= 1.0   # the library's allocation step: two scorings compared
     else:
         assert sum(res["experts"]) == 4
 
