@@ -16,7 +16,8 @@ a progress bar, periodic checkpoints and Ctrl-C -> test metric -> outputs in ``-
 Methods: ``lora`` (r, alpha 2r on every target), ``sharelora-a|b|ab`` (ShareLoRA, one matrix per module type),
 ``adalora`` (SVD form at ``--r-init``, AdaLoRA schedule down to the budget, PEFT's orthogonality weight 0.5),
 ``shaplora`` (super-network at ``--r-init`` for half the steps, Shapley scoring on the validation split,
-global top-budget ranks, fresh adapters retrained for all the steps), ``moe-uniform`` (MoE-LoRA, the same
+global top-budget ranks, fresh adapters retrained for all the steps; ``--retrain warm``: the super-network itself
+continues as plain LoRA from its kept components), ``moe-uniform`` (MoE-LoRA, the same
 number of experts in every block) and ``alphalora`` (experts per block from the layer alphas). ``--budget``
 is the total rank over the adapted modules (adalora, shaplora; default r × modules) or the total number of
 experts (moe-uniform, alphalora; default 2 × blocks).
@@ -60,9 +61,9 @@ OUTPUT_NAMES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jso
 # What must not change between a run and its --resume (anything else, e.g. --threads, may).
 IDENTITY_KEYS = ("method", "task", "text_column", "label_column", "targets", "r", "r_init", "budget", "steps",
                  "epochs", "lr", "batch_size", "max_length", "seed", "bf16", "val_frac", "test_frac", "expert_r",
-                 "beta", "eval_data", "budget_unit", "max_grad_norm")
+                 "beta", "eval_data", "budget_unit", "max_grad_norm", "retrain")
 # what a run written before the key existed used
-IDENTITY_DEFAULTS = {"budget_unit": "ranks", "max_grad_norm": 0.0}
+IDENTITY_DEFAULTS = {"budget_unit": "ranks", "max_grad_norm": 0.0, "retrain": "plain"}
 ORTH_WEIGHT = 0.5        # PEFT AdaLoraConfig.orth_reg_weight
 SHAPLEY_VAL_EXAMPLES = 256
 
@@ -86,6 +87,7 @@ class TrainConfig:
     r_init: int = 12
     budget: int | None = None
     budget_unit: str = "ranks"       # adalora / shaplora: --budget counts ranks or trainable parameters
+    retrain: str = "plain"           # shaplora: the retrain from a fresh init ("plain") or the super-network ("warm")
     steps: int | None = None
     epochs: float | None = None
     lr: float | None = None
@@ -152,6 +154,10 @@ def check_args(cfg: TrainConfig) -> None:
         raise BadInput(f"--budget-unit: {cfg.budget_unit!r} is not one of ranks, params")
     if cfg.budget_unit == "params" and cfg.method not in ("adalora", "shaplora"):
         raise BadInput(f"--budget-unit params: only adalora and shaplora take a parameter budget, not {cfg.method}")
+    if cfg.retrain not in ("plain", "warm"):
+        raise BadInput(f"--retrain: {cfg.retrain!r} is not one of plain, warm")
+    if cfg.retrain == "warm" and cfg.method != "shaplora":
+        raise BadInput(f"--retrain warm: only shaplora retrains from a super-network, not {cfg.method}")
     if cfg.method in ("adalora", "shaplora") and cfg.r > cfg.r_init:
         raise BadInput(f"--r ({cfg.r}) must not exceed --r-init ({cfg.r_init}) for {cfg.method}")
     if cfg.merge and cfg.method in MOE_METHODS:
@@ -327,7 +333,10 @@ def _adapt(base, cfg, targets, heads, masks, experts):
         svd = lk.apply_adapters(model, targets, r=cfg.r_init, alpha=2 * cfg.r_init, svd=True,
                                 modules_to_save=heads or None)
         return to_plain_lora(svd, masks)
-    if m in ("adalora", "shaplora"):
+    if m == "shaplora":   # the super-network at uniform LoRA's scale alpha/r = 2, which the retrain keeps
+        return lk.apply_adapters(model, targets, r=cfg.r_init, alpha=2 * cfg.r_init, svd=True,
+                                 modules_to_save=heads or None)
+    if m == "adalora":
         return lk.apply_adapters(model, targets, r=cfg.r_init, alpha=2 * cfg.r, svd=True, rank_masks=masks,
                                  modules_to_save=heads or None)
     return lk.apply_adapters(model, targets, r=cfg.r, alpha=2 * cfg.r, share=share, modules_to_save=heads or None)
@@ -721,8 +730,9 @@ def _experts(cfg: TrainConfig, base, targets, n_blocks) -> tuple[list[int], list
     return allocate_experts(alphas, int(cfg.budget), beta=cfg.beta), alphas
 
 
-def _shaplora_masks(runner: Run, P: dict, resume_state=None) -> dict[str, torch.Tensor]:
-    """Super-network for half the steps, Shapley scores on (up to 256) validation examples, global top-budget."""
+def _shaplora_masks(runner: Run, P: dict, resume_state=None) -> tuple[dict[str, torch.Tensor], nn.Module]:
+    """Super-network for half the steps, Shapley scores on (up to 256) validation examples, global top-budget.
+    Returns the masks and the super-network (its kept ranks masked)."""
     from ..allocators.shaplora import SupernetNotLearnedError, _fit_check, _learned, shaplora_allocate
 
     cfg, tok, enc = runner.cfg, P["tok"], P["enc"]
@@ -761,22 +771,35 @@ def _shaplora_masks(runner: Run, P: dict, resume_state=None) -> dict[str, torch.
                               batch_size_fn=lambda b: b["input_ids"].shape[0])
     runner.state["score_stability"] = alloc["score_stability"]
     runner.log(f"shaplora: two independent scorings agree with Spearman rho {alloc['score_stability']:.2f}")
-    return alloc["masks"]
+    return alloc["masks"], sup
 
 
 def _shaplora(runner: Run, P: dict, resume_state) -> nn.Module:
+    """The allocation (unless a resumed run has it), then the retrain: plain LoRA with the rank pattern, from a
+    fresh init or (``--retrain warm``) from the super-network's kept components and head, for all the steps."""
+    from ..allocators.shaplora import to_plain_lora
+
     cfg, st, tok, enc = runner.cfg, runner.state, P["tok"], P["enc"]
     if st["masks"] is None:
         t0 = time.perf_counter()
-        st["masks"] = _shaplora_masks(runner, P, resume_state)
+        st["masks"], sup = _shaplora_masks(runner, P, resume_state)
         # ShapLoRA's overhead: the super-network's training (all of it, across resumes) plus the scoring
         st["allocation_seconds"] = st.get("_sup_before", 0.0) + time.perf_counter() - t0
         st["step"] = 0
-        runner.save(None, None, None, None)   # the allocation is done: a resume starts the retraining
+        model = to_plain_lora(sup, st["masks"], warm=True) if cfg.retrain == "warm" else \
+            adapt(P["base"], cfg, P["targets"], P["heads"], masks=st["masks"])
+        del sup
+        # the allocation is done: a resume starts the retraining (from the warm start, kept in the checkpoint)
+        runner.save(model if cfg.retrain == "warm" else None, None, None, None)
         resume_state = None
-    model = adapt(P["base"], cfg, P["targets"], P["heads"], masks=st["masks"])
-    runner.train_phase("train", model, enc["train"], tok, P["steps"],
-                       resume_state if resume_state is not None and resume_state["phase"] == "train" else None)
+    else:
+        model = adapt(P["base"], cfg, P["targets"], P["heads"], masks=st["masks"])
+        if resume_state is not None and resume_state["phase"] != "train" and cfg.retrain == "warm":
+            _load_trainable(model, resume_state["trainable"])   # stopped before the retrain's first checkpoint
+    if resume_state is None or resume_state["phase"] != "train":
+        torch.manual_seed(cfg.seed + 2)   # the retrain's random stream: the same for a run resumed before it
+        resume_state = None
+    runner.train_phase("train", model, enc["train"], tok, P["steps"], resume_state)
     return model
 
 
@@ -957,7 +980,7 @@ def run_alloc(cfg: TrainConfig, log=print) -> dict:
     if cfg.method == "alphalora":
         res["experts"], res["alphas"] = _experts(cfg, P["base"], P["targets"], P["n_blocks"])
     elif cfg.method == "shaplora":
-        masks = _shaplora_masks(runner, P)
+        masks = _shaplora_masks(runner, P)[0]
         res["ranks"] = {n: int(m.sum()) for n, m in masks.items()}
         res["score_stability"] = runner.state["score_stability"]
     else:

@@ -64,6 +64,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune your own local model on your own data (offline)")
     _model_data(t, required=True)
     t.add_argument("--method", required=True, choices=METHODS)
+    t.add_argument("--retrain", choices=("plain", "warm"), default="plain",
+                   help="shaplora: retrain plain LoRA with the rank pattern from a fresh init (plain, default) or "
+                        "from the super-network's kept components, its head too (warm)")
     t.add_argument("--out", required=True, help="output directory (adapters, metrics.json, report.md, checkpoint)")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--steps", type=_pos_int, default=None, help="optimizer steps (default: one epoch)")
@@ -101,7 +104,8 @@ def config_from_args(args, method: str | None = None, argv: list[str] | None = N
         model=args.model, data=args.data, method=method or args.method, out=args.out, task=g("task"),
         text_column=g("text_column"), label_column=g("label_column"), eval_data=g("eval_data"), targets=g("targets"),
         r=g("r", 8), r_init=g("r_init", 12), budget=g("budget"),
-        budget_unit=g("budget_unit", "ranks"), steps=g("steps"), epochs=g("epochs"), lr=g("lr"),
+        budget_unit=g("budget_unit", "ranks"), retrain=g("retrain", "plain"), steps=g("steps"), epochs=g("epochs"),
+        lr=g("lr"),
         max_grad_norm=g("max_grad_norm", 1.0),
         batch_size=g("batch_size"), max_length=g("max_length"), seed=g("seed", 0), bf16=bool(g("bf16", False)),
         grad_checkpointing=bool(g("grad_checkpointing", False)),

@@ -120,6 +120,7 @@ def test_parameter_budget(fx, tmp_path, method):
 @pytest.mark.parametrize("argv, match", [
     (["--method", "lora", "--budget-unit", "params"], "--budget-unit"),
     (["--method", "shaplora", "--budget-unit", "params", "--budget", "3"], "--budget"),
+    (["--method", "lora", "--retrain", "warm"], "--retrain"),
     (["--method", "adalora", "--budget-unit", "params", "--budget", "10000000"], "--budget")])
 def test_parameter_budget_refused_before_training(fx, tmp_path, capsys, argv, match):
     rc = cli.main(["train", "--model", fx["bert"], "--data", fx["csv"], "--out", str(tmp_path / "o"), "--steps", "2",
@@ -206,6 +207,53 @@ def test_interrupt_and_resume_is_bit_identical(fx, tmp_path, method, phase, k):
     a, b = tensors(tmp_path / "ref"), tensors(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
     assert got["test_accuracy"] == ref["test_accuracy"]
+
+
+@pytest.mark.parametrize("retrain", ["plain", "warm"])
+def test_shaplora_killed_between_allocation_and_retrain_resumes_exactly(fx, tmp_path, retrain):
+    """A run killed after the allocation's checkpoint, before the retrain's first one, resumes to the same
+    adapters: the warm start (the super-network's kept components and head) is in that checkpoint."""
+    ref = T.run(cfg(fx, tmp_path / "ref", "shaplora", steps=4, save_every=100, retrain=retrain), log=quiet)
+
+    def die(phase, step):
+        if phase == "train" and step == 1:
+            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError, match="killed"):
+        T.run(cfg(fx, tmp_path / "cut", "shaplora", steps=4, save_every=100, retrain=retrain), log=quiet,
+              after_step=die)
+    got = T.run(cfg(fx, tmp_path / "cut", "shaplora", steps=4, save_every=100, retrain=retrain, resume=True),
+                log=quiet)
+    assert got["losses"]["train"] == ref["losses"]["train"] and got["ranks"] == ref["ranks"]
+    a, b = tensors(tmp_path / "ref"), tensors(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.parametrize("retrain", ["plain", "warm"])
+def test_shaplora_warm_retrain_starts_at_the_super_network(fx, tmp_path, monkeypatch, retrain):
+    """--retrain warm: the retrain starts with the masked super-network's outputs (its kept components and head);
+    plain starts afresh. Either way the written adapters load in PEFT with equal outputs."""
+    from python_api.allocators import shaplora as S
+
+    b, seen = probe(fx), {}
+    real_allocate, real_phase = S.shaplora_allocate, T.Run.train_phase
+
+    def allocate(sup, *a, **k):
+        out = real_allocate(sup, *a, **k)
+        seen["supernet"] = logits(sup.eval(), b)
+        sup.train()
+        return out
+
+    def phase(self, name, model, *a, **k):
+        if name == "train":
+            seen["start"] = logits(model.eval(), b)
+            model.train()
+        return real_phase(self, name, model, *a, **k)
+    monkeypatch.setattr(S, "shaplora_allocate", allocate)
+    monkeypatch.setattr(T.Run, "train_phase", phase)
+    m = T.run(cfg(fx, tmp_path / "o", "shaplora", steps=6, retrain=retrain), log=quiet)
+    gap = float((seen["start"] - seen["supernet"]).abs().max())
+    assert (gap <= 1e-5) if retrain == "warm" else (gap > 1e-4)
+    assert m["config"]["retrain"] == retrain and m["peft_reload_max_abs_diff"] <= 1e-5
 
 
 def test_killed_run_resumes_from_the_last_periodic_checkpoint(fx, tmp_path):
