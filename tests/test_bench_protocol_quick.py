@@ -201,16 +201,25 @@ def test_runs_at_the_majority_class_are_flagged(tmp_path):
     assert any(x.startswith("| lora |") and "1 of 3 (seed 1)" in x for x in lines)
 
 
-def test_share_rank_matches_uniform_lora_parameters():
-    """ShareLoRA's equal-parameter view: the chosen rank's shared adapters are the closest to uniform LoRA's."""
+@pytest.fixture(scope="module")
+def quick_task():
+    return bp.ProtocolTask("rotten_tomatoes", bp.QUICK)
+
+
+def _share_params(task, r, share):
     import copy
 
     from python_api.surgery import apply_adapters, count_trainable
-    task = bp.ProtocolTask("rotten_tomatoes", bp.QUICK)
+    m = apply_adapters(copy.deepcopy(task.base), task.targets, r=r, alpha=2 * r, share=share)
+    return count_trainable(m, adapters_only=True)
+
+
+def test_share_rank_matches_uniform_lora_parameters(quick_task):
+    """ShareLoRA's equal-parameter view: the chosen rank's shared adapters are the closest to uniform LoRA's."""
+    task = quick_task
 
     def params(r, share):
-        m = apply_adapters(copy.deepcopy(task.base), task.targets, r=r, alpha=2 * r, share=share)
-        return count_trainable(m, adapters_only=True)
+        return _share_params(task, r, share)
     for share in ("A", "B", "AB"):
         r = task.share_rank(share)
         gap = abs(params(r, share) - task.ref_params)
@@ -264,17 +273,10 @@ def test_lr_choice_rules_out_a_collapsed_seed():
                                                                                        "0.001": 0.70333}
 
 
-def test_share_rank_within_half_of_lora_parameters():
+def test_share_rank_within_half_of_lora_parameters(quick_task):
     """ShareLoRA's reduced-budget view: the largest rank whose shared adapters stay within half of LoRA's."""
-    import copy
-
-    from python_api.surgery import apply_adapters, count_trainable
-    task = bp.ProtocolTask("rotten_tomatoes", bp.QUICK)
-
-    def params(r, share):
-        m = apply_adapters(copy.deepcopy(task.base), task.targets, r=r, alpha=2 * r, share=share)
-        return count_trainable(m, adapters_only=True)
+    task = quick_task
     for share in ("A", "B", "AB"):
         r = task.share_rank(share, 0.5)
-        assert params(r, share) <= 0.5 * task.ref_params < params(r + 1, share)
+        assert _share_params(task, r, share) <= 0.5 * task.ref_params < _share_params(task, r + 1, share)
         assert r <= task.share_rank(share)
