@@ -721,21 +721,32 @@ def shaplora_allocate(
     if not val_batches:
         raise ValueError("val_batches is empty: no validation examples")
     scores, masks, stability = None, None, []
-    for k in range(1, rounds + 1):
-        if basis == "merged":
-            to_merged_basis(supernet)
-        kw = dict(loss_fn=loss_fn, num_passes=num_passes, generator=generator, batch_size_fn=batch_size_fn)
-        first = shapley_sensitivity(supernet, val_batches, mode, **kw)
-        second = shapley_sensitivity(supernet, val_batches, mode, **kw)
-        stability.append(_spearman(first, second))
-        if stability[-1] < min_stability:
-            warnings.warn(f"ShapLoRA scores are unstable: two independent scorings agree with Spearman ρ = "
-                          f"{stability[-1]:.2f} < {min_stability} (round {k}); raise num_passes or use more "
-                          "validation examples", RuntimeWarning, stacklevel=2)
-        scores = {n: (first[n] + second[n]) / 2 for n in first}
-        b_k = round(full * (budget / full) ** (k / rounds)) if k < rounds else budget
-        masks = allocate_ranks(scores, int(b_k), by=by, costs=costs)
-        apply_rank_masks(supernet, masks)
+    # all or nothing: an error in any round (a bad loss, a merged layer) gives the super-network back as it came
+    saved = {n: [None if t is None else t.detach().clone() for t in (m.lora_A, m.lora_B, m.lora_E, m.rank_mask)]
+             for n, m in _layers(supernet).items()}
+    try:
+        for k in range(1, rounds + 1):
+            if basis == "merged":
+                to_merged_basis(supernet)
+            kw = dict(loss_fn=loss_fn, num_passes=num_passes, generator=generator, batch_size_fn=batch_size_fn)
+            first = shapley_sensitivity(supernet, val_batches, mode, **kw)
+            second = shapley_sensitivity(supernet, val_batches, mode, **kw)
+            stability.append(_spearman(first, second))
+            if stability[-1] < min_stability:
+                warnings.warn(f"ShapLoRA scores are unstable: two independent scorings agree with Spearman ρ = "
+                              f"{stability[-1]:.2f} < {min_stability} (round {k}); raise num_passes or use more "
+                              "validation examples", RuntimeWarning, stacklevel=2)
+            scores = {n: (first[n] + second[n]) / 2 for n in first}
+            b_k = round(full * (budget / full) ** (k / rounds)) if k < rounds else budget
+            masks = allocate_ranks(scores, int(b_k), by=by, costs=costs)
+            apply_rank_masks(supernet, masks)
+    except BaseException:
+        with torch.no_grad():
+            for n, m in _layers(supernet).items():
+                for live, old in zip((m.lora_A, m.lora_B, m.lora_E, m.rank_mask), saved[n]):
+                    if old is not None:
+                        live.copy_(old)
+        raise
     return {"masks": masks, "scores": scores, "budget": budget, "score_stability": stability[0],
             "score_stability_rounds": stability}
 

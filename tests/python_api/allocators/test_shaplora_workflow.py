@@ -134,6 +134,24 @@ def test_allocate_step_bad_arguments_name_them(kwargs, exc, match):
         shaplora_allocate(nn.Linear(3, 3), val, 2, loss_fn=mse)
 
 
+def test_allocate_step_failing_in_a_later_round_leaves_the_supernet_as_it_came():
+    build, val, data = _planted_builder()
+    sup = build()
+    _adam_train([], data)(sup)
+    before = {k: v.clone() for k, v in sup.state_dict().items()}
+    calls = []
+
+    def loss_fn(m, b):   # the second round's scoring fails: the first round's masks and basis must be undone
+        calls.append(1)
+        if len(calls) > 2 * len(val):
+            raise RuntimeError("loss exploded")
+        return mse(m, b)
+    with pytest.raises(RuntimeError, match="loss exploded"):
+        shaplora_allocate(sup, val, 2, loss_fn=loss_fn, rounds=2)
+    assert len(calls) == 2 * len(val) + 1   # raised in round 2, after round 1 had masked the super-network
+    assert all(torch.equal(before[k], v) for k, v in sup.state_dict().items())
+
+
 def test_allocate_ranks_budget_types():
     scores = {"a": torch.tensor([0.5, -1.0, 2.0]), "b": torch.tensor([0.1, 3.0])}
     assert sum(int(m.sum()) for m in allocate_ranks(scores, np.int32(3)).values()) == 3
