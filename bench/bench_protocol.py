@@ -764,6 +764,13 @@ def report_md(name: str, rows: list[dict], plots: str = PLOTS) -> tuple[list[str
                              f"{', '.join(f'{x:g}' for x in r['lr'])} | {r['train_time_s']:.1f} | "
                              f"{r['extra_time_s']:.1f} |")
             lines.append("")
+            tuned = sorted({tuple(r["tune_seeds"]) for r in rs if r.get("tune_seeds")})
+            if tuned:
+                ruled = [f"{r['provider']} at {lr} (seed {', '.join(map(str, seeds))})" for r in rs
+                         for lr, seeds in (r.get("lr_collapsed_seeds") or {}).items()]
+                lines += [f"lr chosen on validation over tuning seeds {' / '.join(map(str, map(list, tuned)))}; "
+                          "an lr under which a tuning seed collapsed to the majority class is ruled out: "
+                          + ("; ".join(ruled) if ruled else "none collapsed") + ".", ""]
             for r in rs:
                 if r.get("score_stability"):
                     rho = [x for x in r["score_stability"] if x is not None]

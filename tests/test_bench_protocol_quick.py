@@ -271,6 +271,9 @@ def test_lr_choice_rules_out_a_collapsed_seed():
     assert row["lr"] == [1e-3] and row["accs"] == [0.7, 0.71, 0.7] and row["tune_seeds"] == [0, 1, 2]
     assert row["lr_collapsed_seeds"] == {"0.002": [1]} and row["lr_grid_val_acc"] == {"0.002": 0.76667,
                                                                                        "0.001": 0.70333}
+    lines, _ = bp.report_md("x.json", [row], "/nonexistent")
+    assert any(x.startswith("lr chosen on validation over tuning seeds [0, 1, 2]") and "lora at 0.002 (seed 1)" in x
+               for x in lines)
 
 
 def test_share_rank_within_half_of_lora_parameters(quick_task):
