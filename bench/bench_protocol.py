@@ -380,19 +380,20 @@ def choose_lr(evidence: dict[float, list[dict]], majority: float | None) -> tupl
     """The lr whose runs over the tuning seeds did best on validation: first no seed collapsed (a classifier at the
     majority class, or a non-finite loss), then the mean accuracy, then the mean loss (an LM: the mean loss alone).
     Returns (lr, the grid's summary per lr)."""
+    def mean(rs, k):   # over the finite values (a non-finite loss is a collapse, counted apart); None if none
+        v = [r[k] for r in rs if r.get(k) is not None and math.isfinite(r[k])]
+        return round(statistics.fmean(v), 5) if v else None
     grid = {}
     for lr, rs in evidence.items():
         collapsed = [r["seed"] for r in rs if not math.isfinite(r["val_loss"]) or (
             majority is not None and "val_acc" in r and r["val_acc"] <= majority + CHANCE_MARGIN)]
-        g = {"seeds": [r["seed"] for r in rs], "collapsed_seeds": collapsed,
-             "val_loss": round(statistics.fmean(r["val_loss"] for r in rs), 5)}
-        if "val_acc" in rs[0]:
-            g["val_acc"] = round(statistics.fmean(r["val_acc"] for r in rs), 5)
-        grid[lr] = g
+        grid[lr] = {"seeds": [r["seed"] for r in rs], "collapsed_seeds": collapsed,
+                    **{k: mean(rs, k) for k in ("val_acc", "val_ppl", "val_loss") if k in rs[0]}}
 
     def score(lr):
         g = grid[lr]
-        return (not g["collapsed_seeds"], g.get("val_acc", 0.0), -g["val_loss"])
+        loss = g["val_loss"]
+        return (not g["collapsed_seeds"], g.get("val_acc") or 0.0, -math.inf if loss is None else -loss)
     best = max(evidence, key=score)
     return best, {str(lr): g for lr, g in grid.items()}
 
@@ -419,7 +420,9 @@ def tune(task: ProtocolTask, method: str, cfg: dict, log) -> tuple[float, dict]:
     evidence = {lr: [_evidence(log, task.name, method, s, lr) for s in seeds] for lr in cfg["lrs"]}
     best, grid = choose_lr(evidence, majority_rate(task.name, cfg))
     # the choice is recorded: the results are aggregated from the final runs at the chosen lr only
-    choice = {"chosen_lr": best, "tune_seeds": seeds, "grid": grid}
+    choice = {"chosen_lr": best, "tune_seeds": seeds, "grid": grid,
+              # every lr had a collapsed tuning seed: the best of them is chosen, and the report says so
+              "all_collapsed": all(g["collapsed_seeds"] for g in grid.values())}
     if {k: v for k, v in (log.find("choice", task.name, method, -1, 0.0) or {}).items() if k in choice} != choice:
         log.add("choice", task.name, method, -1, 0.0, choice)
     return best, {s: v for s, v in kept.items() if v[0] == best}
@@ -504,10 +507,14 @@ class RunLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         self.records[self._k(kind, task, method, seed, lr)] = rec
-        print(f"[protocol] {kind} {task}/{method} seed {seed} lr {lr:g}: " + ", ".join(
-            f"{k} {v}" for k, v in info.items() if k in ("chosen_lr", "val_acc", "val_ppl", "test_acc", "test_ppl",
-                                                          "params_ratio", "train_time_s", "extra_time_s",
-                                                          "plateau_step")), flush=True)
+        if kind == "choice":
+            print(f"[protocol] lr choice {task}/{method}: {info['chosen_lr']:g} (tuning seeds {info['tune_seeds']})",
+                  flush=True)
+        else:
+            shown = ("val_acc", "val_ppl", "test_acc", "test_ppl", "params_ratio", "train_time_s", "extra_time_s",
+                     "plateau_step")
+            print(f"[protocol] {kind} {task}/{method} seed {seed} lr {lr:g}: " + ", ".join(
+                f"{k} {v}" for k, v in info.items() if k in shown), flush=True)
         if self.on_add is not None:
             self.on_add()
 
@@ -573,6 +580,7 @@ def aggregate(records: list[dict], cfg: dict, threads: int) -> list[dict]:
                            train_time_s=round(statistics.fmean(r["train_time_s"] for r in rs), 2),
                            extra_time_s=round(statistics.fmean(r["extra_time_s"] for r in rs), 2), threads=threads)
             row.update({"tune_seeds": tuned_on, "lr_collapsed_seeds": collapsed,
+                        "lr_all_collapsed": bool(chosen.get(m, {}).get("all_collapsed")),
                         "diff_vs": {k: v for k, v in diff_vs.items() if v is not None}, "majority_rate":
                         None if majority is None else round(majority, 5), "at_chance_seeds": chance})
             if any("score_stability" in r for r in rs):   # ShapLoRA: the two scorings' agreement, the super-net
@@ -768,9 +776,12 @@ def report_md(name: str, rows: list[dict], plots: str = PLOTS) -> tuple[list[str
             if tuned:
                 ruled = [f"{r['provider']} at {lr} (seed {', '.join(map(str, seeds))})" for r in rs
                          for lr, seeds in (r.get("lr_collapsed_seeds") or {}).items()]
+                stuck = [r["provider"] for r in rs if r.get("lr_all_collapsed")]
                 lines += [f"lr chosen on validation over tuning seeds {' / '.join(map(str, map(list, tuned)))}; "
-                          "an lr under which a tuning seed collapsed to the majority class is ruled out: "
-                          + ("; ".join(ruled) if ruled else "none collapsed") + ".", ""]
+                          "an lr under which a tuning seed collapsed (the majority class, or a non-finite loss) is "
+                          "ruled out: " + ("; ".join(ruled) if ruled else "none collapsed") + "."
+                          + (f" Every lr collapsed on some tuning seed for {', '.join(stuck)}: the best of them was "
+                             "kept." if stuck else ""), ""]
             for r in rs:
                 if r.get("score_stability"):
                     rho = [x for x in r["score_stability"] if x is not None]

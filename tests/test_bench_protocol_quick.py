@@ -256,7 +256,12 @@ def test_lr_choice_rules_out_a_collapsed_seed():
     lr, grid = bp.choose_lr(evidence, maj)
     assert lr == 1e-3 and grid["0.002"]["collapsed_seeds"] == [1] and grid["0.001"]["collapsed_seeds"] == []
     assert bp.choose_lr({2e-3: evidence[2e-3][::2], 1e-3: evidence[1e-3][::2]}, maj)[0] == 2e-3   # no collapse
-    assert bp.choose_lr({1e-3: [ev(0, 0.8, float("nan"))], 2e-3: [ev(0, 0.6)]}, None)[0] == 2e-3  # NaN loss
+    lr_nan, g_nan = bp.choose_lr({1e-3: [ev(0, 0.8, float("nan")), ev(1, 0.8)], 2e-3: [ev(0, 0.6)]}, None)
+    assert lr_nan == 2e-3 and g_nan["0.001"]["collapsed_seeds"] == [0] and g_nan["0.001"]["val_loss"] == 0.5
+    assert json.loads(json.dumps(g_nan)) == g_nan    # no NaN in the record: an unchanged choice is not rewritten
+    ppl = bp.choose_lr({1e-3: [{"seed": 0, "val_ppl": 30.0, "val_loss": 3.4}],
+                        2e-3: [{"seed": 0, "val_ppl": 20.0, "val_loss": 3.0}]}, None)
+    assert ppl[0] == 2e-3 and ppl[1]["0.002"]["val_ppl"] == 20.0   # an LM: the loss decides, perplexity reported
     assert bp.choose_lr({1e-3: [ev(0, 0.8, 2.0)], 2e-3: [ev(0, 0.8, 1.0)]}, maj)[0] == 2e-3       # tie: loss
     q = {**bp.QUICK, "tasks": ["rotten_tomatoes"]}
     base = {"kind": "final", "task": "rotten_tomatoes", "method": "lora", "params_ratio": 1.0, "params_equal": True,
@@ -273,7 +278,11 @@ def test_lr_choice_rules_out_a_collapsed_seed():
                                                                                        "0.001": 0.70333}
     lines, _ = bp.report_md("x.json", [row], "/nonexistent")
     assert any(x.startswith("lr chosen on validation over tuning seeds [0, 1, 2]") and "lora at 0.002 (seed 1)" in x
-               for x in lines)
+               and "Every lr" not in x for x in lines)
+    recs[-1]["all_collapsed"] = True     # every lr collapsed on some seed: chosen anyway, and said
+    (row,) = [r for r in bp.aggregate(recs, q, 1) if r["op"] == "protocol"]
+    assert row["lr_all_collapsed"] is True
+    assert any("Every lr collapsed on some tuning seed for lora" in x for x in bp.report_md("x", [row], "/n")[0])
 
 
 def test_share_rank_within_half_of_lora_parameters(quick_task):

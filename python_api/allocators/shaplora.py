@@ -716,6 +716,7 @@ def shaplora_allocate(
         ``budget`` (as checked), ``score_stability`` (first round's ρ) and ``score_stability_rounds``.
     """
     _check_allocation_args(rounds, budget_unit, retrain, basis)
+    check_budget(budget, 1, 1 << 62)   # an int (not None, not a float): the range is checked just below
     budget, full, costs = _resolve_budget(supernet, budget, budget_unit, retrain)
     val_batches = list(val_batches)
     if not val_batches:

@@ -328,15 +328,13 @@ def _adapt(base, cfg, targets, heads, masks, experts):
         return model
     share = {"sharelora-a": "A", "sharelora-b": "B", "sharelora-ab": "AB"}.get(m)
     if m == "shaplora" and masks is not None:
-        # the retrain: plain LoRA with the allocated rank pattern at uniform LoRA's scale (alpha = 2·rank)
+        # the retrain: plain LoRA with the allocated rank pattern, at uniform LoRA's scale (alpha = 2·rank), or for
+        # the warm retrain at the super-network's (alpha/r = 2r / r_init: it continues the super-network)
         from ..allocators.shaplora import to_plain_lora
-        svd = lk.apply_adapters(model, targets, r=cfg.r_init, alpha=2 * cfg.r_init, svd=True,
-                                modules_to_save=heads or None)
+        alpha = 2 * cfg.r if cfg.retrain == "warm" else 2 * cfg.r_init
+        svd = lk.apply_adapters(model, targets, r=cfg.r_init, alpha=alpha, svd=True, modules_to_save=heads or None)
         return to_plain_lora(svd, masks)
-    if m == "shaplora":   # the super-network at uniform LoRA's scale alpha/r = 2, which the retrain keeps
-        return lk.apply_adapters(model, targets, r=cfg.r_init, alpha=2 * cfg.r_init, svd=True,
-                                 modules_to_save=heads or None)
-    if m == "adalora":
+    if m in ("adalora", "shaplora"):
         return lk.apply_adapters(model, targets, r=cfg.r_init, alpha=2 * cfg.r, svd=True, rank_masks=masks,
                                  modules_to_save=heads or None)
     return lk.apply_adapters(model, targets, r=cfg.r, alpha=2 * cfg.r, share=share, modules_to_save=heads or None)
@@ -786,9 +784,11 @@ def _shaplora(runner: Run, P: dict, resume_state) -> nn.Module:
         # ShapLoRA's overhead: the super-network's training (all of it, across resumes) plus the scoring
         st["allocation_seconds"] = st.get("_sup_before", 0.0) + time.perf_counter() - t0
         st["step"] = 0
-        model = to_plain_lora(sup, st["masks"], warm=True) if cfg.retrain == "warm" else \
-            adapt(P["base"], cfg, P["targets"], P["heads"], masks=st["masks"])
-        del sup
+        if cfg.retrain == "warm":
+            model = to_plain_lora(sup, st["masks"], warm=True)
+        else:
+            del sup   # before the new copy of the base: two copies in memory at a time, not three
+            model = adapt(P["base"], cfg, P["targets"], P["heads"], masks=st["masks"])
         # the allocation is done: a resume starts the retraining (from the warm start, kept in the checkpoint)
         runner.save(model if cfg.retrain == "warm" else None, None, None, None)
         resume_state = None

@@ -128,6 +128,8 @@ def test_allocate_step_bad_arguments_name_them(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         shaplora_allocate(sup, val, loss_fn=mse, **kwargs)
     assert all(torch.equal(before[k], v) for k, v in sup.state_dict().items())   # nothing half-done
+    with pytest.raises(TypeError, match="budget"):
+        shaplora_allocate(sup, val, None, loss_fn=mse)
     with pytest.raises(ValueError, match="val_batches"):
         shaplora_allocate(sup, [], 2, loss_fn=mse)
     with pytest.raises(ValueError, match="no LoRALinear"):
