@@ -238,11 +238,13 @@ def test_shaplora_warm_retrain_gets_the_full_steps(tmp_path, monkeypatch):
         steps.append(n)
         return real(model, task, seed, n, **kw)
     monkeypatch.setattr(bp.acc, "train", spy)
-    rows = bp.run(quick=True, directory=str(tmp_path), methods=["lora", "shaplora_warm"], seeds=[0])
+    rows = bp.run(quick=True, directory=str(tmp_path), methods=["lora", "shaplora_warm", "lora_long"], seeds=[0])
     by = {r["provider"]: r for r in rows if r["op"] == "protocol"}
     n = bp.QUICK["steps"]
-    assert steps == [n, n // 2, n]       # LoRA; the super-network; its warm retrain
+    assert steps == [n, n // 2, n, n + n // 2]   # LoRA; the super-network; its warm retrain; the steps control
     assert by["shaplora_warm"]["params_equal"] is True and by["shaplora_warm"]["extra_time_s"] > 0
+    assert sorted(by["shaplora_warm"]["diff_vs"]) == ["lora_long"]   # AdaLoRA not run here: no pair
+    assert by["lora_long"]["params_equal"] is True
 
 
 def test_lr_choice_rules_out_a_collapsed_seed():
