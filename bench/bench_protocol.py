@@ -32,7 +32,8 @@ fractions (``adalora_fractions``) of the run. The MoE methods (uniform MoE, Alph
 against AdaLoRA, its warm retrain also against ``lora_long`` (``PAIRED_WITH``): the control that trains uniform
 LoRA for the warm retrain's total steps (super-network + retrain), the one method not held to the common steps.
 A final classifier whose validation accuracy is at the majority-class rate (within ``CHANCE_MARGIN``) is listed
-"at chance" by seed in the table, so a collapsed run is never averaged in silently; ``goals_md`` gives issue #16's goals a verdict each (met, missed, or open while tasks are unmeasured).
+"at chance" by seed in the table, so a collapsed run is never averaged in silently; ``goals_md`` gives issue #16's
+goals a verdict each (met, missed, or open while tasks are unmeasured).
 
 ``--mode aggregate`` trains nothing: it rebuilds ``protocol_cpu.json`` from the runs file, e.g. after running
 tasks or methods in separate processes (one per core) and concatenating their runs files.
