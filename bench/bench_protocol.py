@@ -648,7 +648,8 @@ def run(quick: bool = False, directory: str | None = None, mode: str = "protocol
     log = RunLog(os.path.join(directory, name + "_runs.jsonl"), key, curve_key(cfg))
     # the paired differences need uniform LoRA's final runs: in this invocation, or recorded for every task and seed
     # (a later invocation may add methods alone, with its own --tune-seeds, leaving LoRA's recorded choice alone)
-    ref_done = {(r["task"], r["seed"]) for r in log.records.values() if r["kind"] == "final" and r["method"] == REFERENCE}
+    ref_done = {(r["task"], r["seed"]) for r in log.records.values()
+                if r["kind"] == "final" and r["method"] == REFERENCE}
     missing = [(t, s) for t in cfg["tasks"] for s in cfg["seeds"] if (t, s) not in ref_done]
     if REFERENCE not in cfg["methods"] and mode not in ("curve", "aggregate") and missing:
         raise ValueError(f"methods must include the reference {REFERENCE!r} (the paired differences need it): it "
