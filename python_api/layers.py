@@ -188,7 +188,10 @@ class LoRALinear(nn.Module):
                              "call set_token_gate(None) first")
         # Summed in fp32 for half weights and in fp64 for fp64 ones (through fp32 an fp64 layer would be off by ~1e-8).
         cd = torch.promote_types(self.weight.dtype, torch.float32)
-        merged = (self.weight.to(cd) + self.delta_weight().to(cd)).to(self.weight.dtype)
+        delta = self.delta_weight()
+        if not bool(torch.isfinite(delta).all()):
+            raise ValueError("merge(): the adapter delta B·diag(g)·A has NaN/Inf values; the layer stays unmerged")
+        merged = (self.weight.to(cd) + delta.to(cd)).to(self.weight.dtype)
         self._original_weight = [self.weight]   # a list: kept out of parameters() and state_dict()
         self.weight = nn.Parameter(merged, requires_grad=False)
         self.merged = True

@@ -368,7 +368,8 @@ def merge_adapters(model: nn.Module, reversible: bool = False) -> nn.Module:
     layer) and returns ``model``. ``reversible=True`` keeps the adapter layers aside (one copy of the targeted
     base weights) for :func:`unmerge_adapters`; otherwise W is overwritten in place — except a weight tied to
     another module, which gets a merged copy so the other module keeps its weight. A layer with a per-token gate
-    set (MoE routing, coalitions) has no single merged weight: refused."""
+    set (MoE routing, coalitions) has no single merged weight: refused. So is a non-finite adapter delta, before
+    any layer is touched: the model is merged whole or not at all."""
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("model has no adapter layers to merge")
@@ -378,6 +379,13 @@ def merge_adapters(model: nn.Module, reversible: bool = False) -> nn.Module:
         if layer._token_gate is not None:
             raise ValueError(f"layer {name!r} has a per-token gate set: a merged weight cannot express it; call "
                              "set_token_gate(None) first")
+    # every delta is checked before any weight is written: an in-place merge cannot be undone, so a NaN/Inf
+    # adapter found half-way would leave the model half merged with poisoned base weights
+    with torch.no_grad():
+        for name, layer in layers.items():
+            if not bool(torch.isfinite(layer.delta_weight()).all()):
+                raise ValueError(f"layer {name!r}: its adapter delta B·diag(g)·A has NaN/Inf values; nothing was "
+                                 "merged (reload the adapters from a checkpoint taken before the divergence)")
     tied = {n: bool(tied_elsewhere(model, layer.weight, n)) for n, layer in layers.items()}
     replace_modules(model, list(layers),
                     lambda n, layer: _merged_linear(layer, in_place=not reversible and not tied[n]))

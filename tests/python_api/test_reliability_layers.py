@@ -323,3 +323,24 @@ def test_shared_grad_replaced_by_unusable_tensor_is_a_clear_error():
     a.grad = torch.zeros(a.shape[1], a.shape[0]).t()
     with pytest.raises(RuntimeError, match="cannot be accumulated into in place"):
         loss.backward()
+
+
+@pytest.mark.parametrize("reversible", [False, True])
+def test_merge_with_nonfinite_delta_is_refused_before_any_layer_changes(reversible):
+    m = lk.apply_adapters(toy(), ["q_proj", "v_proj"], r=2)
+    randomize_b(m)
+    names = list(adapter_layers(m))
+    with torch.no_grad():   # only the last layer diverged: a merge that went layer by layer would write the others
+        adapter_layers(m)[names[-1]].lora_B[0, 0] = INF   # (NaN != NaN would defeat the snapshot compare)
+    before = _snapshot(m)
+    with pytest.raises(ValueError, match=r"NaN/Inf.*nothing was merged"):
+        lk.merge_adapters(m, reversible=reversible)
+    _assert_unchanged(m, before)
+    layer = adapter_layers(m)[names[-1]]
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        layer.merge()
+    assert not layer.merged
+    with torch.no_grad():   # repaired, the same call merges
+        layer.lora_B[0, 0] = 0.0
+    lk.merge_adapters(m, reversible=reversible)
+    assert not adapter_layers(m)
