@@ -16,6 +16,8 @@ activation checkpointing (reentrant or not), DDP with ``no_sync``. Under torch.c
 (the custom-op route) the slot is bound at forward time instead. Consequences, all tested:
 - micro-batch accumulation works (the buffer simply keeps growing), and ``zero_grad(set_to_none=True)``
   too, wherever the loop calls it (the next backward makes a new buffer);
+- a backward that leaves the shared matrix out (``torch.autograd.grad(loss, x)``, ``backward(inputs=[...])``)
+  adds nothing into its ``.grad``: each backward asks autograd's engine whether the matrix is wanted;
 - the matrix must receive its gradient through the adapter op only: ``torch.autograd.grad(loss, A)`` sees
   no path to A, and a second use of A elsewhere in the graph (a regulariser) is refused by a hook at
   backward time. Use ``accumulate="autograd"`` for either (per-layer temporaries summed by autograd);
@@ -125,8 +127,9 @@ class _ShrinkFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         x, a = ctx.saved_tensors
-        accum = gated_op._bind(ctx.accum) if ctx.needs_input_grad[1] else None
-        dx, da = shared_ops.shrink_backward(dh, x, a, ctx.needs_input_grad[0], ctx.needs_input_grad[1], accum)
+        need_a = ctx.needs_input_grad[1] and gated_op._slot_wanted(ctx.accum)
+        accum = gated_op._bind(ctx.accum) if need_a else None
+        dx, da = shared_ops.shrink_backward(dh, x, a, ctx.needs_input_grad[0], need_a, accum)
         return dx, da, None
 
 
@@ -141,6 +144,7 @@ class _ExpandFn(torch.autograd.Function):
     def backward(ctx, dy):
         weight, h, b = ctx.saved_tensors
         nx, _, _, nh, nb = ctx.needs_input_grad[:5]
+        nb = nb and gated_op._slot_wanted(ctx.accum)
         accum = gated_op._bind(ctx.accum) if nb else None
         dx, dh, db = shared_ops.expand_backward(dy.contiguous(), weight, h, b, ctx.scale, nx, nh, nb, accum)
         return dx, None, None, dh, db, None, None

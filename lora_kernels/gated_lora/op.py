@@ -214,6 +214,20 @@ class GradSlot:
         return g
 
 
+def _slot_wanted(buf) -> bool:
+    """False when ``buf`` is a :class:`GradSlot` whose parameter's gradient the running backward leaves out:
+    ``torch.autograd.grad(loss, x)`` or ``loss.backward(inputs=[...])`` without that parameter must not write into
+    its ``.grad`` (an in-place accumulation is a side effect autograd cannot discard the way it drops an unneeded
+    returned gradient). Anything else (a plain buffer, or a call outside a backward) is wanted."""
+    if not isinstance(buf, GradSlot):
+        return True
+    try:
+        node = torch.autograd.graph.get_gradient_edge(buf.param).node
+        return bool(torch._C._will_engine_execute_node(node))
+    except RuntimeError:   # not inside a backward pass, or a parameter that no longer requires grad
+        return True
+
+
 def _bind(buf):
     """A backward-time accumulation target: a :class:`GradSlot` resolves to its parameter's ``.grad`` now."""
     return buf.resolve() if isinstance(buf, GradSlot) else buf
@@ -376,6 +390,7 @@ class _EagerGatedLoRA(torch.autograd.Function):
         x, weight, lora_a, lora_b, h, gate, seed, active = ctx.saved_tensors
         need_x, need_a, need_b, need_g = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
         accum_a, accum_b = ctx.accum
+        need_a, need_b = need_a and _slot_wanted(accum_a), need_b and _slot_wanted(accum_b)
         dx, da, db, dg = _backward_impl(dy, x, weight, lora_a, lora_b, h, gate, ctx.scale, ctx.dropout_p, seed,
                                         active, (need_x, need_a, need_b, need_g),
                                         _bind(accum_a) if need_a else None, _bind(accum_b) if need_b else None)

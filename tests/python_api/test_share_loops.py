@@ -156,6 +156,28 @@ def test_forward_makes_no_gradient_buffer():
     assert all(p.grad is None for p in _shared(m).values())
 
 
+@pytest.mark.parametrize("share,scope", [("A", "module_type"), ("B", "module_type"), ("AB", "attention")])
+def test_gradient_restricted_to_other_tensors_leaves_shared_grad_alone(share, scope):
+    # autograd.grad(out, x) (saliency, input-gradient penalties) and backward(inputs=[...]) without the shared
+    # matrices: in-place accumulation is a side effect, so it must not happen where autograd would drop the gradient
+    m, ref = _pair(share, scope)
+    x = randn(2, 3, D, dtype=torch.float64).requires_grad_(True)
+    (gx,) = torch.autograd.grad(m(x).sum(), x)
+    (want,) = torch.autograd.grad(ref(x).sum(), x)
+    assert_close(gx, want, torch.float64)
+    assert all(p.grad is None for p in _shared(m).values())
+    heads = list(m.classifier.parameters())
+    for p in heads:
+        p.requires_grad_(True)
+    m(x).sum().backward(inputs=heads)
+    assert all(p.grad is None for p in _shared(m).values())
+    # an unrestricted backward afterwards still fills every shared matrix exactly as autograd does
+    m(x).sum().backward()
+    ref(x).sum().backward()
+    for k, p in _shared(ref).items():
+        assert_close(_shared(m)[k].grad, p.grad, torch.float64, name=k)
+
+
 # ---- DDP with no_sync (gloo, 2 processes) ------------------------------------------------------------------------
 # Run inside tests/python_api/test_distributed.py's one spawn (process start-up dominates the cost); these are the
 # scenario and the check it calls.
