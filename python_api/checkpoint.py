@@ -516,7 +516,9 @@ def _check_structure(model: nn.Module, meta: dict) -> None:
         missing, unknown = sorted(set(want) - set(have)), sorted(set(have) - set(want))
         raise CheckpointError(f"adapted modules differ: in the checkpoint only {missing[:6]}, "
                               f"in the model only {unknown[:6]}")
-    keys = ("class", "r", "in_features", "out_features", "svd", "num_experts", "top_k")
+    # alpha and dropout too: the model's scaling (alpha / r) multiplies every loaded B, so a model built with
+    # another alpha would silently give other outputs from the same tensors
+    keys = ("class", "r", "in_features", "out_features", "svd", "num_experts", "top_k", "alpha", "dropout")
     for name in want:
         diff = {k: (have[name].get(k), want[name].get(k)) for k in keys if have[name].get(k) != want[name].get(k)}
         if diff:
@@ -586,11 +588,21 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, allocator: Any =
             warnings.warn(f"base weight of {name!r} differs from the one the adapters were trained on "
                           "(same shape, other values)", stacklevel=2)
             break
+    before = {k: t.detach().clone() for k, t in live.items()} if alloc_state is not None else None
     with torch.no_grad():
         for k, t in live.items():
             t.copy_(tensors[k])
     if alloc_state is not None:
-        allocator.load_state_dict(alloc_state)
+        try:
+            allocator.load_state_dict(alloc_state)
+        except Exception as e:   # nothing half-loaded: the adapters go back to what they were before this call
+            with torch.no_grad():
+                for k, t in live.items():
+                    t.copy_(before[k])
+            if rebuilt is not None:
+                _restore(model, rebuilt)
+            raise CheckpointError(f"{path}: allocator= ({type(allocator).__name__}) cannot take the stored allocator "
+                                  f"state: {e}; nothing was loaded") from e
     if restore_rng:
         torch.set_rng_state(tensors[_RNG])
         v, state, gauss = meta["seeds"]["python_random_state"]

@@ -158,3 +158,35 @@ def test_rng_state_restored_on_request(tmp_path):
     torch.manual_seed(999)
     load_adapters(toy(0), tmp_path, restore_rng=True)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("into", ["adapted", "bare"])
+def test_allocator_state_that_does_not_fit_loads_nothing(tmp_path, into):
+    from python_api.allocators.adalora import AdaLoRAAllocator
+
+    m = _adapted(svd=True)
+    save_adapters(m, tmp_path, allocator=AdaLoRAAllocator(m, target_r=2, total_step=20, tinit=2, tfinal=4, deltaT=2))
+    other = toy(0) if into == "bare" else apply_adapters(toy(0), TARGETS, r=4, alpha=8, svd=True,
+                                                         modules_to_save=["classifier"])
+    before_modules = [(n, type(x)) for n, x in other.named_modules()]
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    if into == "adapted":
+        alloc = AdaLoRAAllocator(other, target_r=3, total_step=20, tinit=2, tfinal=4, deltaT=2)   # another schedule
+    else:
+        alloc = AdaLoRAAllocator(apply_adapters(toy(0), TARGETS, r=4, alpha=8, svd=True), target_r=3, total_step=20,
+                                 tinit=2, tfinal=4, deltaT=2)
+    with pytest.raises(CheckpointError, match=r"allocator=.*schedule.*nothing was loaded"):
+        load_adapters(other, tmp_path, allocator=alloc)
+    assert [(n, type(x)) for n, x in other.named_modules()] == before_modules
+    after = other.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("change", [{"alpha": 32}, {"dropout": 0.5}])
+def test_adapted_model_with_other_alpha_or_dropout_is_refused(tmp_path, change):
+    m = _adapted()
+    save_adapters(m, tmp_path)
+    other = apply_adapters(toy(0), TARGETS, r=4, **{"alpha": 8, **change}, modules_to_save=["classifier"])
+    key = next(iter(change))
+    with pytest.raises(CheckpointError, match=key):
+        load_adapters(other, tmp_path)
