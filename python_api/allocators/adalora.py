@@ -105,15 +105,19 @@ class AdaLoRAAllocator:
 
     @torch.no_grad()
     def mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
-        """Zeroes λ of every triplet scoring ≤ the (init_bgt − budget)-th smallest score (a parameter budget: of
-        every triplet outside the best ones that fit in ``budget``); returns the pattern."""
+        """Zeroes λ of every triplet outside the ``budget`` best scores (a parameter budget: outside the best ones
+        that fit in ``budget``); returns the pattern."""
         scores = self.tracker.scores
         if self.costs is not None:
             keep = select_within_budget(scores.detach().double().cpu(), int(budget), self.costs).to(scores.device)
+        elif budget >= self.init_bgt:
+            keep = torch.ones_like(scores, dtype=torch.bool)
         else:
-            k = self.init_bgt - budget
-            thr = torch.kthvalue(scores, k).values if k > 0 else scores.min() - 1
-            keep = scores > thr
+            # the ``budget`` best triplets, ties broken by position. PEFT zeroes every score ≤ the k-th smallest,
+            # which is the same set without ties but keeps fewer than the budget when the threshold is tied (all
+            # scores 0 after a run of None gradients or skipped steps: it would mask every rank)
+            order = torch.argsort(scores, descending=True, stable=True)[:budget]
+            keep = torch.zeros_like(scores, dtype=torch.bool).index_fill_(0, order, True)
         # One host copy of the mask; only modules that lose a rank are touched (a per-module masked_fill_ and
         # tolist() cost ~1.7 ms per step on MiniLM-L6's 36 modules, more than the fused sensitivity update).
         flags = keep.tolist()

@@ -111,11 +111,22 @@ class SensitivityTracker:
 
     @torch.no_grad()
     def update(self) -> torch.Tensor:
-        """Reads every tracked tensor's ``.grad`` (None counts as zero) and updates state and scores.
+        """Reads every tracked tensor's ``.grad`` (None counts as zero) and updates state and scores. An update
+        where no tensor has a gradient at all is skipped with a warning.
 
         Returns the 0-dim bool "skipped" flag (True: some gradient was NaN/Inf, nothing changed).
         """
         params = self._tensors  # only read (no_grad): no detach() per tensor
+        if all(t.grad is None for t in params):
+            # nothing to learn from: the loop zeroed the gradients (set_to_none) before this update, or ran no
+            # backward. Counted as zeros this would decay every score toward 0 and a later mask would cut blindly.
+            self._skipped += 1
+            warnings.warn(f"SensitivityTracker: no tracked adapter tensor has a gradient at update {self.step} "
+                          "(update_and_allocate must run after loss.backward() and before optimizer.zero_grad()); "
+                          f"state left untouched ({self.skipped_steps} skipped so far)", RuntimeWarning,
+                          stacklevel=3)
+            self.step += 1
+            return torch.tensor(True)
         grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in self._tensors]
         # A non-finite weight makes |w·g| NaN for good, so weights are checked as well as gradients. On CPU the
         # native loop does both in its pre-pass (one call, no extra pass in Python).

@@ -223,3 +223,37 @@ def test_tracker_skips_a_nan_weight_and_names_the_module():
     with torch.no_grad():
         model[1].lora_A[0, 1] = 0.3
     assert not bool(step()) and torch.isfinite(tr.scores).all()
+
+
+# ---- AdaLoRAAllocator ------------------------------------------------------------------------------------------
+def test_adalora_zero_grad_before_update_warns_and_still_keeps_the_budget():
+    # The wrong loop order (zero_grad(set_to_none) before update_and_allocate): every update sees no gradient.
+    # It warns and skips the update; the masks then face all-tied scores and must still keep exactly the budget
+    # (PEFT's "score > k-th smallest" rule masked every rank).
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    lk.apply_adapters(model, ["0", "2"], r=4, svd=True)
+    alloc = lk.AdaLoRAAllocator(model, budget=5, total_step=12, tinit=2, tfinal=4, deltaT=2)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    with pytest.warns(RuntimeWarning, match="no tracked adapter tensor has a gradient"):
+        for step in range(12):
+            model(torch.randn(4, 6, generator=g)).square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            alloc.update_and_allocate(step)
+    assert alloc.tracker.skipped_steps > 0
+    assert sum(sum(row) for row in alloc.rank_pattern.values()) == 5
+
+
+@pytest.mark.parametrize("budget", [1, 3, 7, 8])
+def test_adalora_tied_scores_keep_exactly_the_budget(budget):
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    lk.apply_adapters(model, ["0", "2"], r=4, svd=True)
+    alloc = lk.AdaLoRAAllocator(model, budget=2, total_step=12, tinit=2, tfinal=4, deltaT=2)
+    alloc.tracker.scores = torch.tensor([0.0, 0.5, 0.5, 0.0, 0.5, 0.0, 0.2, 0.5])
+    pattern = alloc.mask_to_budget(budget)
+    flags = [f for row in pattern.values() for f in row]
+    assert sum(flags) == budget
+    # the best scores first, ties by position: the same set as PEFT's rule wherever that rule keeps the budget
+    want = sorted(range(8), key=lambda i: (-float(alloc.tracker.scores[i]), i))[:budget]
+    assert [i for i, f in enumerate(flags) if f] == sorted(want)

@@ -93,8 +93,13 @@ def test_state_dict_roundtrip_is_lossless():
 def test_missing_grad_counts_as_zero_and_bad_input():
     m = _model()
     tr = SensitivityTracker(m)
-    tr.update()  # no backward yet: all grads None
-    assert torch.equal(tr.scores, torch.zeros(9))
+    with pytest.warns(RuntimeWarning, match="no tracked adapter tensor has a gradient"):
+        assert bool(tr.update())   # no backward yet: all grads None, skipped (not scored as zeros)
+    assert torch.equal(tr.scores, torch.zeros(9)) and tr.skipped_steps == 1
+    _step(m, 1)
+    m[0].lora_A.grad = None        # one tensor without a gradient counts as zero: the others still inform
+    tr.update()
+    assert tr.skipped_steps == 1 and bool((tr.scores > 0).any())
     with pytest.raises(ValueError, match="no LoRALinear"):
         SensitivityTracker(nn.Linear(3, 3))
 
