@@ -409,13 +409,12 @@ def choose_lr(evidence: dict[float, list[dict]], majority: float | None) -> tupl
 
 def tune(task: ProtocolTask, method: str, cfg: dict, log) -> tuple[float, dict]:
     """Phase 1: the method's lr from the shared grid, on validation only, over the tuning seeds (a collapse on
-    any of them rules an lr out). Returns (lr, {seed: (lr, model, info)}: each tuning seed's best model trained
-    here, kept in memory so that its final run is not trained twice)."""
+    any of them rules an lr out). Returns (lr, {seed: (lr, model, info)}: each tuning seed's model at the chosen
+    lr trained here, kept in memory so that its final run is not trained twice)."""
     seeds = tune_seeds(cfg)
-    kept: dict = {}   # one model per tuning seed: the best so far on that seed
-
-    def score(r):   # higher is better: accuracy then loss for a classifier, loss (= log perplexity) for an LM
-        return (r["val_acc"], -r["val_loss"]) if "val_acc" in r else (-r["val_loss"],)
+    # every model trained here until the choice is made (the chosen lr need not be any one seed's best: keeping
+    # only each seed's best retrained seeds whose best lr lost the vote). Memory: seeds × lrs models at most.
+    kept: dict = {}
     for seed in seeds:
         for lr in cfg["lrs"]:
             if _evidence(log, task.name, method, seed, lr) is not None:
@@ -423,8 +422,7 @@ def tune(task: ProtocolTask, method: str, cfg: dict, log) -> tuple[float, dict]:
             model, info = train_method(task.view(lr), method, seed)
             info.update({f"val_{k}": v for k, v in split_metrics(model, task.val, task.cfg).items()})
             log.add("tune", task.name, method, seed, lr, info)
-            if seed not in kept or score(info) > score(kept[seed][2]):
-                kept[seed] = (lr, model, info)
+            kept[seed, lr] = (lr, model, info)
             del model
     evidence = {lr: [_evidence(log, task.name, method, s, lr) for s in seeds] for lr in cfg["lrs"]}
     best, grid = choose_lr(evidence, majority_rate(task.name, cfg))
@@ -434,7 +432,7 @@ def tune(task: ProtocolTask, method: str, cfg: dict, log) -> tuple[float, dict]:
               "all_collapsed": all(g["collapsed_seeds"] for g in grid.values())}
     if {k: v for k, v in (log.find("choice", task.name, method, -1, 0.0) or {}).items() if k in choice} != choice:
         log.add("choice", task.name, method, -1, 0.0, choice)
-    return best, {s: v for s, v in kept.items() if v[0] == best}
+    return best, {seed: v for (seed, lr), v in kept.items() if lr == best}
 
 
 def tune_seeds(cfg: dict) -> list[int]:

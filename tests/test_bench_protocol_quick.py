@@ -304,3 +304,37 @@ def test_share_rank_within_half_of_lora_parameters(quick_task):
         r = task.share_rank(share, 0.5)
         assert _share_params(task, r, share) <= 0.5 * task.ref_params < _share_params(task, r + 1, share)
         assert r <= task.share_rank(share)
+
+
+def test_final_runs_reuse_every_tuning_model_at_the_chosen_lr(tmp_path, monkeypatch):
+    """The chosen lr need not be each seed's best: seed 1 does best at 1e-3 while the vote picks 2e-3. Every final
+    run at the chosen lr is the tuning run's model, so nothing is trained twice (seed 1 was retrained before)."""
+    val = {(0, 1e-3): 0.70, (0, 2e-3): 0.90, (1, 1e-3): 0.85, (1, 2e-3): 0.80, (2, 1e-3): 0.70, (2, 2e-3): 0.90}
+    trained = []
+
+    def fake_train(view, method, seed):
+        trained.append((seed, view))
+        return (seed, view), {"adapter_params": 10, "total_rank": 4, "train_time_s": 1.0, "extra_time_s": 0.0}
+
+    class Task:
+        name, cfg, val, ref_params, ref_rank, metric = "rotten_tomatoes", {}, None, 10, 4, "acc"
+
+        @staticmethod
+        def view(lr):
+            return lr
+
+        @staticmethod
+        def test_once(model, key):
+            return val[model]
+
+    monkeypatch.setattr(bp, "train_method", fake_train)
+    monkeypatch.setattr(bp, "split_metrics", lambda model, data, cfg: {"acc": val[model], "loss": 1 - val[model]})
+    monkeypatch.setattr(bp, "majority_rate", lambda name, cfg: 0.5)
+    log = bp.RunLog(str(tmp_path / "runs.jsonl"), "k")
+    cfg = {"lrs": [1e-3, 2e-3], "seeds": [0, 1, 2], "tune_seeds": None}
+    lr, kept = bp.tune(Task, "lora", cfg, log)
+    assert lr == 2e-3 and sorted(kept) == [0, 1, 2] and all(v[0] == 2e-3 for v in kept.values())
+    for seed in cfg["seeds"]:
+        bp.final(Task, "lora", seed, lr, kept, log)
+    assert len(trained) == 6    # the six tuning runs; the finals trained nothing more
+    assert [log.find("final", "rotten_tomatoes", "lora", s, lr)["test_acc"] for s in (0, 1, 2)] == [0.9, 0.8, 0.9]
