@@ -519,6 +519,9 @@ def _check_structure(model: nn.Module, meta: dict) -> None:
     # alpha and dropout too: the model's scaling (alpha / r) multiplies every loaded B, so a model built with
     # another alpha would silently give other outputs from the same tensors
     keys = ("class", "r", "in_features", "out_features", "svd", "num_experts", "top_k", "alpha", "dropout")
+    merged = [n for n in want if have[n].get("merged")]
+    if merged:   # a merged layer's forward reads its merged weight: loaded A/B would not reach the outputs
+        raise CheckpointError(f"modules {merged[:6]} are merged (LoRALinear.merge): unmerge them before loading")
     for name in want:
         diff = {k: (have[name].get(k), want[name].get(k)) for k in keys if have[name].get(k) != want[name].get(k)}
         if diff:

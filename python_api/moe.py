@@ -161,7 +161,7 @@ def apply_moe_adapters(model: nn.Module, target_modules: Sequence[str] | str, ex
         {module name: the new MoELoRALinear}.
     """
     from .config import _names
-    from .surgery import CONFIG_ATTR, find_modules, layer_index, replace_modules
+    from .surgery import CONFIG_ATTR, check_save_overlap, find_modules, layer_index, refuse_adapted, replace_modules
 
     target_modules = _names("target_modules", target_modules, allow_regex=True)
     modules_to_save = _names("modules_to_save", modules_to_save or [], allow_regex=False)
@@ -176,16 +176,23 @@ def apply_moe_adapters(model: nn.Module, target_modules: Sequence[str] | str, ex
             if li not in v:
                 raise ValueError(f"{what} has no entry for block {li}")
             return v[li]
-        if v is None or isinstance(v, int):
-            return v
+        if not isinstance(v, (list, tuple)):
+            return v   # one value for every block (checked by the caller)
         if li >= len(v):
             raise ValueError(f"{what} has {len(v)} entries but the model has block {li}")
         return v[li]
 
+    refuse_adapted(model, "apply_moe_adapters")
     names = [n for n in find_modules(model, target_modules) if layer_index(n) is not None]
     if not names:
         raise ValueError(f"no nn.Linear inside numbered blocks matches target_modules={target_modules!r}")
+    blocks = max(layer_index(n) for n in names) + 1
+    for what, v in (("experts_per_layer", experts_per_layer), ("top_k", top_k)):
+        if isinstance(v, (list, tuple)) and len(v) > blocks:
+            raise ValueError(f"{what} has {len(v)} entries but the targeted blocks are 0..{blocks - 1}: a list is "
+                             "one entry per block")
     save = find_modules(model, list(modules_to_save), "modules_to_save", nn.Module) if modules_to_save else []
+    check_save_overlap(save, names)
 
     def build(name: str, lin: nn.Linear) -> MoELoRALinear | None:
         li = layer_index(name)
@@ -195,6 +202,8 @@ def apply_moe_adapters(model: nn.Module, target_modules: Sequence[str] | str, ex
         if int(e) == 0:
             return None
         k = per_layer(top_k, li, "top_k")
+        if k is not None and (isinstance(k, bool) or not hasattr(k, "__index__")):
+            raise TypeError(f"top_k must be an int >= 1 or None (block {li}), got {k!r}")
         try:
             return MoELoRALinear.from_linear(lin, int(e), r, alpha, dropout, k, load_balance_coef)
         except (TypeError, ValueError) as err:
@@ -205,7 +214,13 @@ def apply_moe_adapters(model: nn.Module, target_modules: Sequence[str] | str, ex
             for p in model.get_submodule(n).parameters():
                 p.requires_grad_(True)
 
-    out = replace_modules(model, names, build, after=unfreeze_heads, freeze=True)
+    def after():
+        if not any(isinstance(model.get_submodule(n), MoELoRALinear) for n in names):
+            raise ValueError(f"experts_per_layer gives 0 experts to every targeted block ({experts_per_layer!r}): "
+                             "nothing would train")
+        unfreeze_heads()
+
+    out = replace_modules(model, names, build, after=after, freeze=True)
     setattr(model, CONFIG_ATTR, {"method": "moe_lora", "modules_to_save": list(modules_to_save or []),
                                  "adapted_modules": list(out)})
     return out

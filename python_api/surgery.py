@@ -143,6 +143,23 @@ def adapter_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 # ---- apply ---------------------------------------------------------------------------------------------------
+def refuse_adapted(model: nn.Module, caller: str) -> None:
+    """A second apply call would freeze the first call's adapters (every parameter is frozen first) and overwrite
+    the recorded config, so its checkpoint would save but not load: refused."""
+    present = [n for n, _ in iter_adapters(model)]
+    if present:
+        raise ValueError(f"{caller}: the model already has {len(present)} adapter layer(s) ({present[:3]}...); give "
+                         "every target to one call, or merge_adapters / remove the adapters first")
+
+
+def check_save_overlap(save: list[str], targets: list[str]) -> None:
+    """``modules_to_save`` that are (or contain) adapter targets would unfreeze the adapted base weights."""
+    overlap = [s for s in save if any(n == s or n.startswith(s + ".") for n in targets)]
+    if overlap:
+        raise ValueError(f"modules_to_save {overlap} are (or contain) adapter targets: training them in full would "
+                         "unfreeze the adapted base weights; leave them out of modules_to_save")
+
+
 def _config_of(config, overrides: dict) -> AdapterConfig:
     if isinstance(config, AdapterConfig):
         return config.replace(**overrides) if overrides else config.validate()
@@ -182,7 +199,9 @@ def apply_adapters(model: nn.Module, config: AdapterConfig | Iterable[str] | str
         stray = [k for k in key if not any(matches(n, [k]) for n in names)]
         if stray:
             raise ValueError(f"{what} keys {stray} match none of the adapted modules ({names[:6]}...)")
+    refuse_adapted(model, "apply_adapters")
     save = find_modules(model, cfg.modules_to_save, "modules_to_save", nn.Module) if cfg.modules_to_save else []
+    check_save_overlap(save, names)
     shared = SHARE_MODES[cfg.share]
     keys = {n: group_key(n, cfg.share_scope, cfg.attention_names) for n in names}
     groups: dict[str, ShareGroup] = {}

@@ -429,18 +429,45 @@ def masks_from_config(cfg: dict | str) -> dict[str, torch.Tensor]:
         raise ValueError(f"not a lora_kernels rank pattern (format={cfg.get('format')!r})")
     out = {}
     for n, spec in cfg["modules"].items():
-        m = torch.zeros(spec["r_init"], dtype=torch.bool)
-        m[spec["kept"]] = True
+        r, kept = spec.get("r_init"), spec.get("kept")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"rank pattern, module {n!r}: r_init must be an int >= 1, got {r!r}")
+        if not isinstance(kept, list) or any(isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < r
+                                             for k in kept) or len(set(kept)) != len(kept):
+            raise ValueError(f"rank pattern, module {n!r}: kept must list distinct rank indices in 0..{r - 1}, "
+                             f"got {kept!r}")
+        m = torch.zeros(r, dtype=torch.bool)
+        m[kept] = True
         out[n] = m
     return out
 
 
-def apply_rank_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Sets each named LoRALinear's rank mask (the layer then computes on its active ranks only)."""
-    layers = _layers(model)
+def _checked_masks(layers: dict, masks: dict) -> dict[str, torch.Tensor]:
+    """Every mask as a bool tensor of its layer's rank, or a ValueError naming the module: checked whole before
+    any layer is changed."""
     unknown = sorted(set(masks) - set(layers))
     if unknown:
         raise KeyError(f"masks name modules that are not LoRALinear layers of the model: {unknown}")
+    out = {}
+    for n, m in masks.items():
+        t = torch.as_tensor(m)
+        r = layers[n].r
+        if t.dim() != 1 or t.shape[0] != r:
+            raise ValueError(f"masks[{n!r}]: length must equal the layer's rank r={r}, got shape {tuple(t.shape)}")
+        if t.dtype != torch.bool and not bool(((t == 0) | (t == 1)).all()):
+            raise ValueError(f"masks[{n!r}]: must be boolean or 0/1 valued, got {t.tolist()}")
+        out[n] = t.bool()
+    return out
+
+
+def apply_rank_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Sets each named LoRALinear's rank mask (the layer then computes on its active ranks only). All masks are
+    checked before any is set."""
+    layers = _layers(model)
+    masks = _checked_masks(layers, masks)
+    merged = [n for n in masks if layers[n].merged]
+    if merged:
+        raise RuntimeError(f"unmerge() before changing the rank masks of merged layers {merged[:4]}")
     for n, m in masks.items():
         layers[n].set_rank_mask(m)
 
@@ -459,9 +486,7 @@ def to_plain_lora(model: nn.Module, masks: dict[str, torch.Tensor], warm: bool =
     """
     from ..surgery import CONFIG_ATTR, apply_adapters, replace_modules
     layers = _layers(model)
-    unknown = sorted(set(masks) - set(layers))
-    if unknown:
-        raise KeyError(f"masks name modules that are not LoRALinear layers of the model: {unknown}")
+    masks = _checked_masks(layers, masks)
     from ..share import SharedLoRALinear
     merged = [n for n in masks if layers[n].merged]
     if merged:   # the base weight holds the update: unwrapping would keep it in a "plain" nn.Linear

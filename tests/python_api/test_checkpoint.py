@@ -190,3 +190,15 @@ def test_adapted_model_with_other_alpha_or_dropout_is_refused(tmp_path, change):
     key = next(iter(change))
     with pytest.raises(CheckpointError, match=key):
         load_adapters(other, tmp_path)
+
+
+def test_load_into_merged_layers_is_refused(tmp_path):
+    m = _adapted()
+    save_adapters(m, tmp_path)
+    other = apply_adapters(toy(0), TARGETS, r=4, alpha=8, modules_to_save=["classifier"])
+    adapter_layers(other)["layers.1.q_proj"].merge()
+    with pytest.raises(CheckpointError, match=r"merged.*unmerge them before loading"):
+        load_adapters(other, tmp_path)
+    adapter_layers(other)["layers.1.q_proj"].unmerge()
+    load_adapters(other, tmp_path)
+    assert torch.equal(other(_x()), m(_x()))

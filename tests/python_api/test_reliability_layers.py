@@ -344,3 +344,42 @@ def test_merge_with_nonfinite_delta_is_refused_before_any_layer_changes(reversib
         layer.lora_B[0, 0] = 0.0
     lk.merge_adapters(m, reversible=reversible)
     assert not adapter_layers(m)
+
+
+# ---- apply calls that would leave a model that trains wrongly -----------------------------------------------------
+@pytest.mark.parametrize("second", ["lora", "moe"])
+def test_second_apply_call_is_refused_and_first_adapters_stay_trainable(second):
+    m = lk.apply_adapters(toy(), ["q_proj"], r=4)
+    before = _snapshot(m)
+    with pytest.raises(ValueError, match="already has 3 adapter layer"):
+        if second == "lora":
+            lk.apply_adapters(m, ["v_proj"], r=4)
+        else:
+            lk.apply_moe_adapters(m, ["v_proj"], [2, 2, 2], r=2, alpha=4)
+    _assert_unchanged(m, before)
+    assert m.layers[0].q_proj.lora_A.requires_grad
+
+
+@pytest.mark.parametrize("save", [["q_proj"], ["layers.0"]])
+def test_modules_to_save_that_holds_a_target_is_refused(save):
+    m = toy()
+    before = _snapshot(m)
+    with pytest.raises(ValueError, match="modules_to_save .* adapter targets"):
+        lk.apply_adapters(m, ["q_proj"], r=4, modules_to_save=save)
+    with pytest.raises(ValueError, match="modules_to_save .* adapter targets"):
+        lk.apply_moe_adapters(m, ["q_proj"], [2, 2, 2], r=2, alpha=4, modules_to_save=save)
+    _assert_unchanged(m, before)
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    ({"experts_per_layer": [0, 0, 0]}, ValueError, "0 experts to every targeted block"),
+    ({"experts_per_layer": [2, 2, 2, 2]}, ValueError, "experts_per_layer has 4 entries"),
+    ({"experts_per_layer": [2, 2, 2], "top_k": 1.5}, TypeError, r"top_k must be an int .*block 0"),
+    ({"experts_per_layer": [2, 2, 2], "top_k": [1, 1, 1, 1]}, ValueError, "top_k has 4 entries"),
+])
+def test_moe_arguments_that_would_train_nothing_or_be_cut_short(kw, err, match):
+    m = toy()
+    before = _snapshot(m)
+    with pytest.raises(err, match=match):
+        lk.apply_moe_adapters(m, ["q_proj"], r=2, alpha=4, **kw)
+    _assert_unchanged(m, before)

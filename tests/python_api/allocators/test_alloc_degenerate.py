@@ -257,3 +257,26 @@ def test_adalora_tied_scores_keep_exactly_the_budget(budget):
     # the best scores first, ties by position: the same set as PEFT's rule wherever that rule keeps the budget
     want = sorted(range(8), key=lambda i: (-float(alloc.tracker.scores[i]), i))[:budget]
     assert [i for i, f in enumerate(flags) if f] == sorted(want)
+
+
+# ---- rank masks ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad,match", [([1, 0, 1], "length must equal the layer's rank r=4"),
+                                       ([1, 0, 1, 0, 1, 0, 1, 0], "length must equal"),
+                                       ([0.5, 1, 1, 0], "must be boolean or 0/1")])
+@pytest.mark.parametrize("how", ["apply_rank_masks", "to_plain_lora"])
+def test_bad_mask_for_the_last_module_changes_nothing_and_names_it(bad, match, how):
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    lk.apply_adapters(model, ["0", "2", "4"], r=4, svd=True)
+    masks = {"0": [1, 0, 1, 0], "2": [1, 1, 0, 0], "4": bad}
+    before = [(n, type(x), x.rank_mask.clone()) for n, x in lk.adapter_layers(model).items()]
+    with pytest.raises(ValueError, match=r"masks\['4'\]: " + match):
+        getattr(shaplora, how)(model, masks)
+    assert [(n, type(x)) for n, x in lk.adapter_layers(model).items()] == [(n, t) for n, t, _ in before]
+    assert all(torch.equal(x.rank_mask, m) for (_, _, m), x in zip(before, lk.adapter_layers(model).values()))
+
+
+@pytest.mark.parametrize("kept", [[0, 4], [-1], [1, 1], [0.0]])
+def test_rank_pattern_with_bad_indices_is_refused(kept):
+    cfg = {"format": "lora_kernels.rank_pattern", "modules": {"fc": {"r_init": 4, "kept": kept}}}
+    with pytest.raises(ValueError, match=r"module 'fc': kept must list distinct rank indices in 0..3"):
+        shaplora.masks_from_config(cfg)
