@@ -71,12 +71,14 @@ class AdaLoRAAllocator:
         missing = [n for n, (e, _, _) in trip.items() if e is None]
         if missing:
             raise ValueError(f"AdaLoRA needs SVD-form adapters (lora_E); modules without it: {missing}")
-        if total_step is None or total_step <= 0:
-            raise ValueError(f"total_step must be > 0, got {total_step}")
+        for name, v, lo in (("total_step", total_step, 1), ("tinit", tinit, 0), ("tfinal", tfinal, 0),
+                            ("deltaT", deltaT, 1)):
+            # an int: a float step count was truncated in silence, and a negative tfinal put the final mask
+            # after the last step (the budget was never reached)
+            if isinstance(v, bool) or not hasattr(v, "__index__") or int(v) < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
         if tinit + tfinal >= total_step:
             raise ValueError(f"tinit + tfinal ({tinit} + {tfinal}) must be < total_step ({total_step})")
-        if deltaT < 1:
-            raise ValueError(f"deltaT must be >= 1, got {deltaT}")
         self.adapters = trip
         self.tracker = SensitivityTracker(trip, beta1, beta2)
         self.budget_unit = budget_unit

@@ -280,3 +280,14 @@ def test_rank_pattern_with_bad_indices_is_refused(kept):
     cfg = {"format": "lora_kernels.rank_pattern", "modules": {"fc": {"r_init": 4, "kept": kept}}}
     with pytest.raises(ValueError, match=r"module 'fc': kept must list distinct rank indices in 0..3"):
         shaplora.masks_from_config(cfg)
+
+
+@pytest.mark.parametrize("kw,name", [({"tfinal": -10}, "tfinal"), ({"tinit": -1}, "tinit"),
+                                     ({"total_step": 20.7}, "total_step"), ({"deltaT": 2.5}, "deltaT"),
+                                     ({"total_step": True}, "total_step"), ({"deltaT": 0}, "deltaT")])
+def test_adalora_schedule_arguments_are_ints_in_range(kw, name):
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    lk.apply_adapters(model, ["0", "2"], r=4, svd=True)
+    args = {"budget": 5, "total_step": 20, "tinit": 2, "tfinal": 4, "deltaT": 2, **kw}
+    with pytest.raises(ValueError, match=f"{name} must be an int >= "):
+        lk.AdaLoRAAllocator(model, **args)
