@@ -894,6 +894,12 @@ def shaplora_workflow(
         model = to_plain_lora(supernet, masks, warm=True)
     else:
         model = build_model()
+        # the retrain must start fresh: the same object (or one sharing its tensors) would carry the trained
+        # super-network's adapters and head into a run reported as "from scratch"
+        shared = {id(p) for p in supernet.parameters()} & {id(p) for p in model.parameters() if p.requires_grad}
+        if model is supernet or shared:
+            raise ValueError("build_model must return a new model on each call: the retrain got the super-network "
+                             f"{'itself' if model is supernet else f'with {len(shared)} shared trainable tensors'}")
         if retrain == "plain":
             to_plain_lora(model, masks)
         else:

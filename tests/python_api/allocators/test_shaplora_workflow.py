@@ -98,6 +98,17 @@ def test_workflow_total_budget_numpy_and_result_fields():
     assert len(calls) == 2  # the super-network, then the retrain
 
 
+@pytest.mark.parametrize("retrain", ["plain", "svd"])
+def test_build_model_returning_the_supernet_again_is_refused(retrain):
+    build, val, data = _planted_builder()
+    net = build()
+    calls = []
+    with pytest.raises(ValueError, match="build_model must return a new model on each call"):
+        shaplora_workflow(lambda: net, _adam_train(calls, data), val, lambda m: None, loss_fn=mse, budget=1,
+                          retrain=retrain)
+    assert len(calls) == 1   # the super-network trained; the retrain never started on it
+
+
 def test_allocate_step_alone_matches_the_workflow():
     """shaplora_allocate on a super-network trained by hand (what the CLI and the demo run) keeps the ranks the
     workflow keeps from the same super-network and coalition draws, and masks them in the super-network."""
