@@ -169,8 +169,13 @@ class AdapterConfig:
         if not isinstance(self.rank_masks, dict):
             raise TypeError(f"rank_masks must be a dict of module name -> 0/1 mask, got "
                             f"{type(self.rank_masks).__name__}")
-        self.rank_masks = {str(k): [int(b) for b in torch.as_tensor(v).flatten().tolist()]
-                           for k, v in self.rank_masks.items()}
+        masks = {}
+        for k, v in self.rank_masks.items():
+            flat = torch.as_tensor(v).flatten().tolist()
+            if any(b not in (0, 1) for b in flat):   # int() truncated 0.5 to 0 and 0.9 to 0, and NaN failed unnamed
+                raise ValueError(f"rank_masks[{k!r}] must hold only 0/1 (or bools), got {flat}")
+            masks[str(k)] = [int(b) for b in flat]
+        self.rank_masks = masks
         self.modules_to_save = _names("modules_to_save", self.modules_to_save or [], allow_regex=False)
         if isinstance(self.adapter_dtype, str):
             if self.adapter_dtype not in _DTYPES:

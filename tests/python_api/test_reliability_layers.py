@@ -383,3 +383,11 @@ def test_moe_arguments_that_would_train_nothing_or_be_cut_short(kw, err, match):
     with pytest.raises(err, match=match):
         lk.apply_moe_adapters(m, ["q_proj"], r=2, alpha=4, **kw)
     _assert_unchanged(m, before)
+
+
+@pytest.mark.parametrize("mask", [[0.5, 1, 1, 0.9], [NAN, 1, 1, 0], [2, 1, 0, 0]])
+def test_config_rank_masks_must_be_zero_or_one(mask):
+    with pytest.raises(ValueError, match=r"rank_masks\['q_proj'\] must hold only 0/1"):
+        lk.AdapterConfig(target_modules=["q_proj"], r=4, rank_masks={"q_proj": mask})
+    assert lk.AdapterConfig(target_modules=["q_proj"], r=4, rank_masks={"q_proj": [1.0, 0.0, True, 0]}).rank_masks == {
+        "q_proj": [1, 0, 1, 0]}
