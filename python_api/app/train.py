@@ -544,6 +544,7 @@ def prepare(cfg: TrainConfig, log=print, check_output: bool = True) -> dict:
     check_args(cfg)
     src = byo_model.resolve(cfg.model)
     train_ex, info = byo_data.load_examples(cfg.data, cfg.text_column, cfg.label_column, cfg.task)
+    max_length_given = cfg.max_length is not None
     cfg = cfg.defaults_for(info["task"])
     cfg.text_column, cfg.label_column = info["text_column"], info["label_column"]
     if cfg.eval_data is not None:
@@ -559,6 +560,7 @@ def prepare(cfg: TrainConfig, log=print, check_output: bool = True) -> dict:
                                 torch.bfloat16 if cfg.bf16 else torch.float32)
     targets = byo_model.resolve_targets(base, cfg.targets)
     heads = byo_model.head_modules(base, cfg.task)
+    _check_model_fit(cfg, base, targets, max_length_given)
     ident = identity(cfg, src)
     if check_output:
         check_out(cfg, ident)
@@ -588,6 +590,33 @@ def prepare(cfg: TrainConfig, log=print, check_output: bool = True) -> dict:
     cfg.steps_resolved = steps   # type: ignore[attr-defined]
     return {"cfg": cfg, "src": src, "splits": splits, "info": info, "tok": tok, "base": base, "targets": targets,
             "heads": heads, "ident": ident, "enc": enc, "longer": longer, "steps": steps, "n_blocks": n_blocks}
+
+
+def _check_model_fit(cfg: TrainConfig, base, targets: list[str], max_length_given: bool) -> None:
+    """What the model itself bounds, as bad input (exit 2, nothing written) rather than an error deep in the run:
+    ranks above the narrowest targeted module, sequences longer than the model's positions (the default length is
+    lowered to them instead), fewer experts than MoE blocks."""
+    from ..allocators.alphalora import DEFAULT_MIN_EXPERTS
+
+    limit = getattr(getattr(base, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 2 and cfg.max_length > limit:
+        if max_length_given:
+            raise BadInput(f"--max-length: {cfg.max_length} tokens exceed the model's {limit} positions "
+                           "(max_position_embeddings)")
+        cfg.max_length = limit
+    width = {n: min(base.get_submodule(n).in_features, base.get_submodule(n).out_features) for n in targets}
+    narrow = min(width, key=width.get)
+    if cfg.method in MOE_METHODS:
+        ranks = {"--expert-r": cfg.expert_r}
+    else:
+        ranks = {"--r": cfg.r, **({"--r-init": cfg.r_init} if cfg.method in ("adalora", "shaplora") else {})}
+    for flag, r in ranks.items():
+        if r is not None and r > width[narrow]:
+            raise BadInput(f"{flag}: rank {r} exceeds min(in, out) = {width[narrow]} of the targeted module {narrow!r}")
+    n_blocks = len({_block(n) for n in targets})
+    if cfg.method in MOE_METHODS and cfg.budget is not None and cfg.budget < n_blocks * DEFAULT_MIN_EXPERTS:
+        raise BadInput(f"--budget: {cfg.budget} experts are fewer than the {n_blocks} targeted blocks "
+                       f"(each needs at least {DEFAULT_MIN_EXPERTS})")
 
 
 def _block(name: str) -> int:

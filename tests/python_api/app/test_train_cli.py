@@ -326,6 +326,9 @@ def _bad_cases(fx, tmp):
         (["--model", junk], "not a GGUF file"),
         (["--model", bad_gguf], "cannot be loaded by transformers"),
         (["--steps", "0"], "positive integer"),
+        (["--max-length", "100"], "--max-length: 100 tokens exceed the model's 64 positions"),
+        (["--r", "40"], "--r: rank 40 exceeds min(in, out) = 32"),
+        (["--method", "alphalora", "--budget", "1"], "--budget: 1 experts are fewer than the 2 targeted blocks"),
     ]
 
 
@@ -409,3 +412,10 @@ def test_shaplora_refuses_a_supernet_that_did_not_learn(fx, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and "SupernetNotLearnedError" in err and "did not learn" in err and err.count("\n") == 1
     assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_default_max_length_is_lowered_to_the_model_positions(fx, tmp_path):
+    # the tiny BERT has 64 positions: the classification default (128) would fail deep in the first forward
+    P = T.prepare(cfg(fx, tmp_path / "o"), log=quiet, check_output=False)
+    assert P["cfg"].max_length == 64 and P["ident"]["max_length"] == 64
+    assert T.prepare(cfg(fx, tmp_path / "o", max_length=48), log=quiet, check_output=False)["cfg"].max_length == 48
