@@ -507,6 +507,11 @@ def _rebuild(model: nn.Module, meta: dict) -> None:
         from .surgery import apply_from_config
 
         apply_from_config(model, cfg)
+        # a parameter the user unfroze by hand (outside modules_to_save) was saved as trainable: it trains again
+        stored = set(meta.get("tensors", []))
+        for pname, p in model.named_parameters():
+            if pname in stored:
+                p.requires_grad_(True)
 
 
 def _check_structure(model: nn.Module, meta: dict) -> None:

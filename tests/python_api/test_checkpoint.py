@@ -202,3 +202,14 @@ def test_load_into_merged_layers_is_refused(tmp_path):
     adapter_layers(other)["layers.1.q_proj"].unmerge()
     load_adapters(other, tmp_path)
     assert torch.equal(other(_x()), m(_x()))
+
+
+def test_parameter_unfrozen_by_hand_round_trips_into_a_bare_model(tmp_path):
+    m = apply_adapters(toy(0), TARGETS, r=4, alpha=8)
+    randomize_b(m)
+    m.classifier.requires_grad_(True)      # trained in full without modules_to_save
+    with torch.no_grad():
+        m.classifier.weight.add_(1.0)
+    save_adapters(m, tmp_path)
+    other = load_adapters(toy(0), tmp_path)
+    assert torch.equal(other(_x()), m(_x())) and other.classifier.weight.requires_grad
