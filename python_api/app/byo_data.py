@@ -30,6 +30,10 @@ FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".
            ".txt": "text"}
 
 
+# a label column with more distinct values than this, some of them fractional numbers, is a regression target
+CONTINUOUS_LABELS = 20
+
+
 class BadInput(ValueError):
     """Bad user input (file, column, argument): one line, exit code 2, nothing written."""
 
@@ -74,7 +78,8 @@ def read_table(path: str, arg: str = "--data"):
         elif fmt in ("csv", "tsv"):
             df = pd.read_csv(path, sep="," if fmt == "csv" else "\t", keep_default_na=True)
         elif fmt == "jsonl":
-            df = pd.read_json(path, lines=True)
+            # a .json file may hold one JSON array of records instead of one record per line
+            df = pd.read_json(path, lines=not _starts_with(path, "["))
         elif fmt == "parquet":
             df = pd.read_parquet(path)
         else:
@@ -91,6 +96,12 @@ def read_table(path: str, arg: str = "--data"):
         raise BadInput(f"{arg}: {path}: no rows (columns found: {list(map(str, df.columns))})")
     df.columns = [str(c) for c in df.columns]
     return df
+
+
+def _starts_with(path: str, char: str) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = f.read(4096).lstrip("\ufeff \t\r\n")
+    return head.startswith(char)
 
 
 def _read_datasets_dir(path: str, arg: str):
@@ -191,6 +202,11 @@ def load_examples(path: str, text_column: str | None = None, label_column: str |
         if len(uniq) < 2:
             raise BadInput(f"{arg}: {path}: label column {label!r} has one class ({uniq[0]!r}); "
                            "classification needs at least two")
+        fractional = [v for v in uniq if isinstance(v, float) and not float(v).is_integer()]
+        if fractional and len(uniq) > CONTINUOUS_LABELS:
+            raise BadInput(f"{arg}: {path}: label column {label!r} looks continuous ({len(uniq)} distinct numeric "
+                           f"values such as {fractional[0]!r}): classification needs class labels (regression is "
+                           "not supported)")
         label_names = [str(v) for v in uniq]
     index = {name: i for i, name in enumerate(label_names)}
     unseen = sorted({str(v) for v in values} - set(index))

@@ -19,10 +19,13 @@ def frame():
 def test_every_format_reads_the_same_examples(tmp_path, frame):
     datasets = pytest.importorskip("datasets")
     paths = {"csv": tmp_path / "d.csv", "tsv": tmp_path / "d.tsv", "jsonl": tmp_path / "d.jsonl",
+             "json_lines": tmp_path / "l.json", "json_array": tmp_path / "a.json",
              "parquet": tmp_path / "d.parquet", "dir": tmp_path / "saved"}
     frame.to_csv(paths["csv"], index=False)
     frame.to_csv(paths["tsv"], sep="\t", index=False)
     frame.to_json(paths["jsonl"], orient="records", lines=True)
+    frame.to_json(paths["json_lines"], orient="records", lines=True)
+    paths["json_array"].write_text("\n  " + frame.to_json(orient="records", indent=1))   # one array of records
     frame.to_parquet(paths["parquet"])
     datasets.Dataset.from_pandas(frame).save_to_disk(str(paths["dir"]))
     got = {k: D.load_examples(str(p), label_column="y") for k, p in paths.items()}

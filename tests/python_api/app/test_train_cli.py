@@ -321,6 +321,8 @@ def _bad_cases(fx, tmp):
         (["--data", write("one.csv", "text,label\na good film,pos\na fine film,pos\n")], "one class"),
         (["--data", csv, "--eval-data", write("ev.csv", "text,label\ngood,pos\nbad,meh\n")], "never occur"),
         (["--data", write("num.csv", "text,label\n1,a\n2,b\n3,a\n4,b\n")], "holds no text"),
+        (["--data", write("reg.csv", "text,label\n" + "".join(f"film number {i},{i / 7:.3f}\n" for i in range(40)))],
+         "looks continuous (40 distinct numeric values"),
         (["--model", nodir], "no weights"),
         (["--model", notok], "no tokenizer"),
         (["--model", junk], "not a GGUF file"),
