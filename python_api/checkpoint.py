@@ -24,6 +24,7 @@ process no longer runs).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import numbers
@@ -523,7 +524,7 @@ def _check_structure(model: nn.Module, meta: dict) -> None:
                               f"in the model only {unknown[:6]}")
     # alpha and dropout too: the model's scaling (alpha / r) multiplies every loaded B, so a model built with
     # another alpha would silently give other outputs from the same tensors
-    keys = ("class", "r", "in_features", "out_features", "svd", "num_experts", "top_k", "alpha", "dropout")
+    keys = ("class", "r", "in_features", "out_features", "svd", "num_experts", "top_k", "alpha")
     merged = [n for n in want if have[n].get("merged")]
     if merged:   # a merged layer's forward reads its merged weight: loaded A/B would not reach the outputs
         raise CheckpointError(f"modules {merged[:6]} are merged (LoRALinear.merge): unmerge them before loading")
@@ -531,6 +532,13 @@ def _check_structure(model: nn.Module, meta: dict) -> None:
         diff = {k: (have[name].get(k), want[name].get(k)) for k in keys if have[name].get(k) != want[name].get(k)}
         if diff:
             raise CheckpointError(f"module {name!r} differs from the checkpoint (model, checkpoint): {diff}")
+    # dropout changes training, not outputs in eval: said, not refused (an inference model adapted at dropout 0)
+    drop = {n: (have[n].get("dropout"), want[n].get("dropout")) for n in want
+            if have[n].get("dropout") != want[n].get("dropout")}
+    if drop:
+        name, (m_d, c_d) = next(iter(drop.items()))
+        warnings.warn(f"dropout differs from the checkpoint in {len(drop)} module(s), e.g. {name!r}: model {m_d}, "
+                      f"checkpoint {c_d}; the model's dropout is kept", stacklevel=3)
     cfg_model = getattr(model, _CONFIG_ATTR, None) or {}
     if meta["adaptation"].get("sharing", {}) != cfg_model.get("sharing", {}):
         raise CheckpointError(f"sharing map differs: checkpoint {meta['adaptation'].get('sharing')}, "
@@ -577,9 +585,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, allocator: Any =
         rebuilt = _snapshot(model, meta["modules"])
         try:
             _rebuild(model, meta)
-        except Exception:
+        except Exception as e:
             _restore(model, rebuilt)
-            raise
+            raise CheckpointError(f"{path}: the recorded adapters cannot be rebuilt on this model: {e}") from e
     try:
         _check_structure(model, meta)
         live = _check_tensors(model, tensors)
@@ -597,6 +605,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, allocator: Any =
                           "(same shape, other values)", stacklevel=2)
             break
     before = {k: t.detach().clone() for k, t in live.items()} if alloc_state is not None else None
+    alloc_before = copy.deepcopy(allocator.state_dict()) if alloc_state is not None else None
     with torch.no_grad():
         for k, t in live.items():
             t.copy_(tensors[k])
@@ -607,6 +616,10 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, allocator: Any =
             with torch.no_grad():
                 for k, t in live.items():
                     t.copy_(before[k])
+            try:   # an allocator that failed part-way gets its own state back
+                allocator.load_state_dict(alloc_before)
+            except Exception:
+                pass
             if rebuilt is not None:
                 _restore(model, rebuilt)
             raise CheckpointError(f"{path}: allocator= ({type(allocator).__name__}) cannot take the stored allocator "

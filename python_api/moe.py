@@ -171,12 +171,20 @@ def apply_moe_adapters(model: nn.Module, target_modules: Sequence[str] | str, ex
     dropout = check_finite("dropout", dropout, lo=0.0, hi=1.0)
     check_finite("load_balance_coef", load_balance_coef, lo=0.0)
 
+    def per_block(v):
+        # a sequence (list, tuple, range, numpy array, 1-d tensor) is one entry per block; a dict maps blocks
+        if isinstance(v, dict) or v is None or isinstance(v, (str, bytes)) or not hasattr(v, "__len__"):
+            return v
+        return list(v.tolist() if hasattr(v, "tolist") else v)
+
+    experts_per_layer, top_k = per_block(experts_per_layer), per_block(top_k)
+
     def per_layer(v, li, what):
         if isinstance(v, dict):
             if li not in v:
                 raise ValueError(f"{what} has no entry for block {li}")
             return v[li]
-        if not isinstance(v, (list, tuple)):
+        if not isinstance(v, list):
             return v   # one value for every block (checked by the caller)
         if li >= len(v):
             raise ValueError(f"{what} has {len(v)} entries but the model has block {li}")
@@ -187,10 +195,10 @@ def apply_moe_adapters(model: nn.Module, target_modules: Sequence[str] | str, ex
     if not names:
         raise ValueError(f"no nn.Linear inside numbered blocks matches target_modules={target_modules!r}")
     blocks = max(layer_index(n) for n in names) + 1
-    for what, v in (("experts_per_layer", experts_per_layer), ("top_k", top_k)):
-        if isinstance(v, (list, tuple)) and len(v) > blocks:
-            raise ValueError(f"{what} has {len(v)} entries but the targeted blocks are 0..{blocks - 1}: a list is "
-                             "one entry per block")
+    extra = experts_per_layer[blocks:] if isinstance(experts_per_layer, list) else []
+    if any(e != 0 for e in extra):   # entries past the targeted blocks would be dropped in silence
+        raise ValueError(f"experts_per_layer has {len(experts_per_layer)} entries but the targeted blocks are "
+                         f"0..{blocks - 1}: experts {extra} for blocks no target reaches")
     save = find_modules(model, list(modules_to_save), "modules_to_save", nn.Module) if modules_to_save else []
     check_save_overlap(save, names)
 

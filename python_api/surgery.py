@@ -149,7 +149,8 @@ def refuse_adapted(model: nn.Module, caller: str) -> None:
     present = [n for n, _ in iter_adapters(model)]
     if present:
         raise ValueError(f"{caller}: the model already has {len(present)} adapter layer(s) ({present[:3]}...); give "
-                         "every target to one call, or merge_adapters / remove the adapters first")
+                         "every target to one call (LoRA and MoE-LoRA layers cannot be combined in one model), or "
+                         "merge_adapters / remove the adapters first")
 
 
 def check_save_overlap(save: list[str], targets: list[str]) -> None:

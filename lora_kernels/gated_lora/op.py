@@ -218,7 +218,9 @@ def _slot_wanted(buf) -> bool:
     """False when ``buf`` is a :class:`GradSlot` whose parameter's gradient the running backward leaves out:
     ``torch.autograd.grad(loss, x)`` or ``loss.backward(inputs=[...])`` without that parameter must not write into
     its ``.grad`` (an in-place accumulation is a side effect autograd cannot discard the way it drops an unneeded
-    returned gradient). Anything else (a plain buffer, or a call outside a backward) is wanted."""
+    returned gradient). Anything else (a plain buffer, or a call outside a backward) is wanted. Not covered:
+    ``autograd.grad(loss, A)`` on the shared matrix itself (in-place mode gives autograd no path to it; use
+    ``accumulate="autograd"``), and the torch.compile route, whose slot is bound at forward time."""
     if not isinstance(buf, GradSlot):
         return True
     try:

@@ -106,7 +106,7 @@ class SensitivityTracker:
 
     @property
     def skipped_steps(self) -> int:
-        """Number of updates skipped because a gradient was non-finite."""
+        """Number of updates skipped: a non-finite gradient or weight, or no gradient at all."""
         return int(self._skipped)
 
     @torch.no_grad()
@@ -114,7 +114,8 @@ class SensitivityTracker:
         """Reads every tracked tensor's ``.grad`` (None counts as zero) and updates state and scores. An update
         where no tensor has a gradient at all is skipped with a warning.
 
-        Returns the 0-dim bool "skipped" flag (True: some gradient was NaN/Inf, nothing changed).
+        Returns the 0-dim bool "skipped" flag (True: some gradient or weight was NaN/Inf, or no tensor had a
+        gradient; nothing changed).
         """
         params = self._tensors  # only read (no_grad): no detach() per tensor
         if all(t.grad is None for t in params):

@@ -467,7 +467,7 @@ def apply_rank_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     masks = _checked_masks(layers, masks)
     merged = [n for n in masks if layers[n].merged]
     if merged:
-        raise RuntimeError(f"unmerge() before changing the rank masks of merged layers {merged[:4]}")
+        raise ValueError(f"unmerge() before changing the rank masks of merged layers {merged[:4]}")
     for n, m in masks.items():
         layers[n].set_rank_mask(m)
 
@@ -476,8 +476,8 @@ def to_plain_lora(model: nn.Module, masks: dict[str, torch.Tensor], warm: bool =
     """Turns a model with SVD-form adapters into plain LoRA with the allocated rank pattern, in place: module
     ``n`` gets a new rank-``k_n`` LoRALinear (``k_n`` = kept ranks) at the SVD layer's scale (``alpha_n = scale ·
     k_n``, so ``alpha/r`` is unchanged), over the same frozen base weight; a module with no kept rank is given
-    back its plain ``nn.Linear``. Dropout, the task heads kept trainable and every module not named in ``masks``
-    stay as they were. What a PEFT user would train: LoRA with ``rank_pattern`` / ``alpha_pattern``
+    back its plain ``nn.Linear``. Dropout and the task heads kept trainable stay as they were; ``masks`` must name
+    every adapter layer. What a PEFT user would train: LoRA with ``rank_pattern`` / ``alpha_pattern``
     (:func:`to_peft_lora_config`). All or nothing on error.
 
     ``warm=False``: fresh LoRA init (A Kaiming, B = 0): a retrain from scratch. ``warm=True``: the new adapters
@@ -487,6 +487,10 @@ def to_plain_lora(model: nn.Module, masks: dict[str, torch.Tensor], warm: bool =
     from ..surgery import CONFIG_ATTR, apply_adapters, replace_modules
     layers = _layers(model)
     masks = _checked_masks(layers, masks)
+    left = [n for n in layers if n not in masks]
+    if left:   # the plain adapters are applied in one call, which the remaining adapter layers would contradict
+        raise ValueError(f"to_plain_lora needs a mask for every adapter layer; none for {left[:4]}"
+                         f"{' ...' if len(left) > 4 else ''}")
     from ..share import SharedLoRALinear
     merged = [n for n in masks if layers[n].merged]
     if merged:   # the base weight holds the update: unwrapping would keep it in a "plain" nn.Linear

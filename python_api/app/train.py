@@ -598,7 +598,12 @@ def _check_model_fit(cfg: TrainConfig, base, targets: list[str], max_length_give
     lowered to them instead), fewer experts than MoE blocks."""
     from ..allocators.alphalora import DEFAULT_MIN_EXPERTS
 
-    limit = getattr(getattr(base, "config", None), "max_position_embeddings", None)
+    conf = getattr(base, "config", None)
+    limit = getattr(conf, "max_position_embeddings", None)
+    if getattr(conf, "rope_theta", None) is not None or getattr(conf, "rope_scaling", None) is not None:
+        limit = None   # rotary positions: longer sequences run (quality past the trained length is the user's call)
+    elif isinstance(limit, int) and "roberta" in str(getattr(conf, "model_type", "")):
+        limit -= (getattr(conf, "pad_token_id", None) or 0) + 1   # RoBERTa's positions start after the pad index
     if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 2 and cfg.max_length > limit:
         if max_length_given:
             raise BadInput(f"--max-length: {cfg.max_length} tokens exceed the model's {limit} positions "

@@ -291,3 +291,11 @@ def test_adalora_schedule_arguments_are_ints_in_range(kw, name):
     args = {"budget": 5, "total_step": 20, "tinit": 2, "tfinal": 4, "deltaT": 2, **kw}
     with pytest.raises(ValueError, match=f"{name} must be an int >= "):
         lk.AdaLoRAAllocator(model, **args)
+
+
+def test_to_plain_lora_needs_a_mask_for_every_adapter_layer():
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    lk.apply_adapters(model, ["0", "2"], r=4, svd=True)
+    with pytest.raises(ValueError, match=r"needs a mask for every adapter layer; none for \['2'\]"):
+        shaplora.to_plain_lora(model, {"0": [1, 0, 1, 0]})
+    assert all(x.svd for x in lk.adapter_layers(model).values())
