@@ -190,6 +190,9 @@ def test_goals_verdicts_met_missed_open():
     rows.append(_row(t3, "shaplora", 0.007, 0.001, 0.013))
     verdict = {x.split(" |")[0][2:]: x.rstrip(" |").rsplit("| ", 1)[1] for x in bp.goals_md(rows)[2:]}
     assert verdict["ShapLoRA >= uniform LoRA + 0.5 point, CI above 0"] == "met"
+    warm = [_row(t, "shaplora_warm", 0.002, -0.017, 0.021, vs="lora_long") for t in (t1, t2)]   # the steps control
+    verdict = {x.split(" |")[0][2:]: x.rstrip(" |").rsplit("| ", 1)[1] for x in bp.goals_md(rows + warm)[2:]}
+    assert verdict["Control: warm retrain >= LoRA at its total steps (lora_long) + 0.5 point, CI above 0"] == "missed"
     rows[-1] = _row(t3, "shaplora", 0.004, 0.001, 0.007)   # under +0.5 point: 1 of 3, the goal is missed
     verdict = {x.split(" |")[0][2:]: x.rstrip(" |").rsplit("| ", 1)[1] for x in bp.goals_md(rows)[2:]}
     assert verdict["ShapLoRA >= uniform LoRA + 0.5 point, CI above 0"] == "missed"
