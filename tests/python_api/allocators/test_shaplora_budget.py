@@ -152,6 +152,8 @@ def test_to_plain_lora_refuses_and_leaves_the_model_as_it_was():
         to_plain_lora(net, {"head": torch.ones(3, dtype=torch.bool)})
     net.q.merge()
     with pytest.raises(ValueError, match="merged"):
+        to_plain_lora(net, {n: torch.ones(4, dtype=torch.bool) for n in before})
+    with pytest.raises(ValueError, match="a mask for every adapter layer"):
         to_plain_lora(net, {"q": torch.ones(4, dtype=torch.bool)})
     net.q.unmerge()
     assert adapter_layers(net) == before
