@@ -522,8 +522,8 @@ def _check_structure(model: nn.Module, meta: dict) -> None:
         missing, unknown = sorted(set(want) - set(have)), sorted(set(have) - set(want))
         raise CheckpointError(f"adapted modules differ: in the checkpoint only {missing[:6]}, "
                               f"in the model only {unknown[:6]}")
-    # alpha and dropout too: the model's scaling (alpha / r) multiplies every loaded B, so a model built with
-    # another alpha would silently give other outputs from the same tensors
+    # alpha too: the model's scaling (alpha / r) multiplies every loaded B, so a model built with another alpha
+    # would silently give other outputs from the same tensors (dropout is only warned about, below)
     keys = ("class", "r", "in_features", "out_features", "svd", "num_experts", "top_k", "alpha")
     merged = [n for n in want if have[n].get("merged")]
     if merged:   # a merged layer's forward reads its merged weight: loaded A/B would not reach the outputs

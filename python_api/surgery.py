@@ -400,7 +400,8 @@ def merge_adapters(model: nn.Module, reversible: bool = False) -> nn.Module:
             raise ValueError(f"layer {name!r} has a per-token gate set: a merged weight cannot express it; call "
                              "set_token_gate(None) first")
     # every delta is checked before any weight is written: an in-place merge cannot be undone, so a NaN/Inf
-    # adapter found half-way would leave the model half merged with poisoned base weights
+    # adapter found half-way would leave the model half merged with poisoned base weights. The delta is computed
+    # again when merging: a second small matmul per layer in a one-off call, instead of holding every merged copy
     with torch.no_grad():
         for name, layer in layers.items():
             if not bool(torch.isfinite(layer.delta_weight()).all()):
