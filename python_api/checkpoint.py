@@ -258,6 +258,10 @@ def _check_json(obj: Any, where: str, stack: tuple = ()) -> None:
 # ---- atomic directory write --------------------------------------------------------------------------------
 def _split(path: str | os.PathLike) -> tuple[str, str, str]:
     """``(real path, parent, name)``; links are resolved so a linked checkpoint is replaced at its target."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if not os.fspath(path).strip():   # "" would silently mean the current directory
+        raise ValueError(f"path must name a directory, got {os.fspath(path)!r}")
     full = os.path.realpath(os.fspath(path))
     parent, name = os.path.split(full)
     if not name:
@@ -558,6 +562,19 @@ def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[s
     if bad:
         raise CheckpointError("tensor shapes differ (checkpoint for a different base model or rank?): "
                               + "; ".join(bad[:6]))
+    # values a copy_ would take silently: integers into a float weight, a 0.5 or 2 in a bool rank mask becomes
+    # True, a NaN poisons every output
+    ints = [k for k, t in live.items() if t.is_floating_point() and not stored[k].is_floating_point()]
+    if ints:
+        raise CheckpointError(f"integer values for floating-point tensors: "
+                              f"{[f'{k} ({stored[k].dtype})' for k in ints[:4]]}")
+    not01 = [k for k, t in live.items() if t.dtype == torch.bool and stored[k].dtype != torch.bool
+             and not bool(((stored[k] == 0) | (stored[k] == 1)).all())]
+    if not01:
+        raise CheckpointError(f"rank masks must hold 0/1 values: {not01[:4]}")
+    nonfinite = [k for k in live if stored[k].is_floating_point() and not bool(torch.isfinite(stored[k]).all())]
+    if nonfinite:
+        raise CheckpointError(f"tensors with NaN/Inf values: {nonfinite[:4]}")
     return live
 
 

@@ -38,7 +38,7 @@ class LoRALinear(nn.Module):
         r = check_rank("r", r)
         in_features, out_features = check_features(in_features, out_features)
         if alpha is not None:
-            alpha = check_finite("alpha", alpha)   # NaN/inf would turn every output NaN/inf, silently
+            alpha = check_finite("alpha", alpha, positive=True)   # NaN/inf: every output NaN/inf; 0: no adapter
         dropout = check_finite("dropout", dropout, lo=0.0, hi=1.0)
         adapter_dtype = check_adapter_dtype(adapter_dtype)
         if r > min(in_features, out_features):
@@ -113,7 +113,12 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def set_rank_mask(self, mask) -> None:
         """Switch ranks on/off. ``mask``: bool (or 0/1) sequence/tensor of length r."""
-        mask = torch.as_tensor(mask, device=self.rank_mask.device)
+        if mask is None or isinstance(mask, (str, bytes)):
+            raise TypeError(f"mask must be a bool or 0/1 sequence or tensor of length r={self.r}, got {mask!r}")
+        try:
+            mask = torch.as_tensor(mask, device=self.rank_mask.device)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"mask must be a bool or 0/1 sequence or tensor of length r={self.r}: {e}") from None
         if mask.dim() != 1 or mask.shape[0] != self.r:
             raise ValueError(f"mask length must equal r={self.r}, got shape {tuple(mask.shape)}")
         if mask.dtype != torch.bool:
@@ -201,11 +206,29 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         (orig,) = self._original_weight
-        if orig.device != self.weight.device:    # the layer was moved while merged
-            orig.data = orig.data.to(self.weight.device)
+        if orig.device != self.weight.device or orig.dtype != self.weight.dtype:   # moved or cast while merged
+            orig.data = orig.data.to(self.weight.device, self.weight.dtype)
         self.weight = orig
         self._original_weight = None
         self.merged = False
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # A merged layer saves its unmerged weight: with lora_A / lora_B beside it, W + ΔW would be applied twice by
+        # any layer that loads the dict (a fresh one is unmerged). The state dict always holds the unmerged form.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            (orig,) = self._original_weight
+            w = orig if keep_vars else orig.detach()
+            destination[prefix + "weight"] = w.to(self.weight.device, self.weight.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the dict holds the unmerged form (above): a merged layer takes it unmerged, then merges the loaded adapters
+        was_merged = self.merged
+        if was_merged:
+            self.unmerge()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if was_merged:
+            self.merge()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

@@ -41,7 +41,7 @@ class MoELoRALinear(nn.Module):
         super().__init__()
         num_experts, r = check_rank("num_experts", num_experts), check_rank("r", r)
         in_features, out_features = check_features(in_features, out_features)
-        alpha = check_finite("alpha", alpha)
+        alpha = check_finite("alpha", alpha, positive=True)
         dropout = check_finite("dropout", dropout, lo=0.0, hi=1.0)
         load_balance_coef = check_finite("load_balance_coef", load_balance_coef, lo=0.0)
         adapter_dtype = check_adapter_dtype(adapter_dtype)

@@ -65,10 +65,18 @@ def find_modules(model: nn.Module, keys: Iterable[str] | str, what: str = "targe
                  kind: type = nn.Linear) -> list[str]:
     """Names of the ``kind`` modules of ``model`` that :func:`matches` ``keys``; a matched leaf of another type is
     refused (TypeError naming it); no match at all is a ValueError listing some candidates."""
-    names = []
+    names, aliases = [], {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if name:
+            aliases.setdefault(id(mod), []).append(name)
     for name, mod in model.named_modules():
-        if not name or not matches(name, keys):
+        if not name or not any(matches(n, keys) for n in aliases[id(mod)]):
             continue
+        if len(aliases[id(mod)]) > 1 and (isinstance(mod, kind) or not list(mod.children())):
+            # one module object at two places: a replacement under one name would leave the other place unadapted
+            raise ValueError(f"module {name!r} is one module registered under {len(aliases[id(mod)])} names "
+                             f"{aliases[id(mod)][:4]}: an adapter would replace it at one place only. Give each "
+                             "place its own module before applying adapters")
         if isinstance(mod, LoRALinear) or type(mod).__name__ == "MoELoRALinear":
             raise ValueError(f"module {name!r} is already a {type(mod).__name__}: adapters were applied twice")
         if type(mod).__name__ == "Conv1D":
@@ -392,6 +400,9 @@ def merge_adapters(model: nn.Module, reversible: bool = False) -> nn.Module:
     any layer is touched: the model is merged whole or not at all."""
     layers = adapter_layers(model)
     if not layers:
+        if any(type(m).__name__ == "MoELoRALinear" for m in model.modules()):
+            raise ValueError("merge_adapters: MoE-LoRA layers have no merged form (the router picks experts per "
+                             "token); keep the model unmerged")
         raise ValueError("model has no adapter layers to merge")
     for name, layer in layers.items():
         if layer.merged:
@@ -426,7 +437,8 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
         raise ValueError("nothing to unmerge: call merge_adapters(model, reversible=True) first")
     for name, layer in stash.items():
         cur = model.get_submodule(name)
-        layer.to(device=cur.weight.device)
+        # the stash is outside the module tree: a .to() / .half() of the merged model never reached it
+        layer.to(device=cur.weight.device, dtype=cur.weight.dtype)
         _set_child(model, name, layer)
     object.__delattr__(model, _STASH_ATTR)
     cfg = getattr(model, CONFIG_ATTR, None)

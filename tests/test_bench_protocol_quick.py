@@ -1,6 +1,7 @@
 """The evaluation protocol's CI-sized variant end to end (real MiniLM-L6 + Rotten Tomatoes, a few steps): the
 result schema, the validation curve, the single test read per run, and resuming from the runs file."""
 import json
+import math
 import os
 
 import pytest
@@ -128,13 +129,39 @@ def test_bad_settings_name_the_argument(tmp_path):
 def test_protocol_lm_task_quick(tmp_path):
     pytest.importorskip("gguf")
     rows = bp.run(quick=True, directory=str(tmp_path), tasks=["bbc_news_lm"], methods=bp.LM_METHODS, seeds=[0],
-                  steps=2)
+                  steps=4, mode="both")
+    (c,) = [r for r in rows if r["op"] == "protocol_curve"]   # half the steps: the LM task's step_scale
+    assert c["metric"] == "ppl" and c["steps"] == [2] and len(c["val_ppl"]) == 1 and c["plateau_step"] == 2
     by = {r["provider"]: r for r in rows if r["op"] == "protocol"}
     assert sorted(by) == sorted(bp.LM_METHODS)
     for r in by.values():
         assert r["metric"] == "ppl" and r["unit"] == "perplexity" and 1.0 < r["ppl_mean"] < 1e4
     assert by["shareA"]["params_ratio"][0] < 1.0 and by["shaplora"]["extra_time_s"] > 0
     assert by["shaplora"]["diff_vs_lora"]["n"] == 1
+
+
+def test_task_steps_and_the_lm_curve_report(tmp_path):
+    """Every run of a task trains the run's steps × the task's step_scale; an LM curve (perplexity, lower is better)
+    flattens where every later perplexity is within 1% of its lowest, and the report and plot say so."""
+    cfg = {**bp.FULL, "steps": 300}
+    assert bp.task_steps("rotten_tomatoes", cfg) == 300 and bp.task_steps("bbc_news_lm", cfg) == 150
+    assert bp.task_steps("bbc_news_lm", {**cfg, "steps": 1}) == 1   # never 0
+    ppl = [40.0, 30.0, 25.5, 25.3, 25.2]    # 25.5 is more than 1% above 25.2; 25.3 is within it
+    rec = {"kind": "curve", "task": "bbc_news_lm", "method": "lora", "seed": 0, "lr": 2e-3,
+           "steps": [30, 60, 90, 120, 150], "val_ppl": ppl, "val_loss": [round(math.log(p), 5)
+                                                                          for p in ppl],
+           "plateau_step": bp.plateau_step([30, 60, 90, 120, 150], [-math.log(p) for p in ppl],
+                                           tol=math.log(1.01)), "plateau_tol": 0.01}
+    assert rec["plateau_step"] == 120
+    (row,) = bp.aggregate([rec], cfg, 1)
+    assert row["op"] == "protocol_curve" and row["metric"] == "ppl" and row["unit"] == "perplexity"
+    assert row["median"] == 25.2 and "steps150-b4" in row["shape"]
+    lines, imgs = bp.report_md("x.json", [row], str(tmp_path))
+    assert any("validation perplexity flattened" in x and "step 120 of 150" in x for x in lines)
+    assert imgs and os.path.exists(imgs[0])
+    still = {**row, "plateau_step": None}
+    lines, _ = bp.report_md("x.json", [still], str(tmp_path))
+    assert any("had not flattened" in x for x in lines)
 
 
 def test_protocol_moe_methods_quick(tmp_path):

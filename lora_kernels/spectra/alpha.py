@@ -50,6 +50,7 @@ MATRIX the eigenvalues came from (``eps``; float32's by default) a row is degene
 from __future__ import annotations
 
 import math
+import numbers
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -212,6 +213,8 @@ def hill_fit(lam: torch.Tensor, xmin: str = "faithful", threshold: float = 0.0,
                          f"{tuple(lam.shape) if isinstance(lam, torch.Tensor) else type(lam).__name__}")
     if lam.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"lam must be float32 or float64, got {lam.dtype}")
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(float(threshold)):
+        raise ValueError(f"threshold must be a real number (eigenvalues at or below it are ignored), got {threshold!r}")
     B, n = lam.shape
     if B == 0:
         e = lam.new_empty(0)
@@ -276,6 +279,9 @@ def alphas_of(mats: Sequence[torch.Tensor], xmin: str = "faithful", method: str 
     deg = torch.zeros(len(mats), dtype=torch.bool)
     by_len: dict[tuple, list[int]] = defaultdict(list)
     for i, ev in enumerate(evs):
+        if ev.shape[0] < 2:   # a d×1 or 1×d weight (a gate, a score head): one singular value, no spectrum to fit
+            out[i], deg[i] = math.nan, True
+            continue
         # The round-off floor is the matrix's own (a bf16 weight is coarser than its fp64 spectrum).
         eps = max(torch.finfo(mats[i].dtype).eps, torch.finfo(dtype).eps)
         by_len[(ev.shape[0], ev.device, eps)].append(i)

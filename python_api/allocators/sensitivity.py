@@ -13,6 +13,7 @@ from torch import nn
 from lora_kernels.sensitivity import KIND_A, KIND_B, KIND_E, SensitivityPlan
 from lora_kernels.sensitivity.op import SENS_BAD_PARAM, SENS_OK
 
+from ..config import check_finite
 from ..surgery import adapter_layers
 
 Triplet = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]  # (λ [R] or [R,1] or None, A [R,K], B [N,R])
@@ -46,9 +47,9 @@ class SensitivityTracker:
         triplets = find_adapters(adapters) if isinstance(adapters, nn.Module) else dict(adapters)
         if not triplets:
             raise ValueError("adapters is empty: nothing to track")
-        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-            raise ValueError(f"beta1, beta2 must be in [0, 1), got {beta1}, {beta2}")
-        self.beta1, self.beta2 = float(beta1), float(beta2)
+        beta1 = check_finite("beta1", beta1, lo=0.0, hi=1.0)
+        beta2 = check_finite("beta2", beta2, lo=0.0, hi=1.0)
+        self.beta1, self.beta2 = beta1, beta2
         self.names: list[str] = list(triplets)
         self.ranks: dict[str, int] = {}
         self._tensors: list[torch.Tensor] = []   # the Parameters, in update order

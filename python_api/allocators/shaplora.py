@@ -33,6 +33,7 @@ from torch import nn
 from lora_kernels import __version__
 from lora_kernels.sensitivity import per_example_gate_grad
 
+from ..config import check_finite
 from ..layers import LoRALinear
 from ..surgery import adapter_layers
 
@@ -681,9 +682,19 @@ def _spearman(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return float(rho) if math.isfinite(rho) else 0.0
 
 
-def _check_allocation_args(rounds, budget_unit, retrain, basis) -> None:
+def _check_allocation_args(rounds, budget_unit, retrain, basis, mode, num_passes, by, loss_fn, min_stability) -> None:
+    # everything that can be checked without the model: a workflow refuses it before training the super-network
     if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or rounds < 1:
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    if mode not in ("taylor", "permutation", "exact"):
+        raise ValueError(f"mode must be 'taylor', 'permutation' or 'exact', got {mode!r}")
+    if isinstance(num_passes, bool) or not isinstance(num_passes, numbers.Integral) or num_passes < 1:
+        raise ValueError(f"num_passes must be an int >= 1, got {num_passes!r}")
+    if by not in ("signed", "abs"):
+        raise ValueError(f"by must be 'signed' or 'abs', got {by!r}")
+    if loss_fn is None or not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a callable (model, batch) -> per-example losses [B], got {loss_fn!r}")
+    check_finite("min_stability", min_stability)
     if budget_unit not in BUDGET_UNITS:
         raise ValueError(f"budget_unit must be one of {BUDGET_UNITS}, got {budget_unit!r}")
     if retrain not in RETRAIN_FORMS:
@@ -744,7 +755,7 @@ def shaplora_allocate(
         dict with ``masks`` (module → bool [R], also applied to ``supernet``), ``scores`` (the last round's),
         ``budget`` (as checked), ``score_stability`` (first round's ρ) and ``score_stability_rounds``.
     """
-    _check_allocation_args(rounds, budget_unit, retrain, basis)
+    _check_allocation_args(rounds, budget_unit, retrain, basis, mode, num_passes, by, loss_fn, min_stability)
     check_budget(budget, 1, 1 << 62)   # an int (not None, not a float): the range is checked just below
     budget, full, costs = _resolve_budget(supernet, budget, budget_unit, retrain)
     val_batches = list(val_batches)
@@ -846,7 +857,9 @@ def shaplora_workflow(
         ``score_stability_rounds`` every round) and ``supernet`` (validation loss / accuracy before and after
         training, the majority rate, the number of extra ``train`` calls).
     """
-    _check_allocation_args(rounds, budget_unit, retrain, basis)
+    _check_allocation_args(rounds, budget_unit, retrain, basis, mode, num_passes, by, loss_fn, min_stability)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {seed!r}")
     if r_target is not None and budget_unit != "ranks":
         raise ValueError("r_target counts ranks: pass budget=... with budget_unit='params'")
     if (r_target is None) == (budget is None):
@@ -870,6 +883,10 @@ def shaplora_workflow(
         budget = check_budget(int(r_target) * len(_layers(supernet)), 1, most, f"the super-network's {most} ranks",
                               "r_target·modules")
     budget = _resolve_budget(supernet, budget, budget_unit, retrain)[0]   # checked before any training
+    players = _resolve_budget(supernet, None)[1]
+    if mode == "exact" and players > MAX_EXACT_PLAYERS:
+        raise ValueError(f"mode='exact' enumerates 2^n coalitions of the super-network's {players} ranks: at most "
+                         f"{MAX_EXACT_PLAYERS}; use mode='taylor' or 'permutation'")
     before = _fit_check(supernet, val_batches, loss_fn, predict_fn)
     need = (f"a validation loss {min_improvement or 0:.0%} lower"
             f"{' and accuracy above the majority class' * bool(predict_fn)}")

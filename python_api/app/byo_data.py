@@ -177,7 +177,21 @@ def _label_values(df, column: str, path: str, arg: str) -> list:
     if len(missing):
         raise BadInput(f"{arg}: {path}: label column {column!r} has {len(missing)} missing values "
                        f"(first at row {int(missing[0])})")
-    return [v.item() if hasattr(v, "item") else v for v in col.tolist()]
+    values, stripped = [], None
+    for i, v in enumerate(col.tolist()):
+        v = v.item() if hasattr(v, "item") else v
+        if isinstance(v, str):
+            # " pos" and "pos" are one class (a CSV space after the comma, a stray tab): surrounding whitespace goes
+            if v != v.strip():
+                stripped = stripped or (v, v.strip())
+                v = v.strip()
+            if not v:
+                raise BadInput(f"{arg}: {path}: label column {column!r} has an empty label (row {i})")
+        values.append(v)
+    if stripped:
+        warnings.warn(f"{arg}: {path}: surrounding whitespace removed from labels in column {column!r} "
+                      f"(e.g. {stripped[0]!r} -> {stripped[1]!r})", stacklevel=3)
+    return values
 
 
 def _sort_key(v):
@@ -198,7 +212,8 @@ def load_examples(path: str, text_column: str | None = None, label_column: str |
         return Examples(texts), info
     values = _label_values(df, label, path, arg)
     if label_names is None:
-        uniq = sorted(set(values), key=_sort_key)
+        # one class per label text: 1 and "1" (a column of mixed ints and strings) are the same class
+        uniq = sorted({str(v): v for v in values}.values(), key=_sort_key)
         if len(uniq) < 2:
             raise BadInput(f"{arg}: {path}: label column {label!r} has one class ({uniq[0]!r}); "
                            "classification needs at least two")
@@ -208,6 +223,13 @@ def load_examples(path: str, text_column: str | None = None, label_column: str |
                            f"values such as {fractional[0]!r}): classification needs class labels (regression is "
                            "not supported)")
         label_names = [str(v) for v in uniq]
+        folded: dict[str, list[str]] = {}
+        for n in label_names:
+            folded.setdefault(n.casefold(), []).append(n)
+        same = [v for v in folded.values() if len(v) > 1]
+        if same:
+            warnings.warn(f"{arg}: {path}: labels {same[0]} in column {label!r} differ only in letter case: they "
+                          "are kept as separate classes", stacklevel=2)
     index = {name: i for i, name in enumerate(label_names)}
     unseen = sorted({str(v) for v in values} - set(index))
     if unseen:

@@ -128,16 +128,35 @@ def load_model(src: ModelSource, task: str, label_names: list[str] | None, seed:
         cls = AutoModelForSequenceClassification
     else:
         cls = AutoModelForCausalLM
+    if task == "classify":
+        _check_head_size(src, len(label_names))
     torch.manual_seed(seed)   # the new head's init
     try:
-        model = cls.from_pretrained(src.folder, **kw)
+        model, info = cls.from_pretrained(src.folder, output_loading_info=True, **kw)
     except Exception as e:
         what = "GGUF file" if src.gguf else "model"
         raise BadInput(f"--model: {src.spec}: {what} cannot be loaded by transformers {_tf_version()} as "
                        f"{cls.__name__}: {_first_line(e)}") from None
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    # the modules the checkpoint did not hold (randomly initialised here): a classification head trains them all
+    new = sorted({k.rpartition(".")[0] for k in info.get("missing_keys", ()) if "." in k})
+    model._lk_new_modules = new
     return model.eval()
+
+
+def _check_head_size(src: ModelSource, num_classes: int) -> None:
+    """A saved classifier (``*ForSequenceClassification``) loads only with as many labels as its head has."""
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(src.folder, local_files_only=True, **_gguf_kw(src))
+    except Exception:   # an unreadable config is reported by the model load itself, with its own message
+        return
+    if any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or ())) \
+            and config.num_labels != num_classes:
+        raise BadInput(f"--model: {src.spec} is a fine-tuned {config.num_labels}-label classifier "
+                       f"({config.architectures[0]}), but the data has {num_classes} classes: use its base model, "
+                       f"or data with its {config.num_labels} labels")
 
 
 def _tf_version() -> str:
@@ -157,6 +176,12 @@ def head_modules(model: nn.Module, task: str) -> list[str]:
     names = [n for n, _ in model.named_children() if n in HEAD_NAMES]
     if not names:
         raise BadInput(f"--model: {type(model).__name__} has no classifier/score head to train")
+    # a head of several layers (DistilBERT's pre_classifier, RoBERTa's classifier.dense): every module outside the
+    # transformer blocks that the checkpoint did not hold is new, so it trains with the head
+    from ..surgery import layer_index
+    for n in getattr(model, "_lk_new_modules", ()):
+        if n and layer_index(n) is None and not any(n == h or n.startswith(h + ".") for h in names):
+            names.append(n)
     return names
 
 

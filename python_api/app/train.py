@@ -727,7 +727,8 @@ def run(cfg: TrainConfig, log=print, after_step=None, keep: dict | None = None) 
     with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1, default=str)
     _write_report(cfg, P, metrics, sample)
-    log(f"wrote {os.path.abspath(cfg.out)}: adapter_config.json, adapter_model.safetensors, metrics.json, report.md"
+    written = ("adapter_config.json, adapter_model.safetensors" if metrics["format"] == "peft" else f"{ADAPTER_DIR}/")
+    log(f"wrote {os.path.abspath(cfg.out)}: {written}, metrics.json, report.md"
         + (f", {MERGED_DIR}/" if cfg.merge else ""))
     return metrics
 
