@@ -22,9 +22,16 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _check_group(group) -> None:
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+
+
 def shared_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The Parameters that ShareLoRA layers share in place (each once), in module order."""
     from .share import SharedLoRALinear
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     seen: dict[int, nn.Parameter] = {}
     for m in model.modules():
         if isinstance(m, SharedLoRALinear) and m.accumulate == "inplace":
@@ -38,6 +45,7 @@ def shared_parameters(model: nn.Module) -> list[nn.Parameter]:
 def all_reduce_grads(params: Iterable[torch.Tensor], group=None) -> None:
     """Averages ``.grad`` of ``params`` over the process group (one flat all-reduce). A missing grad counts as
     zeros on that rank (and is created), so every rank takes part in the same collective."""
+    _check_group(group)
     world = _world() if group is None else dist.get_world_size(group)
     params = [p for p in params if p.requires_grad]
     if world == 1 or not params:
@@ -68,6 +76,9 @@ def sync_shared_grads(model: nn.Module, group=None) -> None:
 
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     """Sum of ``t`` over the group (a new tensor; ``t`` itself when not distributed). NaNs propagate."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
+    _check_group(group)
     if _world() == 1 and group is None:
         return t
     out = t.detach().clone()

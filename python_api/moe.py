@@ -191,7 +191,12 @@ def apply_moe_adapters(model: nn.Module, target_modules: Sequence[str] | str, ex
         return v[li]
 
     refuse_adapted(model, "apply_moe_adapters")
-    names = [n for n in find_modules(model, target_modules) if layer_index(n) is not None]
+    found = find_modules(model, target_modules)
+    outside = [n for n in found if layer_index(n) is None]
+    names = [n for n in found if layer_index(n) is not None]
+    if outside and names:   # experts are counted per block: a target outside the blocks would be skipped in silence
+        raise ValueError(f"target_modules={target_modules!r} matches {outside[:4]} outside the numbered blocks; "
+                         "MoE-LoRA experts are allocated per block: target modules inside the blocks only")
     if not names:
         raise ValueError(f"no nn.Linear inside numbered blocks matches target_modules={target_modules!r}")
     blocks = max(layer_index(n) for n in names) + 1

@@ -71,6 +71,15 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
         raise ValueError("every adapter layer has rank 0 (all ranks masked): nothing to export")
     adapted = {id(p) for m in layers.values() for p in m.parameters()}
     saved_modules = _modules_to_save(model, adapted)
+    # a trained parameter neither in an adapter nor in a whole trainable module (a bias tuned beside the adapters,
+    # one unfrozen LayerNorm weight) has no place in a PEFT LoRA adapter: refused rather than left out silently
+    saved = {id(p) for n in saved_modules for p in model.get_submodule(n).parameters()}
+    lora = {id(p) for m in layers.values() for p in (m.lora_A, m.lora_B, m.lora_E) if p is not None}
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora | saved]
+    if stray:
+        raise ValueError(f"trainable parameters outside the adapters and outside whole trainable modules "
+                         f"{stray[:4]}{' ...' if len(stray) > 4 else ''} cannot be exported to a PEFT LoRA adapter "
+                         "(it would reload without them): freeze them, or save with save_adapters")
     for mod_name in saved_modules:
         for pname, p in model.get_submodule(mod_name).named_parameters():
             tensors[f"{PEFT_PREFIX}{mod_name}.{pname}"] = p.detach().contiguous().clone()
@@ -118,6 +127,16 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for key in ("use_dora", "fan_in_fan_out", "lora_bias"):
         if cfg.get(key):
             raise ValueError(f"PEFT option {key}=True has no equivalent here; import refused")
+    init = str(cfg.get("init_lora_weights", True)).lower()
+    if init.startswith(("pissa", "olora", "corda", "loftq")):
+        # these inits move the principal part out of the base weight (W - sBA), which PEFT redoes on load: the
+        # adapter alone, added to the unmodified W, would count that part twice
+        raise ValueError(f"PEFT init_lora_weights={cfg.get('init_lora_weights')!r} changes the base weight; "
+                         "import refused. Convert the adapter to plain LoRA with PEFT first "
+                         "(save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"PEFT bias={cfg.get('bias')!r} (trained biases of the base layers) has no equivalent "
+                         "here; import refused")
     state = load_file(w_path)
     lora, extra = {}, {}
     for k, v in state.items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..surgery import adapter_layers
 from .sensitivity import SensitivityTracker, Triplet, find_adapters
 from .shaplora import BUDGET_UNITS, check_budget, select_within_budget
 
@@ -80,6 +81,8 @@ class AdaLoRAAllocator:
         if tinit + tfinal >= total_step:
             raise ValueError(f"tinit + tfinal ({tinit} + {tfinal}) must be < total_step ({total_step})")
         self.adapters = trip
+        # the layers, when given a model: a mask must not change λ under a merged weight (it would not take effect)
+        self._layers = adapter_layers(adapters) if isinstance(adapters, nn.Module) else {}
         self.tracker = SensitivityTracker(trip, beta1, beta2)
         self.budget_unit = budget_unit
         self.costs = None
@@ -109,6 +112,7 @@ class AdaLoRAAllocator:
     def mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
         """Zeroes λ of every triplet outside the ``budget`` best scores (a parameter budget: outside the best ones
         that fit in ``budget``); returns the pattern."""
+        self._check_unmerged()
         scores = self.tracker.scores
         if self.costs is not None:
             keep = select_within_budget(scores.detach().double().cpu(), int(budget), self.costs).to(scores.device)
@@ -135,6 +139,7 @@ class AdaLoRAAllocator:
 
     @torch.no_grad()
     def apply_rank_pattern(self, pattern: dict[str, list[bool]]) -> None:
+        self._check_unmerged()
         for name, keep in pattern.items():
             e = self.adapters[name][0]
             e.masked_fill_(~torch.tensor(keep, device=e.device).view(e.shape), 0.0)
@@ -153,9 +158,17 @@ class AdaLoRAAllocator:
             self.rank_pattern = self.mask_to_budget(self.budget_schedule(step)[0])
             self.tracker.reset()
             return self.rank_pattern
-        if self.rank_pattern is not None:
-            self.apply_rank_pattern(self.rank_pattern)
+        if self.rank_pattern is None:
+            raise RuntimeError(f"update_and_allocate({step}): past the final mask step {final} with no final mask: "
+                               f"step {final} was never given to this allocator (a fresh allocator on a resumed run? "
+                               "restore its state_dict), so the target budget was never applied")
+        self.apply_rank_pattern(self.rank_pattern)
         return None
+
+    def _check_unmerged(self) -> None:
+        merged = [n for n, m in self._layers.items() if getattr(m, "merged", False)]
+        if merged:
+            raise RuntimeError(f"AdaLoRA masks λ, which a merged layer does not read: unmerge() {merged[:4]} first")
 
     def state_dict(self) -> dict:
         return {"tracker": self.tracker.state_dict(), "rank_pattern": self.rank_pattern,

@@ -16,14 +16,18 @@ module attribute ``AdaLoRACallback``) or the driver runs, so importing this modu
 from __future__ import annotations
 
 import functools
+import math
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from .adalora import AdaLoRAAllocator
 
 __all__ = ["adalora_callback", "shaplora_with_trainer"]   # and AdaLoRACallback, built on first access
+STATE_FILE = "lora_kernels_adalora.pt"   # the allocator's state in each Trainer checkpoint folder
 
 
 @functools.cache
@@ -43,14 +47,21 @@ def _adalora_callback_class():
         def __init__(self, allocator: AdaLoRAAllocator, orth_reg: float = 0.0):
             if not isinstance(allocator, AdaLoRAAllocator):
                 raise TypeError(f"allocator must be an AdaLoRAAllocator, got {type(allocator).__name__}")
-            if isinstance(orth_reg, bool) or not isinstance(orth_reg, (int, float)) or not orth_reg >= 0:
-                raise ValueError(f"orth_reg must be a real >= 0, got {orth_reg!r}")
+            if isinstance(orth_reg, bool) or not isinstance(orth_reg, (int, float)) or not 0 <= orth_reg < math.inf:
+                raise ValueError(f"orth_reg must be a finite real >= 0, got {orth_reg!r}")
             self.allocator = allocator
             self.orth_reg = float(orth_reg)
             self.history: list[tuple[int, dict[str, list[bool]]]] = []
             self._orth = None
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if model is not None:   # the Trainer's model must hold the allocator's tensors (else it scores nothing)
+                mine = {id(p) for p in getattr(model, "module", model).parameters()}
+                if not any(id(e) in mine for e, _, _ in self.allocator.adapters.values()):
+                    raise ValueError("the Trainer's model does not hold the allocator's adapters: build the "
+                                     "AdaLoRAAllocator on the model passed to the Trainer")
+            if state.global_step > 0:
+                self._resume(args, state)
             final = self.allocator.total_step - self.allocator.tfinal
             if state.max_steps <= final:
                 raise ValueError(f"the allocator's total_step ({self.allocator.total_step}) and tfinal "
@@ -60,8 +71,30 @@ def _adalora_callback_class():
             if self.orth_reg > 0:
                 if model is None:
                     raise ValueError("orth_reg > 0 needs the model, which the Trainer did not pass to the callback")
-                self._orth = orthogonality_hooks(model, self.orth_reg)
+                # once per optimizer step: the Trainer divides each micro-batch loss by the accumulation steps
+                self._orth = orthogonality_hooks(model, self.orth_reg,
+                                                 backwards_per_step=max(1, int(args.gradient_accumulation_steps)))
                 self._orth.__enter__()
+
+        def _state_file(self, args, step: int) -> str:
+            return os.path.join(args.output_dir, f"checkpoint-{step}", STATE_FILE)
+
+        def _resume(self, args, state):
+            # Trainer(resume_from_checkpoint=...) restored the model and optimizer, not the allocator: its state is
+            # in the checkpoint folder (on_save), else the run would go on with zero EMAs, or past the final mask
+            # with no mask at all (every rank back in)
+            path = self._state_file(args, state.global_step)
+            if os.path.isfile(path):
+                self.allocator.load_state_dict(torch.load(path, weights_only=True))
+            elif self.allocator.tracker.step == 0:
+                raise ValueError(f"resuming at step {state.global_step}, but the AdaLoRA allocator's state is not at "
+                                 f"{path} and the allocator is fresh: load it with allocator.load_state_dict(...) "
+                                 "before trainer.train(), or restart the run")
+
+        def on_save(self, args, state, control, **kwargs):
+            path = self._state_file(args, state.global_step)
+            if os.path.isdir(os.path.dirname(path)):
+                torch.save(self.allocator.state_dict(), path)
 
         def on_optimizer_step(self, args, state, control, **kwargs):
             pattern = self.allocator.update_and_allocate(state.global_step)

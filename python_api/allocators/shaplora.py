@@ -600,12 +600,17 @@ def to_merged_basis(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def orthogonality_hooks(model: nn.Module, weight: float):
+def orthogonality_hooks(model: nn.Module, weight: float, backwards_per_step: int = 1):
     """Within the block, every backward pass through a LoRALinear's A and B also carries the gradient of
     ``weight · adalora.orthogonality_penalty`` (AdaLoRA's regulariser), so a plain training loss trains the
-    SVD-form super-network as if the penalty had been added to it. Gradient hooks, removed on exit."""
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not weight >= 0:
-        raise ValueError(f"weight must be a real >= 0, got {weight!r}")
+    SVD-form super-network as if the penalty had been added to it. Gradient hooks, removed on exit.
+    ``backwards_per_step``: backward passes per optimizer step (gradient accumulation): each carries its share, so
+    a step gets the penalty's gradient once, as when the penalty is added to the step's (averaged) loss."""
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight < math.inf:
+        raise ValueError(f"weight must be a finite real >= 0, got {weight!r}")
+    if isinstance(backwards_per_step, bool) or not isinstance(backwards_per_step, numbers.Integral) \
+            or backwards_per_step < 1:
+        raise ValueError(f"backwards_per_step must be an int >= 1, got {backwards_per_step!r}")
     layers = _layers(model)
     params = {id(p): p for m in layers.values() for p in (m.lora_A, m.lora_B)}
     n_terms = 2 * len(layers)   # orthogonality_penalty is a mean over A and B terms of every module
@@ -616,7 +621,7 @@ def orthogonality_hooks(model: nn.Module, weight: float):
     is_a = {id(m.lora_A) for m in layers.values()}
 
     def make(p):
-        scale = float(weight) * uses[id(p)] / n_terms
+        scale = float(weight) * uses[id(p)] / n_terms / int(backwards_per_step)
 
         def hook(grad):
             with torch.enable_grad():

@@ -29,7 +29,9 @@ COMMAND_METAVAR = "{demo,alloc,train,bench,profile,info}"
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage dump
-        sys.stderr.write(f"{self.prog}: error: {message} (see {PROG} {{command}} --help)\n")
+        # a subcommand's parser has prog "lora-kernels train": its help is "lora-kernels train --help"
+        see = f"{self.prog} --help" if self.prog != PROG else f"{PROG} <command> --help"
+        sys.stderr.write(f"{self.prog}: error: {message} (see {see})\n")
         raise SystemExit(2)
 
     def parse_args(self, args=None, namespace=None):

@@ -567,6 +567,12 @@ def prepare(cfg: TrainConfig, log=print, check_output: bool = True) -> dict:
     enc, longer = {}, {}
     for k, ex in splits.items():
         enc[k], longer[k] = encode(tok, ex, cfg.max_length)
+    if cfg.task == "causal-lm":   # a text of one token has no next token: no loss, a perplexity of NaN
+        for k, e in enc.items():
+            if e.ids and not any(len(ids) >= 2 for ids in e.ids):
+                what = "--eval-data" if k == "test" and cfg.eval_data is not None else "--data"
+                raise BadInput(f"{what}: no {k} text has 2 or more tokens after tokenisation (the {k} split's "
+                               f"longest has {max(map(len, e.ids))}): a causal LM has nothing to predict")
     n_blocks = len({_block(n) for n in targets})
     # parameters one rank adds per module: plain LoRA (shaplora's retrain) in + out, SVD form (adalora) one more
     width = {n: base.get_submodule(n).in_features + base.get_submodule(n).out_features for n in targets}

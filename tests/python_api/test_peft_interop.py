@@ -67,3 +67,42 @@ def test_export_refuses_moe(tmp_path):
     apply_moe_adapters(m, ["q_proj"], [2, 2, 2], r=2, alpha=4)
     with pytest.raises(ValueError, match="no PEFT LoRA equivalent"):
         export_peft(m, tmp_path)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq"])
+def test_import_refuses_inits_that_change_the_base_weight(tmp_path, init):
+    """PiSSA / OLoRA / CorDA / LoftQ adapters hold B·A of a residual base (W − sBA) that PEFT rebuilds on load;
+    added to the unmodified W they would count the principal part twice: refused, the model untouched."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    pm = get_peft_model(toy(0), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False))
+    pm.save_pretrained(str(tmp_path))
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["init_lora_weights"] = init
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    model = toy(0)
+    with pytest.raises(ValueError, match="changes the base weight"):
+        import_peft(model, tmp_path)
+    assert not adapter_layers(model)
+
+
+def test_import_refuses_trained_biases(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    pm = get_peft_model(toy(0), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], bias="all"))
+    pm.save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="bias='all'"):
+        import_peft(toy(0), tmp_path)
+
+
+def test_export_refuses_trained_parameters_it_cannot_carry(tmp_path):
+    """A bias tuned beside the adapters (its module's weight frozen) has no place in a PEFT LoRA adapter."""
+    m = apply_adapters(toy(0), TARGETS, r=2, alpha=4, modules_to_save=["classifier"])
+    norm = next(n for n, p in m.named_parameters() if n.endswith("bias") and "classifier" not in n
+                and "lora" not in n)
+    m.get_parameter(norm).requires_grad_(True)
+    with pytest.raises(ValueError, match="cannot be exported to a PEFT LoRA adapter") as e:
+        export_peft(m, tmp_path / "x")
+    assert norm in str(e.value)
+    m.get_parameter(norm).requires_grad_(False)
+    export_peft(m, tmp_path / "y")   # the classifier (a whole trainable module) is modules_to_save

@@ -19,6 +19,7 @@ from torch import nn
 import python_api as lk
 from python_api.app import byo_data
 from python_api.app.byo_data import BadInput
+from python_api.surgery import layer_index
 from tests.python_api.toy_models import randomize_b, toy
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
@@ -302,3 +303,53 @@ def test_saved_classifier_with_another_head_size_is_a_clear_error(tmp_path):
         warnings.simplefilter("ignore")
         model = byo_model.load_model(src, "classify", ["a", "b"], 0, byo_model.load_tokenizer(src))
     assert model.config.num_labels == 2 and byo_model.head_modules(model, "classify") == ["classifier"]
+
+
+# ---- round 10: AdaLoRA on merged layers or past its final mask, MoE targets outside blocks, distributed types ------
+def _svd_model():
+    torch.manual_seed(0)
+    model = lk.apply_adapters(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), ["0", "2"], r=4, svd=True)
+    with torch.no_grad():
+        for m in lk.adapter_layers(model).values():
+            m.lora_E.normal_()
+    return model
+
+
+def test_adalora_refuses_to_mask_merged_layers():
+    model = _svd_model()
+    alloc = lk.AdaLoRAAllocator(model, total_step=4, tinit=0, tfinal=1, budget=4)
+    model(torch.randn(3, 8)).sum().backward()
+    for m in lk.adapter_layers(model).values():
+        m.merge()
+    before = {n: m.lora_E.detach().clone() for n, m in lk.adapter_layers(model).items()}
+    with pytest.raises(RuntimeError, match="merged layer does not read"):
+        alloc.update_and_allocate(3)
+    assert all(torch.equal(before[n], m.lora_E) for n, m in lk.adapter_layers(model).items())
+
+
+def test_adalora_past_its_final_mask_without_one_is_an_error():
+    """A fresh allocator handed steps after its final mask step (a resumed run without its state) would leave
+    every rank in: refused."""
+    alloc = lk.AdaLoRAAllocator(_svd_model(), total_step=6, tinit=0, tfinal=2, budget=4)
+    with pytest.raises(RuntimeError, match="past the final mask step 4 with no final mask"):
+        alloc.update_and_allocate(5)
+
+
+def test_moe_target_outside_the_blocks_is_refused():
+    model = toy()
+    head = next(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and layer_index(n) is None)
+    with pytest.raises(ValueError, match="outside the numbered blocks"):
+        lk.apply_moe_adapters(model, ["q_proj", head], [2, 2, 2], r=2, alpha=4.0)
+    assert not any(type(m).__name__ == "MoELoRALinear" for m in model.modules())
+
+
+def test_distributed_helpers_name_a_wrong_type():
+    from python_api import distributed as D
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        D.shared_parameters(object())
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        D.sync_shared_grads("x")
+    with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup"):
+        D.all_reduce_sum(torch.ones(2), group=object())
+    with pytest.raises(TypeError, match="t must be a torch.Tensor"):
+        D.all_reduce_sum([1.0])

@@ -154,6 +154,72 @@ def test_adalora_callback_bad_arguments():
     assert issubclass(callbacks.AdaLoRACallback, transformers.TrainerCallback)
 
 
+def test_adalora_callback_resumes_its_allocator_from_the_trainer_checkpoint(tmp_path):
+    """A run stopped after a checkpoint and resumed with a fresh model, allocator and callback ends with the
+    uninterrupted run's masks (the allocator state is saved into each Trainer checkpoint and loaded back)."""
+    from python_api.allocators.callbacks import STATE_FILE, adalora_callback
+    _, ref, _ = _trainer_adalora(str(tmp_path / "ref"))
+
+    def args(out, steps):   # a checkpoint every 3 steps; the run's schedule is STEPS long either way
+        a = _args(out)
+        a.save_strategy, a.save_steps, a.max_steps = "steps", 3, steps
+        return a
+    out = str(tmp_path / "run")
+    model = _model()
+    cb = adalora_callback(_allocator(model))
+    part = transformers.Trainer(model=model, args=args(out, STEPS), train_dataset=_Toy(), callbacks=[cb])
+    part.args.max_steps = STEPS
+    part.train()
+    assert os.path.isfile(os.path.join(out, "checkpoint-6", STATE_FILE))
+    fresh = _model(seed=5)
+    alloc = _allocator(fresh)
+    tr = transformers.Trainer(model=fresh, args=args(out, STEPS), train_dataset=_Toy(),
+                              callbacks=[adalora_callback(alloc)])
+    tr.train(resume_from_checkpoint=os.path.join(out, "checkpoint-6"))
+    assert alloc.rank_pattern == ref.rank_pattern
+    assert sum(map(sum, alloc.rank_pattern.values())) == BUDGET
+    # without the allocator's file (and with a fresh allocator) the resume is refused, not run with empty state
+    os.remove(os.path.join(out, "checkpoint-6", STATE_FILE))
+    lost = _model(seed=5)
+    tr = transformers.Trainer(model=lost, args=args(out, STEPS), train_dataset=_Toy(),
+                              callbacks=[adalora_callback(_allocator(lost))])
+    with pytest.raises(ValueError, match="allocator's state is not at"):
+        tr.train(resume_from_checkpoint=os.path.join(out, "checkpoint-6"))
+
+
+def test_adalora_callback_refuses_a_trainer_on_another_model(tmp_path):
+    from python_api.allocators.callbacks import adalora_callback
+    cb = adalora_callback(_allocator(_model()))
+    tr = transformers.Trainer(model=_model(seed=1), args=_args(str(tmp_path)), train_dataset=_Toy(), callbacks=[cb])
+    with pytest.raises(ValueError, match="does not hold the allocator's adapters"):
+        tr.train()
+
+
+def test_adalora_callback_orth_reg_once_per_optimizer_step(tmp_path):
+    """With gradient accumulation (2 micro-batches of 4), the orthogonality term enters each optimizer step once,
+    as in one batch of 8: SGD updates agree."""
+    import python_api as lk
+    from python_api.allocators.callbacks import adalora_callback
+
+    def run(bs, acc):
+        model = _model()
+        a = _args(str(tmp_path / f"{bs}-{acc}"), steps=2, bs=bs)
+        a.gradient_accumulation_steps, a.optim = acc, "sgd"
+        alloc = lk.AdaLoRAAllocator(model, total_step=2, tinit=0, tfinal=1, deltaT=1, budget=2 * 2 * R)
+        transformers.Trainer(model=model, args=a, train_dataset=_Toy(n=16),
+                             callbacks=[adalora_callback(alloc, orth_reg=5.0)]).train()
+        return {n: m.lora_A.detach().clone() for n, m in lk.adapter_layers(model).items()}
+    one, two = run(8, 1), run(4, 2)
+    for n in one:
+        torch.testing.assert_close(two[n], one[n], rtol=1e-4, atol=1e-6)
+
+
+def test_adalora_callback_infinite_orth_reg_is_refused():
+    from python_api.allocators import callbacks
+    with pytest.raises(ValueError, match="orth_reg must be a finite real"):
+        callbacks.adalora_callback(_allocator(_model()), orth_reg=float("inf"))
+
+
 # ---- ShapLoRA ---------------------------------------------------------------------------------------------------
 def _loss_fn(model, batch):
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

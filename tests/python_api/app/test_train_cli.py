@@ -421,3 +421,21 @@ def test_default_max_length_is_lowered_to_the_model_positions(fx, tmp_path):
     P = T.prepare(cfg(fx, tmp_path / "o"), log=quiet, check_output=False)
     assert P["cfg"].max_length == 64 and P["ident"]["max_length"] == 64
     assert T.prepare(cfg(fx, tmp_path / "o", max_length=48), log=quiet, check_output=False)["cfg"].max_length == 48
+
+
+def test_causal_lm_texts_of_one_token_are_refused(fx, tmp_path, capsys):
+    """A text of one token has no next token: a run on such texts trained nothing and reported perplexity NaN."""
+    short = tmp_path / "short.txt"
+    short.write_text("good\n" * 20)
+    out = tmp_path / "o"
+    rc, err = _main(capsys, "--model", fx["llama"], "--data", str(short), "--method", "lora", "--out", str(out),
+                    "--steps", "1")
+    assert rc == 2 and "--data: no train text has 2 or more tokens" in err and not out.exists()
+    rc, err = _main(capsys, "--model", fx["llama"], "--data", fx["txt"], "--eval-data", str(short), "--method",
+                    "lora", "--out", str(out), "--steps", "1")
+    assert rc == 2 and "--eval-data: no test text has 2 or more tokens" in err and not out.exists()
+
+
+def test_argument_errors_point_to_the_subcommand_help(fx, tmp_path, capsys):
+    rc, err = _main(capsys, "--model", fx["bert"], "--data", fx["csv"], "--steps", "0", "--out", str(tmp_path / "o"))
+    assert rc == 2 and "(see lora-kernels train --help)" in err and "{command}" not in err
