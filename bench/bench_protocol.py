@@ -831,8 +831,10 @@ def report_md(name: str, rows: list[dict], plots: str = PLOTS) -> tuple[list[str
             what, near = (("accuracy", f"within {c['plateau_tol']:.0%} of its best")
                           if c.get("metric", "acc") == "acc" else
                           ("perplexity", f"every later value within {c['plateau_tol']:.0%} of its lowest"))
-            when = (f"flattened ({near}) at step {c['plateau_step']}" if c["plateau_step"] is not None
-                    else f"had not flattened ({near}) by step")
+            last = c["steps"][-1]
+            when = (f"flattened ({near}) at step {c['plateau_step']}"
+                    if c["plateau_step"] is not None and (c["plateau_step"] < last or len(c["steps"]) == 1)
+                    else f"had not flattened ({near}) by the last step")
             lines += [f"{t}: uniform LoRA's validation {what} {when} of {c['steps'][-1]} (lr {c['lr']:g}).", ""]
     img = plot_diffs(name, rows, plots)
     if img:

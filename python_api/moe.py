@@ -17,6 +17,7 @@ computed in the forward when ``load_balance_coef`` > 0 and kept, scaled by the c
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -194,9 +195,10 @@ def apply_moe_adapters(model: nn.Module, target_modules: Sequence[str] | str, ex
     found = find_modules(model, target_modules)
     outside = [n for n in found if layer_index(n) is None]
     names = [n for n in found if layer_index(n) is not None]
-    if outside and names:   # experts are counted per block: a target outside the blocks would be skipped in silence
-        raise ValueError(f"target_modules={target_modules!r} matches {outside[:4]} outside the numbered blocks; "
-                         "MoE-LoRA experts are allocated per block: target modules inside the blocks only")
+    if outside and names:   # experts are counted per block: a suffix that also matches a pooler or head is skipped
+        warnings.warn(f"apply_moe_adapters: target_modules={target_modules!r} also matches {outside[:4]} outside the "
+                      "numbered blocks; MoE-LoRA experts are allocated per block, so these get no adapter",
+                      stacklevel=2)
     if not names:
         raise ValueError(f"no nn.Linear inside numbered blocks matches target_modules={target_modules!r}")
     blocks = max(layer_index(n) for n in names) + 1

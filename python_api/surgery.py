@@ -72,7 +72,7 @@ def find_modules(model: nn.Module, keys: Iterable[str] | str, what: str = "targe
     for name, mod in model.named_modules():
         if not name or not any(matches(n, keys) for n in aliases[id(mod)]):
             continue
-        if len(aliases[id(mod)]) > 1 and (isinstance(mod, kind) or not list(mod.children())):
+        if len(aliases[id(mod)]) > 1 and kind is nn.Linear and isinstance(mod, nn.Linear):
             # one module object at two places: a replacement under one name would leave the other place unadapted
             raise ValueError(f"module {name!r} is one module registered under {len(aliases[id(mod)])} names "
                              f"{aliases[id(mod)][:4]}: an adapter would replace it at one place only. Give each "
@@ -437,8 +437,11 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
         raise ValueError("nothing to unmerge: call merge_adapters(model, reversible=True) first")
     for name, layer in stash.items():
         cur = model.get_submodule(name)
-        # the stash is outside the module tree: a .to() / .half() of the merged model never reached it
-        layer.to(device=cur.weight.device, dtype=cur.weight.dtype)
+        # the stash is outside the module tree: a .to() / .half() of the merged model never reached it. Only such a
+        # cast is repeated here (a bf16 base keeps fp32 adapters: they are not cast to the base's dtype)
+        layer.to(device=cur.weight.device)
+        if layer.weight.dtype != cur.weight.dtype:
+            layer.to(dtype=cur.weight.dtype)
         _set_child(model, name, layer)
     object.__delattr__(model, _STASH_ATTR)
     cfg = getattr(model, CONFIG_ATTR, None)

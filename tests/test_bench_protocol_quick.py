@@ -159,9 +159,10 @@ def test_task_steps_and_the_lm_curve_report(tmp_path):
     lines, imgs = bp.report_md("x.json", [row], str(tmp_path))
     assert any("validation perplexity flattened" in x and "step 120 of 150" in x for x in lines)
     assert imgs and os.path.exists(imgs[0])
-    still = {**row, "plateau_step": None}
-    lines, _ = bp.report_md("x.json", [still], str(tmp_path))
-    assert any("had not flattened" in x for x in lines)
+    for step in (None, 150):   # flat only from the last point on: still improving when the run stopped
+        still = {**row, "plateau_step": step}
+        lines, _ = bp.report_md("x.json", [still], str(tmp_path))
+        assert any("had not flattened" in x and "by the last step of 150" in x for x in lines)
 
 
 def test_protocol_moe_methods_quick(tmp_path):

@@ -213,8 +213,7 @@ def hill_fit(lam: torch.Tensor, xmin: str = "faithful", threshold: float = 0.0,
                          f"{tuple(lam.shape) if isinstance(lam, torch.Tensor) else type(lam).__name__}")
     if lam.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"lam must be float32 or float64, got {lam.dtype}")
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(float(threshold)):
-        raise ValueError(f"threshold must be a real number (eigenvalues at or below it are ignored), got {threshold!r}")
+    _check_threshold(threshold)
     B, n = lam.shape
     if B == 0:
         e = lam.new_empty(0)
@@ -267,6 +266,11 @@ def hill_fit(lam: torch.Tensor, xmin: str = "faithful", threshold: float = 0.0,
     }
 
 
+def _check_threshold(threshold) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(float(threshold)):
+        raise ValueError(f"threshold must be a real number (eigenvalues at or below it are ignored), got {threshold!r}")
+
+
 def alphas_of(mats: Sequence[torch.Tensor], xmin: str = "faithful", method: str = "gram",
               dtype: torch.dtype = torch.float64, device=None, threshold: float = 0.0,
               return_degenerate: bool = False, lapack: str = "auto", names: Sequence[str] | None = None):
@@ -274,6 +278,7 @@ def alphas_of(mats: Sequence[torch.Tensor], xmin: str = "faithful", method: str 
     (see the module docstring; ε is each matrix's own dtype's) and, outside faithful mode, spectra with no
     candidate α > 1 get NaN; ``return_degenerate`` also returns the [len(mats)] bool mask of them. ``lapack`` and
     ``names``: see :func:`eigenvalues`."""
+    _check_threshold(threshold)
     evs = eigenvalues(mats, method=method, dtype=dtype, device=device, lapack=lapack, names=names)
     out = torch.empty(len(mats), dtype=torch.float64)
     deg = torch.zeros(len(mats), dtype=torch.bool)

@@ -56,7 +56,7 @@ def _adalora_callback_class():
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             if model is not None:   # the Trainer's model must hold the allocator's tensors (else it scores nothing)
-                mine = {id(p) for p in getattr(model, "module", model).parameters()}
+                mine = {id(p) for p in model.parameters()}
                 if not any(id(e) in mine for e, _, _ in self.allocator.adapters.values()):
                     raise ValueError("the Trainer's model does not hold the allocator's adapters: build the "
                                      "AdaLoRAAllocator on the model passed to the Trainer")
@@ -83,17 +83,21 @@ def _adalora_callback_class():
             # Trainer(resume_from_checkpoint=...) restored the model and optimizer, not the allocator: its state is
             # in the checkpoint folder (on_save), else the run would go on with zero EMAs, or past the final mask
             # with no mask at all (every rank back in)
-            path = self._state_file(args, state.global_step)
-            if os.path.isfile(path):
-                self.allocator.load_state_dict(torch.load(path, weights_only=True))
+            paths = [self._state_file(args, state.global_step)]
+            if isinstance(getattr(args, "resume_from_checkpoint", None), str):
+                paths.append(os.path.join(args.resume_from_checkpoint, STATE_FILE))
+            found = next((p for p in paths if os.path.isfile(p)), None)
+            if found is not None:
+                self.allocator.load_state_dict(torch.load(found, weights_only=True, map_location="cpu"))
             elif self.allocator.tracker.step == 0:
                 raise ValueError(f"resuming at step {state.global_step}, but the AdaLoRA allocator's state is not at "
-                                 f"{path} and the allocator is fresh: load it with allocator.load_state_dict(...) "
-                                 "before trainer.train(), or restart the run")
+                                 f"{paths[0]} and the allocator is fresh: load the resumed checkpoint's {STATE_FILE} "
+                                 "with allocator.load_state_dict(torch.load(...)) before trainer.train(), or restart "
+                                 "the run")
 
         def on_save(self, args, state, control, **kwargs):
             path = self._state_file(args, state.global_step)
-            if os.path.isdir(os.path.dirname(path)):
+            if getattr(args, "should_save", True) and os.path.isdir(os.path.dirname(path)):   # one writer (rank 0)
                 torch.save(self.allocator.state_dict(), path)
 
         def on_optimizer_step(self, args, state, control, **kwargs):

@@ -14,6 +14,7 @@ import glob
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -139,10 +140,32 @@ def load_model(src: ModelSource, task: str, label_names: list[str] | None, seed:
                        f"{cls.__name__}: {_first_line(e)}") from None
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    # the modules the checkpoint did not hold (randomly initialised here): a classification head trains them all
-    new = sorted({k.rpartition(".")[0] for k in info.get("missing_keys", ()) if "." in k})
-    model._lk_new_modules = new
+    model._lk_new_modules = _new_modules(model, set(info.get("missing_keys", ())))
     return model.eval()
+
+
+def _new_modules(model: nn.Module, missing: set[str]) -> list[str]:
+    """Modules outside the numbered blocks whose own parameters the checkpoint did not hold (randomly initialised:
+    a head's layers, such as DistilBERT's pre_classifier), which a classification head trains. Missing weights
+    inside the blocks stay frozen and random: a warning names them."""
+    from ..surgery import layer_index
+    new, inside = [], []
+    for name in sorted({k.rpartition(".")[0] for k in missing if "." in k}):
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            continue
+        own = [f"{name}.{p}" for p, _ in mod.named_parameters(recurse=False)]
+        if not own or not all(k in missing for k in own):
+            continue
+        if layer_index(name) is not None:
+            inside.append(name)
+        elif not any(layer_index(f"{name}.{sub}") is not None for sub, _ in mod.named_modules() if sub):
+            new.append(name)   # never a backbone module holding blocks (a parameter of its own, such as mask_emb)
+    if inside:
+        warnings.warn(f"--model: the checkpoint has no weights for {inside[:4]} inside the transformer blocks: they "
+                      "are randomly initialised and stay frozen", stacklevel=3)
+    return new
 
 
 def _check_head_size(src: ModelSource, num_classes: int) -> None:
