@@ -831,9 +831,7 @@ def report_md(name: str, rows: list[dict], plots: str = PLOTS) -> tuple[list[str
             what, near = (("accuracy", f"within {c['plateau_tol']:.0%} of its best")
                           if c.get("metric", "acc") == "acc" else
                           ("perplexity", f"every later value within {c['plateau_tol']:.0%} of its lowest"))
-            last = c["steps"][-1]
-            when = (f"flattened ({near}) at step {c['plateau_step']}"
-                    if c["plateau_step"] is not None and (c["plateau_step"] < last or len(c["steps"]) == 1)
+            when = (f"flattened ({near}) at step {c['plateau_step']}" if _flattened(c) is not None
                     else f"had not flattened ({near}) by the last step")
             lines += [f"{t}: uniform LoRA's validation {what} {when} of {c['steps'][-1]} (lr {c['lr']:g}).", ""]
     img = plot_diffs(name, rows, plots)
@@ -880,6 +878,12 @@ def plot_diffs(name: str, rows: list[dict], plots: str = PLOTS) -> str | None:
     return _save(fig, plt, plots, name, "_paired_diff.png")
 
 
+def _flattened(c: dict) -> int | None:
+    """The step a curve row flattened at; None when it was still moving, or flat only from its last point on."""
+    step = c["plateau_step"]
+    return step if step is not None and (step < c["steps"][-1] or len(c["steps"]) == 1) else None
+
+
 def plot_curves(name: str, rows: list[dict], plots: str = PLOTS) -> str | None:
     """Uniform LoRA's validation curves: accuracy (classification tasks) and perplexity (the LM task) panels."""
     cs = [r for r in rows if r["op"] == "protocol_curve"]
@@ -891,7 +895,7 @@ def plot_curves(name: str, rows: list[dict], plots: str = PLOTS) -> str | None:
     for ax, m in zip(axes[0], metrics):
         for c in (c for c in cs if c.get("metric", "acc") == m):
             ax.plot(c["steps"], c[f"val_{m}"], marker=".", label=f"{c['task']} (lr {c['lr']:g})")
-            if c["plateau_step"] is not None:
+            if _flattened(c) is not None:
                 ax.axvline(c["plateau_step"], ls=":", color=ax.lines[-1].get_color())
         ax.set_xlabel("step")
         ax.set_ylabel("validation accuracy" if m == "acc" else "validation perplexity")
