@@ -16,7 +16,6 @@ module attribute ``AdaLoRACallback``) or the driver runs, so importing this modu
 from __future__ import annotations
 
 import functools
-import math
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import check_finite
 from .adalora import AdaLoRAAllocator
 
 __all__ = ["adalora_callback", "shaplora_with_trainer"]   # and AdaLoRACallback, built on first access
@@ -47,10 +47,8 @@ def _adalora_callback_class():
         def __init__(self, allocator: AdaLoRAAllocator, orth_reg: float = 0.0):
             if not isinstance(allocator, AdaLoRAAllocator):
                 raise TypeError(f"allocator must be an AdaLoRAAllocator, got {type(allocator).__name__}")
-            if isinstance(orth_reg, bool) or not isinstance(orth_reg, (int, float)) or not 0 <= orth_reg < math.inf:
-                raise ValueError(f"orth_reg must be a finite real >= 0, got {orth_reg!r}")
             self.allocator = allocator
-            self.orth_reg = float(orth_reg)
+            self.orth_reg = check_finite("orth_reg", orth_reg, lo=0.0)
             self.history: list[tuple[int, dict[str, list[bool]]]] = []
             self._orth = None
 

@@ -263,12 +263,7 @@ def shapley_sensitivity(
     giving their number (permutation/exact: the most skipped by one coalition); if every example is non-finite,
     or the scores overflow, a ValueError. Player scores are never NaN.
     """
-    if mode not in ("taylor", "permutation", "exact"):
-        raise ValueError(f"mode must be 'taylor', 'permutation' or 'exact', got {mode!r}")
-    if loss_fn is None or not callable(loss_fn):
-        raise TypeError("loss_fn(model, batch) -> per-example losses [B] is required")
-    if num_passes < 1:
-        raise ValueError(f"num_passes must be >= 1, got {num_passes}")
+    _check_scoring_args(mode, num_passes, loss_fn)
     if q is not None and not 0.0 <= q <= 1.0:
         raise ValueError(f"q must be in [0, 1] or None, got {q}")
     batches = list(batches) if not isinstance(batches, (list, tuple)) else batches
@@ -364,8 +359,7 @@ def allocate_ranks(scores: dict[str, torch.Tensor], budget: int, *, by: str = "s
     Returns:
         module name → bool mask [R]. Ties break toward the earlier (module, rank).
     """
-    if by not in ("signed", "abs"):
-        raise ValueError(f"by must be 'signed' or 'abs', got {by!r}")
+    _check_by(by)
     if not scores:
         raise ValueError("scores is empty")
     names = list(scores)
@@ -606,8 +600,7 @@ def orthogonality_hooks(model: nn.Module, weight: float, backwards_per_step: int
     SVD-form super-network as if the penalty had been added to it. Gradient hooks, removed on exit.
     ``backwards_per_step``: backward passes per optimizer step (gradient accumulation): each carries its share, so
     a step gets the penalty's gradient once, as when the penalty is added to the step's (averaged) loss."""
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight < math.inf:
-        raise ValueError(f"weight must be a finite real >= 0, got {weight!r}")
+    weight = check_finite("weight", weight, lo=0.0)
     if isinstance(backwards_per_step, bool) or not isinstance(backwards_per_step, numbers.Integral) \
             or backwards_per_step < 1:
         raise ValueError(f"backwards_per_step must be an int >= 1, got {backwards_per_step!r}")
@@ -687,18 +680,26 @@ def _spearman(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return float(rho) if math.isfinite(rho) else 0.0
 
 
-def _check_allocation_args(rounds, budget_unit, retrain, basis, mode, num_passes, by, loss_fn, min_stability) -> None:
-    # everything that can be checked without the model: a workflow refuses it before training the super-network
-    if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or rounds < 1:
-        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+def _check_scoring_args(mode, num_passes, loss_fn) -> None:
     if mode not in ("taylor", "permutation", "exact"):
         raise ValueError(f"mode must be 'taylor', 'permutation' or 'exact', got {mode!r}")
     if isinstance(num_passes, bool) or not isinstance(num_passes, numbers.Integral) or num_passes < 1:
         raise ValueError(f"num_passes must be an int >= 1, got {num_passes!r}")
-    if by not in ("signed", "abs"):
-        raise ValueError(f"by must be 'signed' or 'abs', got {by!r}")
     if loss_fn is None or not callable(loss_fn):
         raise TypeError(f"loss_fn must be a callable (model, batch) -> per-example losses [B], got {loss_fn!r}")
+
+
+def _check_by(by) -> None:
+    if by not in ("signed", "abs"):
+        raise ValueError(f"by must be 'signed' or 'abs', got {by!r}")
+
+
+def _check_allocation_args(rounds, budget_unit, retrain, basis, mode, num_passes, by, loss_fn, min_stability) -> None:
+    # everything that can be checked without the model: a workflow refuses it before training the super-network
+    if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    _check_scoring_args(mode, num_passes, loss_fn)
+    _check_by(by)
     check_finite("min_stability", min_stability)
     if budget_unit not in BUDGET_UNITS:
         raise ValueError(f"budget_unit must be one of {BUDGET_UNITS}, got {budget_unit!r}")
@@ -883,12 +884,11 @@ def shaplora_workflow(
         raise ValueError("val_batches is empty: no validation examples")
     gen = torch.Generator().manual_seed(seed)
     supernet = build_model()
+    players = _resolve_budget(supernet, None)[1]   # the super-network's ranks: the players of the game
     if r_target is not None:
-        most = _resolve_budget(supernet, None)[1]
-        budget = check_budget(int(r_target) * len(_layers(supernet)), 1, most, f"the super-network's {most} ranks",
-                              "r_target·modules")
+        budget = check_budget(int(r_target) * len(_layers(supernet)), 1, players,
+                              f"the super-network's {players} ranks", "r_target·modules")
     budget = _resolve_budget(supernet, budget, budget_unit, retrain)[0]   # checked before any training
-    players = _resolve_budget(supernet, None)[1]
     if mode == "exact" and players > MAX_EXACT_PLAYERS:
         raise ValueError(f"mode='exact' enumerates 2^n coalitions of the super-network's {players} ranks: at most "
                          f"{MAX_EXACT_PLAYERS}; use mode='taylor' or 'permutation'")
