@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from tests.helpers import assert_close
+from tests.python_api.spawned import leave_rank
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available in this build")
@@ -247,7 +248,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str):
         dist.barrier()
         results[name]["seconds"] = time.perf_counter() - t0
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    leave_rank()
 
 
 @pytest.fixture(scope="module")

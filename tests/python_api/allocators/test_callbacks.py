@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from tests.python_api.spawned import leave_rank
+
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
@@ -297,8 +299,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
     except Exception:
         res["error"] = traceback.format_exc()
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_rank()
 
 
 def _free_port() -> int:
