@@ -115,9 +115,9 @@ METHODS = ["lora", "adalora", *SHAPLORA_METHODS, *SHARE_METHODS, "peft_lora", "p
            *CONTROLS]
 REFERENCE = "lora"
 # the goals' other comparisons, paired by seed like the one against uniform LoRA: ShapLoRA against AdaLoRA, the
-# non-uniform expert allocations against uniform MoE at the same total experts
+# non-uniform expert allocations against uniform MoE at the same total experts, PEFT's AdaLoRA against ours
 PAIRED_WITH = {**{m: ("adalora",) for m in SHAPLORA_METHODS}, "shaplora_warm": ("adalora", "lora_long"),
-               "alphalora": ("moe_uniform",), "mola_2468": ("moe_uniform",)}
+               "alphalora": ("moe_uniform",), "mola_2468": ("moe_uniform",), "peft_adalora": ("adalora",)}
 # a final classifier whose validation accuracy is within this of the majority-class rate is flagged "at chance"
 CHANCE_MARGIN = 0.005
 # methods meant to match uniform LoRA's parameters; ShareA is the reduced-budget method the issue measures at ≤ 50%

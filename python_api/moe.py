@@ -162,7 +162,8 @@ def apply_moe_adapters(model: nn.Module, target_modules: Sequence[str] | str, ex
         {module name: the new MoELoRALinear}.
     """
     from .config import _names
-    from .surgery import CONFIG_ATTR, check_save_overlap, find_modules, layer_index, refuse_adapted, replace_modules
+    from .surgery import (CONFIG_ATTR, check_one_stack, check_save_overlap, find_modules, layer_index, refuse_adapted,
+                          replace_modules)
 
     target_modules = _names("target_modules", target_modules, allow_regex=True)
     modules_to_save = _names("modules_to_save", modules_to_save or [], allow_regex=False)
@@ -201,11 +202,14 @@ def apply_moe_adapters(model: nn.Module, target_modules: Sequence[str] | str, ex
                       stacklevel=2)
     if not names:
         raise ValueError(f"no nn.Linear inside numbered blocks matches target_modules={target_modules!r}")
-    blocks = max(layer_index(n) for n in names) + 1
-    extra = experts_per_layer[blocks:] if isinstance(experts_per_layer, list) else []
-    if any(e != 0 for e in extra):   # entries past the targeted blocks would be dropped in silence
-        raise ValueError(f"experts_per_layer has {len(experts_per_layer)} entries but the targeted blocks are "
-                         f"0..{blocks - 1}: experts {extra} for blocks no target reaches")
+    check_one_stack(names, "apply_moe_adapters")
+    reached = sorted({layer_index(n) for n in names})
+    given = (experts_per_layer.items() if isinstance(experts_per_layer, dict) else
+             enumerate(experts_per_layer) if isinstance(experts_per_layer, list) else ())
+    extra = {b: e for b, e in given if b not in reached and e != 0}
+    if extra:   # experts for blocks no target reaches would be dropped in silence
+        raise ValueError(f"experts_per_layer gives experts {extra} to blocks no target reaches (targeted blocks: "
+                         f"{reached}); give those blocks 0 experts or target them")
     save = find_modules(model, list(modules_to_save), "modules_to_save", nn.Module) if modules_to_save else []
     check_save_overlap(save, names)
 

@@ -225,6 +225,7 @@ class SharedLoRALinear(LoRALinear):
         acc_b = self._accum_buffer(self.share_b, self.lora_B)
         gate, active = self.op_gate()
         if self._reuse_ok(x, gate) and x.numel():
+            gated_op.check_base_frozen(self.weight, self.bias)
             x2 = x.reshape(-1, self.in_features)                                   # [T, K]
             h = self.share_a.shrink(self, x, x2, self.lora_A, acc_a)               # [T, R]
             y = _ExpandFn.apply(x2, self.weight, self.bias, h, self.lora_B, self.scaling, acc_b)

@@ -53,6 +53,23 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def block_stack(name: str) -> str | None:
+    """The numbered-block list a module lies in (``model.decoder.layers.3.fc1`` → ``model.decoder.layers``), or
+    None outside blocks."""
+    m = _LAYER_RE.search(name)
+    return None if m is None else name[:m.start(1) - 1].lstrip(".")
+
+
+def check_one_stack(names, what: str) -> None:
+    """Refuses module names in more than one stack of numbered blocks (an encoder-decoder's ``encoder.layers`` and
+    ``decoder.layers``): what is allocated per block index would merge block i of each stack."""
+    stacks = sorted({s for s in map(block_stack, names) if s is not None})
+    if len(stacks) > 1:
+        raise ValueError(f"{what}: the targets lie in {len(stacks)} stacks of numbered blocks {stacks}; experts and "
+                         "layer alphas are allocated per block index, which would merge block i of every stack: "
+                         f"target one stack per call (e.g. the regex r'{re.escape(stacks[0])}\\..*')")
+
+
 def lookup(name: str, pattern: dict | None, default):
     """The value of the first key of ``pattern`` that :func:`matches` ``name`` (exact or suffix), else default."""
     for k, v in (pattern or {}).items():

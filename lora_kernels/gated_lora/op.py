@@ -487,6 +487,15 @@ def lora_linear(
                         accum_a, accum_b, check_active=True)
 
 
+def check_base_frozen(weight, bias) -> None:
+    """The op (and every path that reuses its pieces) treats the base layer as frozen: a base weight or bias that
+    requires grad would silently get none, so it is refused while grad mode is on."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name} requires grad, but the gated LoRA op treats the base layer as frozen and "
+                             f"never computes its gradient: call {name}.requires_grad_(False) (LoRALinear does)")
+
+
 def _lora_linear(x, weight, bias, lora_a, lora_b, scale, gate, dropout_p, training, active, seed, accum_a, accum_b,
                  check_active: bool) -> Tensor:
     """:func:`lora_linear`; adapter layers pass ``check_active=False`` with an ``active`` they derived from their
@@ -503,10 +512,7 @@ def _lora_linear(x, weight, bias, lora_a, lora_b, scale, gate, dropout_p, traini
                                 accum_a, accum_b, check_active)
     kind = check_gated_lora_args(x, weight, bias, lora_a, lora_b, gate, dropout_p, scale, seed=seed,
                                  active=active if check_active else None, accum_a=accum_a, accum_b=accum_b)
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{name} requires grad, but the gated LoRA op treats the base layer as frozen and "
-                             f"never computes its gradient: call {name}.requires_grad_(False) (LoRALinear does)")
+    check_base_frozen(weight, bias)
     if torch.compiler.is_compiling() and (accum_a is not None or accum_b is not None):
         accum_a, accum_b = _compile_accum(lora_a, lora_b, _bind(accum_a), _bind(accum_b))
     K, N = weight.shape[1], weight.shape[0]

@@ -36,7 +36,7 @@ from torch import nn
 
 from lora_kernels.spectra import alpha as _alpha
 
-from ..surgery import layer_index, matches
+from ..surgery import check_one_stack, layer_index, matches
 
 XMIN_MODES = _alpha.XMIN_MODES
 def target_linears(model: nn.Module, target_modules: Sequence[str] | None = None) -> list[tuple[str, int, nn.Linear]]:
@@ -48,6 +48,7 @@ def target_linears(model: nn.Module, target_modules: Sequence[str] | None = None
             li = layer_index(name)
             if li is not None:
                 out.append((name, li, mod))
+    check_one_stack([n for n, _, _ in out], "target_linears")
     return out
 
 

@@ -30,3 +30,16 @@ def fraction(s: str) -> float:
     if v >= 0.5:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 0.5), got {s!r}")
     return v
+
+
+SEED_MAX = 2 ** 32 - 1   # the dropout hash keeps a seed's low 32 bits: a larger seed would repeat a smaller one's run
+
+
+def seed(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {SEED_MAX}, got {s!r}") from None
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {SEED_MAX} (2**32 - 1), got {s!r}")
+    return v

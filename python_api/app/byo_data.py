@@ -69,21 +69,34 @@ def file_format(path: str, arg: str = "--data") -> str:
 
 def read_table(path: str, arg: str = "--data"):
     """The file or ``datasets`` directory at ``path`` as a pandas DataFrame."""
+    return _read(path, arg)[0]
+
+
+def _read(path: str, arg: str):
+    """``(table, format, raw header or None)``; the header is the CSV / TSV file's own first row (pandas renames
+    a repeated name, ``label`` -> ``label.1``, so repeats are found there). Text formats are read as UTF-8 with
+    an optional byte-order mark (``utf-8-sig``: Windows Notepad and Excel write one); column names lose surrounding
+    whitespace (``text, label`` -> ``text``, ``label``) with a warning."""
     import pandas as pd
 
     fmt = file_format(path, arg)
+    header = None
     try:
         if fmt == "datasets":
             df = _read_datasets_dir(path, arg)
         elif fmt in ("csv", "tsv"):
-            df = pd.read_csv(path, sep="," if fmt == "csv" else "\t", keep_default_na=True)
+            sep = "," if fmt == "csv" else "\t"
+            header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False,
+                                 encoding="utf-8-sig").iloc[0].tolist()
+            df = pd.read_csv(path, sep=sep, keep_default_na=True, encoding="utf-8-sig")
         elif fmt == "jsonl":
-            # a .json file may hold one JSON array of records instead of one record per line
-            df = pd.read_json(path, lines=not _starts_with(path, "["))
+            # a .json file may hold one JSON array of records instead of one record per line; dtype=False keeps
+            # JSON's own types (pandas would otherwise turn the strings "01" and "1" into the number 1)
+            df = pd.read_json(path, lines=not _starts_with(path, "["), dtype=False, encoding="utf-8-sig")
         elif fmt == "parquet":
             df = pd.read_parquet(path)
         else:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 df = pd.DataFrame({"text": [ln.rstrip("\n") for ln in f if ln.strip()]})
     except BadInput:
         raise
@@ -92,10 +105,48 @@ def read_table(path: str, arg: str = "--data"):
     except Exception as e:  # a parser's own message says what is wrong where
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BadInput(f"{arg}: {path}: cannot read as {fmt}: {msg}") from None
+    if header is not None:
+        seen = set()
+        for name in header:
+            if name and name in seen:
+                raise BadInput(f"{arg}: {path}: column {name!r} appears more than once in the header; rename "
+                               "or remove the repeats")
+            seen.add(name)
+    names = [str(c) for c in df.columns]
+    padded = [c for c in names if c != c.strip()]
+    if padded:
+        stripped: dict[str, str] = {}
+        for c in names:
+            if c.strip() in stripped:
+                raise BadInput(f"{arg}: {path}: columns {stripped[c.strip()]!r} and {c!r} are both column "
+                               f"{c.strip()!r} once surrounding whitespace is removed; rename one")
+            stripped[c.strip()] = c
+        warnings.warn(f"{arg}: {path}: surrounding whitespace removed from column names {padded}", stacklevel=3)
+        names = [c.strip() for c in names]
     if len(df) == 0:
-        raise BadInput(f"{arg}: {path}: no rows (columns found: {list(map(str, df.columns))})")
-    df.columns = [str(c) for c in df.columns]
-    return df
+        raise BadInput(f"{arg}: {path}: no rows (columns found: {names})")
+    df.columns = names
+    return df, fmt, header
+
+
+def _raw_strings(path: str, fmt: str, df, header, columns: list[str]):
+    """``columns`` of a CSV / TSV file as the strings in the file (no number parsing, ``NA`` / ``None`` kept as
+    text, an empty cell ''), or None for other formats or when the rows do not line up with ``df``'s."""
+    import pandas as pd
+
+    if fmt not in ("csv", "tsv") or header is None or not isinstance(df.index, pd.RangeIndex) \
+            or len(header) != len(df.columns) or any(h.strip() not in ("", c) for h, c in zip(header, df.columns)):
+        return None   # pandas took a column as the index (a header one name short), or named columns itself
+    pos = [list(df.columns).index(c) for c in columns]
+    try:
+        raw = pd.read_csv(path, sep="," if fmt == "csv" else "\t", dtype=str, keep_default_na=False,
+                          usecols=sorted(set(pos)), encoding="utf-8-sig")
+    except Exception:   # the first read succeeded; the checks this feeds are skipped rather than fail the run
+        return None
+    if len(raw) != len(df):
+        return None
+    by_pos = dict(zip(sorted(set(pos)), raw.columns))
+    return {c: raw[by_pos[p]].tolist() for c, p in zip(columns, pos)}
 
 
 def _starts_with(path: str, char: str) -> bool:
@@ -124,6 +175,8 @@ def _read_datasets_dir(path: str, arg: str):
 
 def _pick(columns: list[str], wanted: str | None, defaults, what: str, path: str, arg: str) -> str | None:
     if wanted is not None:
+        if wanted not in columns and wanted.strip() in columns:   # column names lose surrounding whitespace on load
+            wanted = wanted.strip()
         if wanted not in columns:
             near = [c for c in columns if c.lower() == wanted.lower()]
             hint = f"; did you mean {near[0]!r}?" if near else ""
@@ -155,8 +208,17 @@ def resolve_columns(df, path: str, text_column: str | None, label_column: str | 
     return text, label, ("classify" if label is not None else "causal-lm")
 
 
-def _texts(df, column: str, path: str, arg: str) -> list[str]:
+def _texts(df, column: str, path: str, arg: str, raw: list[str] | None = None) -> list[str]:
+    """``raw``: the column's strings as in a CSV / TSV file; a cell pandas reads as missing but that holds text
+    (``NA``, ``None``, ``null``, ``nan``: pandas' default missing-value spellings) keeps that text."""
     col = df[column]
+    if raw is not None:
+        na = col.isna().tolist()
+        keep = [i for i, v in enumerate(raw) if na[i] and v.strip()]
+        if keep:
+            col = col.astype(object)
+            for i in keep:
+                col.iloc[i] = raw[i]
     missing = col.isna().to_numpy().nonzero()[0]
     if len(missing):
         raise BadInput(f"{arg}: {path}: column {column!r} has {len(missing)} missing values "
@@ -194,6 +256,21 @@ def _label_values(df, column: str, path: str, arg: str) -> list:
     return values
 
 
+def _merged_spellings(values: list, raw: list[str], column: str, path: str, arg: str) -> None:
+    """Warns when one class is spelled two ways in a CSV / TSV file: pandas reads ``01`` and ``1`` (or ``1`` and
+    ``1.0``) as one number, so they are one class. Kept so (numeric label columns stay numbers: the same class in
+    every file, numeric order, the continuous-label check), but said."""
+    spellings: dict[str, set[str]] = {}
+    for v, r in zip(values, raw):
+        spellings.setdefault(str(v), set()).add(r.strip())
+    merged = [(k, sorted(v)) for k, v in spellings.items() if len(v) > 1]
+    if merged:
+        k, v = merged[0]
+        warnings.warn(f"{arg}: {path}: labels {v} in column {column!r} are read as the same number, one class "
+                      f"({k!r}){f' ({len(merged)} such classes)' if len(merged) > 1 else ''}; if they are "
+                      "different classes, give them names that are not numbers", stacklevel=3)
+
+
 def _sort_key(v):
     return (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
 
@@ -204,13 +281,16 @@ def load_examples(path: str, text_column: str | None = None, label_column: str |
     """Reads ``path`` and returns ``(examples, info)``; ``info`` has the columns and the task.
 
     ``label_names``: the training labels when reading evaluation data (a label not among them is refused)."""
-    df = read_table(path, arg)
+    df, fmt, header = _read(path, arg)
     text, label, task = resolve_columns(df, path, text_column, label_column, task, arg)
-    texts = _texts(df, text, path, arg)
+    raw = _raw_strings(path, fmt, df, header, [text] if label is None else [text, label]) or {}
+    texts = _texts(df, text, path, arg, raw.get(text))
     info = {"path": os.path.abspath(path), "rows": len(df), "text_column": text, "label_column": label, "task": task}
     if label is None:
         return Examples(texts), info
     values = _label_values(df, label, path, arg)
+    if label in raw:
+        _merged_spellings(values, raw[label], label, path, arg)
     if label_names is None:
         # one class per label text: 1 and "1" (a column of mixed ints and strings) are the same class
         uniq = sorted({str(v): v for v in values}.values(), key=_sort_key)

@@ -141,7 +141,55 @@ def load_model(src: ModelSource, task: str, label_names: list[str] | None, seed:
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model._lk_new_modules = _new_modules(model, set(info.get("missing_keys", ())))
-    return model.eval()
+    model.eval()
+    if task == "causal-lm":
+        _check_causal(src, model, tokenizer)
+    return model
+
+
+# How much a causal model's logits before the changed last token may differ, relative to the largest logit. The two
+# forwards have the same shapes, so a causal model computes its earlier positions from the same numbers with the same
+# kernels: they come out bit-identical (the fp32 margin is for safety only). At 16 bits no margin is safe: one rounding
+# step is as large as a small encoder's real leak (~5e-3 relative on the tiny test BERT), so those compare exactly.
+CAUSAL_TOL = {torch.float32: 1e-6, torch.float64: 1e-9}
+
+
+@torch.no_grad()
+def _check_causal(src: ModelSource, model: nn.Module, tokenizer) -> None:
+    """Refuses a model loaded for causal LM whose output at a position depends on later tokens (an encoder such as
+    BERT, which transformers loads as ``*LMHeadModel`` with bidirectional attention): it would see the token it is
+    to predict, and its perplexity would mean nothing. Checked by behaviour, for any architecture: two sequences
+    that differ only in their last token must give the same logits at every earlier position."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    n = getattr(emb, "num_embeddings", None) or len(tokenizer)
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    ids = [i for i in range(min(n, 1000)) if i not in special][:5]
+    if len(ids) < 5:
+        ids = list(range(min(n, 5)))
+    if len(ids) < 3:
+        return
+    device = next(model.parameters()).device
+    outs = []
+    for last in ids[-2:]:   # one sequence per forward, no padding: every earlier position sees the same inputs
+        x = torch.tensor([ids[:3] + [last]], device=device)
+        try:
+            out = model(input_ids=x, attention_mask=torch.ones_like(x))
+        except Exception:   # a model that cannot run this forward fails training's first forward, with its message
+            return
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        outs.append(logits[0, :-1].double())
+    a, b = outs
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return   # a model with NaN / inf outputs is reported by training's own checks
+    diff = float((a - b).abs().max())
+    tol = CAUSAL_TOL.get(next(model.parameters()).dtype, 0.0) * (1.0 + float(a.abs().max()))
+    if diff > tol:
+        hint = (' ("is_decoder": true in its config.json makes it causal)'
+                if hasattr(model.config, "is_decoder") else "")
+        raise BadInput(f"--model: {src.spec}: {type(model).__name__} is not a causal LM: it attends to later tokens "
+                       f"(its output at earlier positions changes when only the last token changes), so causal-LM "
+                       f"training would see the tokens it is to predict{hint}; use a decoder model, or --task "
+                       f"classify with labelled data")
 
 
 def _new_modules(model: nn.Module, missing: set[str]) -> list[str]:

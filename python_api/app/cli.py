@@ -18,7 +18,9 @@ import os
 import sys
 
 from .argtypes import positive_float as _positive_float
+from .argtypes import SEED_MAX
 from .argtypes import positive_int as _positive_int
+from .argtypes import seed as _seed
 
 PROG = "lora-kernels"
 BENCH_MODULES = ("bench_gated", "bench_share", "bench_alloc", "bench_alpha", "bench_moe", "bench_memory", "bench_step",
@@ -57,7 +59,7 @@ def _common(p: argparse.ArgumentParser, steps_help: str):
     p.add_argument("--steps", type=_positive_int, default=None, help=steps_help)
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--max-length", type=_positive_int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help=f"random seed, 0 to {SEED_MAX} (default 0)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--time-budget", type=_positive_float, default=None, help="wall-clock seconds for the job")
     p.add_argument("--quick", action="store_true", help="tiny CI smoke run (about a minute)")

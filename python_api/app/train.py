@@ -30,6 +30,7 @@ adapters (CPU) as an uninterrupted one (tests/python_api/test_train_cli.py).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -64,12 +65,19 @@ IDENTITY_KEYS = ("method", "task", "text_column", "label_column", "targets", "r"
                  "beta", "eval_data", "budget_unit", "max_grad_norm", "retrain")
 # what a run written before the key existed used
 IDENTITY_DEFAULTS = {"budget_unit": "ranks", "max_grad_norm": 0.0, "retrain": "plain"}
+# content hashes of the data files (a marker written before they existed has none: not checked)
+DATA_HASHES = (("data_sha256", "--data", "data"), ("eval_data_sha256", "--eval-data", "eval_data"))
 ORTH_WEIGHT = 0.5        # PEFT AdaLoraConfig.orth_reg_weight
 SHAPLEY_VAL_EXAMPLES = 256
 
 
 class Interrupted(Exception):
     """Ctrl-C: a resumable checkpoint was written (exit code 130)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite training loss, gradient norm, adapter weight or model output: the run stopped before writing
+    it (the last checkpoint on disk is the last good one; no adapters, merged model or metrics; exit code 1)."""
 
 
 @dataclass
@@ -169,7 +177,25 @@ def check_args(cfg: TrainConfig) -> None:
 
 def identity(cfg: TrainConfig, src: byo_model.ModelSource) -> dict:
     return {"model": src.fingerprint(), "data": os.path.abspath(cfg.data),
-            **{k: getattr(cfg, k) for k in IDENTITY_KEYS}}
+            **{k: getattr(cfg, k) for k in IDENTITY_KEYS},
+            **{key: None if getattr(cfg, attr) is None else file_sha256(getattr(cfg, attr))
+               for key, _, attr in DATA_HASHES}}
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file's bytes, read in 1 MiB pieces; of a directory (``datasets.save_to_disk``): of every file's
+    relative path and bytes, in sorted order."""
+    h = hashlib.sha256()
+    files = [("", path)]
+    if os.path.isdir(path):
+        files = sorted((os.path.relpath(os.path.join(d, f), path), os.path.join(d, f))
+                       for d, _, names in os.walk(path) for f in names)
+    for rel, full in files:
+        h.update(rel.encode() + b"\0")
+        with open(full, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def check_out(cfg: TrainConfig, ident: dict) -> None:
@@ -180,24 +206,44 @@ def check_out(cfg: TrainConfig, ident: dict) -> None:
         state = os.path.join(out, CKPT_DIR, STATE_FILE)
         if not os.path.exists(marker) or not os.path.exists(state):
             raise BadInput(f"--resume: {out} holds no lora-kernels train checkpoint ({CKPT_DIR}/{STATE_FILE})")
-        with open(marker) as f:
-            old = json.load(f)
+        try:
+            with open(marker) as f:
+                old = json.load(f)
+            if not isinstance(old, dict):
+                raise ValueError(f"a JSON {type(old).__name__}, not an object")
+        except (OSError, ValueError) as e:
+            raise BadInput(f"--resume: {marker} cannot be read ({str(e).splitlines()[0] if str(e) else e!r}); pass "
+                           "--overwrite instead of --resume to start over") from None
         if old.get("model") != ident["model"]:
             raise BadInput(f"--resume: the checkpoint in {out} is for model {old.get('model', {}).get('model')!r} "
                            f"({old.get('model', {}).get('path')}), not {ident['model']['model']!r}")
         if old.get("method") != ident["method"]:
             raise BadInput(f"--resume: the checkpoint in {out} is for method {old.get('method')!r}, "
                            f"not {ident['method']!r}")
-        diff = [k for k in ident if old.get(k, IDENTITY_DEFAULTS.get(k)) != ident[k]]
+        hashes = {key for key, _, _ in DATA_HASHES}
+        diff = [k for k in ident if k not in hashes and old.get(k, IDENTITY_DEFAULTS.get(k)) != ident[k]]
         if diff:
             args = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} (now {ident[k]!r})" for k in diff)
             raise BadInput(f"--resume: the checkpoint in {out} was written with {args}; resume with the same options")
+        for key, flag, attr in DATA_HASHES:   # a marker without the hash (an older version) is not checked
+            if old.get(key) is not None and ident[key] is not None and old[key] != ident[key]:
+                raise BadInput(f"{flag}: {getattr(cfg, attr)} changed since the checkpoint in {out} was written "
+                               f"(sha256 {old[key][:12]}…, now {ident[key][:12]}…); resume with the data the run "
+                               "started with, or pass --overwrite instead of --resume to start over")
         return
     if not os.path.exists(out):
         return
     if not os.path.isdir(out):
         raise BadInput(f"--out: {out} exists and is not a directory")
-    if not os.listdir(out) or cfg.overwrite:
+    if not os.listdir(out):
+        return
+    if cfg.overwrite:
+        if not os.path.isfile(marker):   # not ours: --overwrite writes next to the user's files, never over them
+            clash = _existing_outputs(out)
+            if clash:
+                raise BadInput(f"--out: {out} was not written by lora-kernels train and already holds "
+                               f"{', '.join(clash)}, which this run would write; --overwrite never replaces files "
+                               "it did not write: move them away or choose another directory")
         return
     if os.path.exists(marker):
         raise BadInput(f"--out: {out} already holds a lora-kernels train run; pass --resume to continue it "
@@ -206,7 +252,16 @@ def check_out(cfg: TrainConfig, ident: dict) -> None:
                    "into it anyway, or choose another directory")
 
 
+def _existing_outputs(out: str) -> list[str]:
+    return [name + ("/" if os.path.isdir(os.path.join(out, name)) else "") for name in OUTPUT_NAMES
+            if os.path.lexists(os.path.join(out, name))]
+
+
 def _clear_ours(out: str) -> None:
+    """A previous run's outputs, for ``--overwrite`` of a directory that is ours (holds the marker); a directory
+    without the marker is never cleared."""
+    if not os.path.isfile(os.path.join(out, MARKER)):
+        return
     for name in OUTPUT_NAMES:
         p = os.path.join(out, name)
         if os.path.isdir(p) and not os.path.islink(p):
@@ -284,14 +339,17 @@ def batch_loss(model, batch, task: str) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, tok, enc: Encoded, task: str, batch_size: int) -> dict:
+    """The split's metric; ``finite`` is False when some logit was NaN / Inf (the metric then means nothing)."""
     model.eval()
+    finite = True
     if task == "classify":
         correct = 0
         for i in range(0, len(enc), batch_size):
             b = collate(tok, enc, list(range(i, min(i + batch_size, len(enc)))), task)
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            finite = finite and bool(torch.isfinite(logits).all())
             correct += int((logits.argmax(-1) == b["labels"]).sum())
-        return {"accuracy": correct / len(enc)}
+        return {"accuracy": correct / len(enc), "finite": finite}
     nll, cnt = 0.0, 0
     for i in range(0, len(enc), batch_size):
         b = collate(tok, enc, list(range(i, min(i + batch_size, len(enc)))), task)
@@ -299,8 +357,10 @@ def evaluate(model, tok, enc: Encoded, task: str, batch_size: int) -> dict:
         nll += float(s.double().sum())
         cnt += int(c.sum())
     if cnt == 0:
-        return {"perplexity": float("nan"), "loss": float("nan"), "tokens": 0}
-    return {"perplexity": math.exp(nll / cnt), "loss": nll / cnt, "tokens": cnt}
+        return {"perplexity": float("nan"), "loss": float("nan"), "tokens": 0, "finite": True}
+    finite = math.isfinite(nll)
+    ppl = math.exp(nll / cnt) if nll / cnt < 700 else float("inf")   # math.exp overflows (an error) past ~709
+    return {"perplexity": ppl, "loss": nll / cnt, "tokens": cnt, "finite": finite}
 
 
 # ---- adapters ------------------------------------------------------------------------------------------
@@ -425,7 +485,14 @@ class Run:
         os.replace(tmp, self.ckpt_path)   # a kill while writing leaves the previous checkpoint whole
 
     def load(self) -> dict:
-        st = torch.load(self.ckpt_path, weights_only=True)
+        try:
+            st = torch.load(self.ckpt_path, weights_only=True)
+            if not isinstance(st, dict) or not {"phase", "step", "trainable", "optimizer", "rng"} <= set(st):
+                raise ValueError("not a lora-kernels train checkpoint")
+        except Exception as e:   # a truncated or overwritten file: torch names no file
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise BadInput(f"--resume: {self.ckpt_path} is damaged and cannot be read; pass --overwrite instead of "
+                           f"--resume to start over ({msg})") from None
         for k in self.state:
             if k in st:
                 self.state[k] = st[k]
@@ -474,15 +541,22 @@ class Run:
                         total = loss + ORTH_WEIGHT * orthogonality_penalty(model)
                     else:
                         total = loss
+                loss_value = float(loss.detach())
+                if not (math.isfinite(loss_value) and (total is loss or math.isfinite(float(total.detach())))):
+                    what = f"the training loss is {loss_value}" if not math.isfinite(loss_value) else \
+                        f"the training objective (loss {loss_value} plus the method's extra term) is not finite"
+                    raise self.diverged(phase, step + 1, steps, what)
                 total.backward()
                 if cfg.max_grad_norm:   # transformers.Trainer's default clipping (1.0); 0 switches it off
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                    if not math.isfinite(norm):
+                        raise self.diverged(phase, step + 1, steps, f"the gradient norm is {norm}")
                 opt.step()
                 sched.step()
                 if allocator is not None:
                     # 1-based: with tfinal = 0 the last step (T) is the final mask to the budget
                     allocator.update_and_allocate(step + 1)
-                losses.append(float(loss.detach()))
+                losses.append(loss_value)
                 toks += int(batch["attention_mask"].sum())
                 self.state["step"] = step + 1
                 self.state["phase_seconds"][phase] = seconds_before + time.perf_counter() - t0
@@ -494,6 +568,12 @@ class Run:
                 if self.after_step is not None:
                     self.after_step(phase, step + 1)
                 done = step + 1 == steps
+                checkpoint = (stop.requested and not done) or (step + 1) % cfg.save_every == 0 or done
+                if checkpoint:   # never checkpoint (or, at the end, export) weights that are no longer finite
+                    bad = [n for n, p in model.named_parameters()
+                           if p.requires_grad and not bool(torch.isfinite(p).all())]
+                    if bad:
+                        raise self.diverged(phase, step + 1, steps, f"the trainable weights {bad[:3]} are not finite")
                 if stop.requested and not done:
                     if bar is not None:
                         bar.close()
@@ -506,6 +586,16 @@ class Run:
             bar.close()
         model.eval()
         return allocator
+
+    def diverged(self, phase: str, step: int, steps: int, what: str) -> TrainingDiverged:
+        cfg = self.cfg
+        ckpt = self.checkpoints and os.path.exists(self.ckpt_path)
+        kept = f"the last good checkpoint {self.ckpt_path} is left as it was" if ckpt else "no checkpoint was written"
+        return TrainingDiverged(
+            f"{phase} step {step}/{steps}: {what}; stopped before writing it ({kept}; no adapters, merged model or "
+            f"metrics). Lower --lr (now {cfg.lr}) or clip the gradients with --max-grad-norm (now "
+            f"{cfg.max_grad_norm}{', off' if not cfg.max_grad_norm else ''})"
+            + (", and start over with --overwrite" if ckpt else ""))
 
 
 def _autocast(cfg):
@@ -545,11 +635,11 @@ def prepare(cfg: TrainConfig, log=print, check_output: bool = True) -> dict:
     src = byo_model.resolve(cfg.model)
     train_ex, info = byo_data.load_examples(cfg.data, cfg.text_column, cfg.label_column, cfg.task)
     max_length_given = cfg.max_length is not None
+    given = (cfg.text_column, cfg.label_column)   # what the user named (None: each file's own default)
     cfg = cfg.defaults_for(info["task"])
     cfg.text_column, cfg.label_column = info["text_column"], info["label_column"]
     if cfg.eval_data is not None:
-        test_ex, _ = byo_data.load_examples(cfg.eval_data, cfg.text_column, cfg.label_column, cfg.task,
-                                            label_names=train_ex.label_names or None, arg="--eval-data")
+        test_ex = _eval_examples(cfg, given, train_ex)
         splits = byo_data.split(train_ex, cfg.val_frac, 0.0, cfg.seed, with_test=False)
         splits["test"] = test_ex
     else:
@@ -558,6 +648,7 @@ def prepare(cfg: TrainConfig, log=print, check_output: bool = True) -> dict:
     tok.padding_side = "right"
     base = byo_model.load_model(src, cfg.task, train_ex.label_names or None, cfg.seed, tok,
                                 torch.bfloat16 if cfg.bf16 else torch.float32)
+    _check_finite_weights(cfg, base)
     targets = byo_model.resolve_targets(base, cfg.targets)
     heads = byo_model.head_modules(base, cfg.task)
     _check_model_fit(cfg, base, targets, max_length_given)
@@ -598,10 +689,32 @@ def prepare(cfg: TrainConfig, log=print, check_output: bool = True) -> dict:
             "heads": heads, "ident": ident, "enc": enc, "longer": longer, "steps": steps, "n_blocks": n_blocks}
 
 
+def _eval_examples(cfg: TrainConfig, given: tuple[str | None, str | None], train_ex: byo_data.Examples):
+    """``--eval-data``'s examples: its columns are the ones the user named (``given``), else its own defaults (the
+    training file's column names need not exist there); a ``.txt`` file is its one column ``text``, no labels."""
+    text_col, label_col = given
+    if byo_data.file_format(cfg.eval_data, "--eval-data") == "text":
+        if cfg.task == "classify":
+            raise BadInput(f"--eval-data: {cfg.eval_data}: a .txt file holds text only, no labels; classification "
+                           "needs a table with a label column (.csv, .tsv, .jsonl, .parquet)")
+        text_col, label_col = None, None
+    ex, _ = byo_data.load_examples(cfg.eval_data, text_col, label_col, cfg.task,
+                                   label_names=train_ex.label_names or None, arg="--eval-data")
+    return ex
+
+
+def _check_finite_weights(cfg: TrainConfig, base) -> None:
+    """A NaN / Inf in the base weights makes every loss NaN: refused at load time (one pass over the weights)."""
+    for name, p in base.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise BadInput(f"--model: {cfg.model}: weight {name} holds non-finite values (NaN or Inf); every "
+                           "training loss would be NaN. Use an intact copy of the model")
+
+
 def _check_model_fit(cfg: TrainConfig, base, targets: list[str], max_length_given: bool) -> None:
     """What the model itself bounds, as bad input (exit 2, nothing written) rather than an error deep in the run:
     ranks above the narrowest targeted module, sequences longer than the model's positions (the default length is
-    lowered to them instead), fewer experts than MoE blocks."""
+    lowered to them instead), fewer experts than MoE blocks, MoE targets in two block stacks."""
     from ..allocators.alphalora import DEFAULT_MIN_EXPERTS
 
     conf = getattr(base, "config", None)
@@ -624,6 +737,12 @@ def _check_model_fit(cfg: TrainConfig, base, targets: list[str], max_length_give
     for flag, r in ranks.items():
         if r is not None and r > width[narrow]:
             raise BadInput(f"{flag}: rank {r} exceeds min(in, out) = {width[narrow]} of the targeted module {narrow!r}")
+    from ..surgery import block_stack
+    stacks = sorted({block_stack(n) for n in targets})
+    if cfg.method in MOE_METHODS and len(stacks) > 1:   # an encoder-decoder's encoder.layers and decoder.layers
+        raise BadInput(f"--targets: {cfg.method} allocates experts per block index, and the targeted modules lie in "
+                       f"{len(stacks)} stacks of numbered blocks {stacks}, whose block i would be merged; name the "
+                       f"modules of one stack in full (e.g. {[n for n in targets if block_stack(n) == stacks[0]][0]})")
     n_blocks = len({_block(n) for n in targets})
     if cfg.method in MOE_METHODS and cfg.budget is not None and cfg.budget < n_blocks * DEFAULT_MIN_EXPERTS:
         raise BadInput(f"--budget: {cfg.budget} experts are fewer than the {n_blocks} targeted blocks "
@@ -643,8 +762,7 @@ def run(cfg: TrainConfig, log=print, after_step=None, keep: dict | None = None) 
         torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     P = prepare(cfg, log)
-    cfg, tok, base, enc, steps = P["cfg"], P["tok"], P["base"], P["enc"], P["steps"]
-    targets, heads = P["targets"], P["heads"]
+    cfg, steps, targets = P["cfg"], P["steps"], P["targets"]
     sizes = {k: len(v) for k, v in P["splits"].items()}
     log(f"data: {P['info']['path']} ({P['info']['rows']} rows; text column {cfg.text_column!r}"
         + (f", label column {cfg.label_column!r}, {len(P['splits']['train'].label_names)} classes" if cfg.label_column
@@ -659,17 +777,43 @@ def run(cfg: TrainConfig, log=print, after_step=None, keep: dict | None = None) 
     log(f"model: {byo_model.describe(P['src'])}; {len(targets)} target modules in {P['n_blocks']} blocks; "
         f"method {cfg.method}; {steps} steps of batch {cfg.batch_size}; lr {cfg.lr}")
 
+    made_dir = not os.path.exists(cfg.out)
     os.makedirs(cfg.out, exist_ok=True)
     runner = Run(cfg, log, after_step)
     resume_state = None
     if cfg.resume:
         resume_state = runner.load()
         log(f"resuming from {runner.ckpt_path}: {resume_state['phase']} step {resume_state['step']}")
-    else:
-        _clear_ours(cfg.out)
-        with open(os.path.join(cfg.out, MARKER), "w") as f:
-            json.dump(P["ident"], f, indent=1)
+        return _train_and_write(cfg, P, runner, resume_state, log, keep, t_start)
+    _clear_ours(cfg.out)   # only a directory that is ours: check_out refused a foreign one holding our file names
+    with open(os.path.join(cfg.out, MARKER), "w") as f:
+        json.dump(P["ident"], f, indent=1)
+    try:
+        return _train_and_write(cfg, P, runner, resume_state, log, keep, t_start)
+    except BaseException:
+        _undo_start(cfg.out, runner, made_dir)
+        raise
 
+
+def _undo_start(out: str, runner: Run, made_dir: bool) -> None:
+    """A run that failed before its first checkpoint leaves nothing to resume: the marker this run wrote goes (and
+    ``--out`` itself if this run created it and it is empty), so a corrected rerun is not refused. Only our own
+    files are removed; a run with a checkpoint keeps everything (``--resume`` continues it)."""
+    if os.path.exists(runner.ckpt_path):
+        return
+    for path in (os.path.join(out, MARKER), runner.ckpt_path + ".tmp"):
+        if os.path.isfile(path):
+            os.remove(path)
+    for d in ([os.path.dirname(runner.ckpt_path)] + ([out] if made_dir else [])):
+        if os.path.isdir(d) and not os.listdir(d):
+            os.rmdir(d)
+
+
+def _train_and_write(cfg: TrainConfig, P: dict, runner: Run, resume_state, log, keep, t_start: float) -> dict:
+    """The training (by method), the test metric and the outputs, once ``--out`` is marked as ours."""
+    tok, base, enc, steps = P["tok"], P["base"], P["enc"], P["steps"]
+    targets, heads = P["targets"], P["heads"]
+    sizes = {k: len(v) for k, v in P["splits"].items()}
     st = runner.state
     model = None
     allocator = None
@@ -678,7 +822,7 @@ def run(cfg: TrainConfig, log=print, after_step=None, keep: dict | None = None) 
     elif cfg.method in MOE_METHODS:
         if st["experts"] is None:
             t0 = time.perf_counter()
-            st["experts"], st["alphas"] = _experts(cfg, base, targets, P["n_blocks"])
+            st["experts"], st["alphas"] = _experts(cfg, base, targets)
             st["allocation_seconds"] = time.perf_counter() - t0
         log(f"experts per block: {st['experts']}")
         model = adapt(base, cfg, targets, heads, experts=st["experts"])
@@ -700,6 +844,10 @@ def run(cfg: TrainConfig, log=print, after_step=None, keep: dict | None = None) 
     t_eval = time.perf_counter()
     test = evaluate(model, tok, enc["test"], cfg.task, cfg.batch_size)
     val = evaluate(model, tok, enc["validation"], cfg.task, cfg.batch_size)
+    if not (test["finite"] and val["finite"]):   # finite weights, yet overflowing outputs: a metric of nothing
+        n = len(st["losses"].get("train", []))
+        raise runner.diverged("train", n, steps, "the trained model's outputs on the "
+                              f"{'test' if not test['finite'] else 'validation'} split are not finite")
     eval_s = time.perf_counter() - t_eval
     total, adapters_only = active_trainable(model)
     metrics = {"method": cfg.method, "task": cfg.task, "trainable_params": total,
@@ -760,13 +908,41 @@ def _adalora_factory(cfg: TrainConfig):
     return make
 
 
-def _experts(cfg: TrainConfig, base, targets, n_blocks) -> tuple[list[int], list[float] | None]:
+def _experts(cfg: TrainConfig, base, targets) -> tuple[list[int], list[float | None] | None]:
+    """Experts per block index, allocated over the blocks the targets reach (``--targets`` of block 1 only: one
+    block); a block no target reaches gets 0 experts (apply_moe_adapters leaves it plain) and layer alpha None."""
     from ..allocators.alphalora import allocate_experts, layer_alphas, mola_experts
 
+    blocks = sorted({_block(n) for n in targets})
     if cfg.method == "moe-uniform":
-        return mola_experts(n_blocks, int(cfg.budget), "uniform"), None
-    alphas = layer_alphas(base, targets)
-    return allocate_experts(alphas, int(cfg.budget), beta=cfg.beta), alphas
+        got, alphas = mola_experts(len(blocks), int(cfg.budget), "uniform"), None
+    else:
+        # layer_alphas wants blocks 0..k-1: other targeted blocks are renumbered in that order (same matrices)
+        alphas = layer_alphas(base, targets) if blocks == list(range(len(blocks))) else \
+            layer_alphas(_renumbered(base, targets, blocks))
+        got = allocate_experts(alphas, int(cfg.budget), beta=cfg.beta)
+    experts = [0] * (blocks[-1] + 1)
+    per_block = None if alphas is None else [None] * len(experts)
+    for j, b in enumerate(blocks):
+        experts[b] = int(got[j])
+        if per_block is not None:
+            per_block[b] = float(alphas[j])
+    return experts, per_block
+
+
+def _renumbered(base, targets: list[str], blocks: list[int]) -> nn.Module:
+    """A holder of the target Linears (shared, not copied) as ``layers.j.<name>``, j = the position of their block
+    in ``blocks``."""
+    holder = nn.Module()
+    holder.layers = nn.ModuleList(nn.Module() for _ in blocks)
+    where = {b: j for j, b in enumerate(blocks)}
+    for n in targets:
+        holder.layers[where[_block(n)]].add_module(n.replace(".", "_"), base.get_submodule(n))
+    return holder
+
+
+def _nan_for_none(alphas):
+    return None if alphas is None else [math.nan if a is None else a for a in alphas]
 
 
 def _shaplora_masks(runner: Run, P: dict, resume_state=None) -> tuple[dict[str, torch.Tensor], nn.Module]:
@@ -938,8 +1114,8 @@ def _write_report(cfg: TrainConfig, P: dict, m: dict, sample: dict | None) -> No
                            r_max=cfg.r_init)
         plots_md.append("![ranks per module](ranks.png)")
     if m.get("experts_per_block"):
-        plots.expert_bars(m["experts_per_block"], m.get("layer_alphas"), os.path.join(out, "experts.png"),
-                          f"{cfg.method}: experts per block")
+        plots.expert_bars(m["experts_per_block"], _nan_for_none(m.get("layer_alphas")),
+                          os.path.join(out, "experts.png"), f"{cfg.method}: experts per block")
         plots_md.append("![experts per block](experts.png)")
     head = (f"test accuracy **{m['test_accuracy']:.4f}**" if cfg.task == "classify"
             else f"test perplexity **{m['test_perplexity']:.3f}**")
@@ -1014,12 +1190,18 @@ def run_alloc(cfg: TrainConfig, log=print) -> dict:
     out = cfg.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise BadInput(f"--out: {out} exists and is not a directory")
+    names = ([f"{cfg.method}_ranks.png"] if cfg.method != "alphalora" else ["alphalora_experts.png"]) + \
+        [f"{cfg.method}_allocation.json"]
+    clash = [n for n in names if os.path.lexists(os.path.join(out, n))]
+    if clash and not cfg.overwrite:   # checked before the allocation: nothing of the user's is replaced unasked
+        raise BadInput(f"--out: {out} already holds {', '.join(clash)}, which alloc would overwrite; pass --overwrite "
+                       "to replace them, or choose another directory")
     runner = Run(cfg, log)
     runner.checkpoints = False
     t0 = time.perf_counter()
     res: dict = {"method": cfg.method, "model": cfg.model, "data": os.path.abspath(cfg.data), "budget": cfg.budget}
     if cfg.method == "alphalora":
-        res["experts"], res["alphas"] = _experts(cfg, P["base"], P["targets"], P["n_blocks"])
+        res["experts"], res["alphas"] = _experts(cfg, P["base"], P["targets"])
     elif cfg.method == "shaplora":
         masks = _shaplora_masks(runner, P)[0]
         res["ranks"] = {n: int(m.sum()) for n, m in masks.items()}
@@ -1033,15 +1215,15 @@ def run_alloc(cfg: TrainConfig, log=print) -> dict:
     res["allocation_seconds"] = round(time.perf_counter() - t0, 3)
     os.makedirs(out, exist_ok=True)
     if "ranks" in res:
-        png = plots.rank_heatmap(res["ranks"], os.path.join(out, f"{cfg.method}_ranks.png"),
+        png = plots.rank_heatmap(res["ranks"], os.path.join(out, names[0]),
                                  f"{cfg.method} ranks ({cfg.model})", r_max=cfg.r_init)
         for n, r in res["ranks"].items():
             log(f"{n}: rank {r}")
     else:
-        png = plots.expert_bars(res["experts"], res["alphas"], os.path.join(out, "alphalora_experts.png"))
+        png = plots.expert_bars(res["experts"], _nan_for_none(res["alphas"]), os.path.join(out, names[0]))
         for i, (a, e) in enumerate(zip(res["alphas"], res["experts"])):
-            log(f"block {i}: alpha {a:.3f} -> {e} experts")
-    js = os.path.join(out, f"{cfg.method}_allocation.json")
+            log(f"block {i}: " + ("not targeted" if a is None else f"alpha {a:.3f} -> {e} experts"))
+    js = os.path.join(out, names[-1])
     with open(js, "w") as f:
         json.dump(res, f, indent=1)
     log(f"{cfg.method} allocation in {res['allocation_seconds']:.1f}s; wrote {png} and {js}")

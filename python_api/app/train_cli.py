@@ -13,6 +13,8 @@ import sys
 from .argtypes import fraction as _frac
 from .argtypes import positive_float as _pos_float
 from .argtypes import positive_int as _pos_int
+from .argtypes import SEED_MAX
+from .argtypes import seed as _seed
 
 METHODS = ("lora", "adalora", "shaplora", "sharelora-a", "sharelora-b", "sharelora-ab", "moe-uniform", "alphalora")
 
@@ -45,7 +47,7 @@ def _model_data(p: argparse.ArgumentParser, required: bool):
     p.add_argument("--batch-size", type=_pos_int, default=None, help="default 16 classify, 8 causal-lm")
     p.add_argument("--max-length", type=_pos_int, default=None, help="tokens per text; longer texts are truncated "
                                                                     "and counted (default 128 classify, 256 causal-lm)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help=f"random seed, 0 to {SEED_MAX} (default 0)")
     p.add_argument("--bf16", action="store_true", help="bf16 base weights and autocast (adapters stay fp32)")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute activations in backward (less memory, about 1/3 more time)")
