@@ -150,10 +150,12 @@ def apply_moe_adapters(model: nn.Module, target_modules: Sequence[str] | str, ex
     left exactly as it was.
 
     Args:
-        model: a model with numbered blocks (``model.layers.3.``, ``encoder.layer.3.``).
+        model: a model with numbered blocks (``model.layers.3.``, ``encoder.layer.3.``). The targets must lie in
+            one stack of blocks: an encoder-decoder's ``encoder.layers.i`` and ``decoder.layers.i`` would share
+            block i's count, so targets in both are refused (name one stack, e.g. with a regex).
         target_modules: names or suffixes (e.g. ["q_proj", "v_proj"] or ["query", "value"]), or one regex.
         experts_per_layer: experts per block index, as a list (index = block) or a dict {block: n}. A block with
-            0 experts keeps its plain frozen linears.
+            0 experts keeps its plain frozen linears; experts for a block no target reaches are refused.
         r, alpha, dropout: each expert's rank, LoRA alpha (scale alpha/r) and input dropout.
         top_k: None (2 if the block has > 1 expert else 1), one int, or per block (list/dict).
         load_balance_coef: coefficient of the Switch load-balance loss (0 = off).
