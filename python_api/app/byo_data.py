@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -36,6 +37,11 @@ CONTINUOUS_LABELS = 20
 
 class BadInput(ValueError):
     """Bad user input (file, column, argument): one line, exit code 2, nothing written."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message for a one-line error: its first line, or its type when it has none."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 @dataclass
@@ -103,7 +109,7 @@ def _read(path: str, arg: str):
     except pd.errors.EmptyDataError:
         raise BadInput(f"{arg}: {path}: file is empty") from None
     except Exception as e:  # a parser's own message says what is wrong where
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         raise BadInput(f"{arg}: {path}: cannot read as {fmt}: {msg}") from None
     if header is not None:
         seen = set()
@@ -161,7 +167,7 @@ def _read_datasets_dir(path: str, arg: str):
     try:
         ds = datasets.load_from_disk(path)
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         raise BadInput(f"{arg}: {path}: not a datasets save_to_disk directory ({msg})") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" in ds:
@@ -242,6 +248,8 @@ def _label_values(df, column: str, path: str, arg: str) -> list:
     values, stripped = [], None
     for i, v in enumerate(col.tolist()):
         v = v.item() if hasattr(v, "item") else v
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)   # 1.0 (a float column, JSON written by pandas) is the class 1, as in an integer file
         if isinstance(v, str):
             # " pos" and "pos" are one class (a CSV space after the comma, a stray tab): surrounding whitespace goes
             if v != v.strip():
@@ -272,7 +280,11 @@ def _merged_spellings(values: list, raw: list[str], column: str, path: str, arg:
 
 
 def _sort_key(v):
-    return (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
+    """Numbers, and strings that spell an integer (JSON's "0" … "11"), in numeric order; other labels after, by text."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (0, v, "")
+    s = str(v)
+    return (0, int(s), s) if re.fullmatch(r"[+-]?\d+", s) else (1, 0, s)
 
 
 def load_examples(path: str, text_column: str | None = None, label_column: str | None = None,

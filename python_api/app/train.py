@@ -37,6 +37,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -175,21 +176,24 @@ def check_args(cfg: TrainConfig) -> None:
         raise BadInput("--resume and --overwrite: give one of them, not both")
 
 
-def identity(cfg: TrainConfig, src: byo_model.ModelSource) -> dict:
+def identity(cfg: TrainConfig, src: byo_model.ModelSource, hashes: bool = True) -> dict:
+    """The run's identity (the marker's content); ``hashes``: with the data files' sha256 (one more read of each)."""
     return {"model": src.fingerprint(), "data": os.path.abspath(cfg.data),
             **{k: getattr(cfg, k) for k in IDENTITY_KEYS},
-            **{key: None if getattr(cfg, attr) is None else file_sha256(getattr(cfg, attr))
+            **{key: None if not hashes or getattr(cfg, attr) is None else file_sha256(getattr(cfg, attr))
                for key, _, attr in DATA_HASHES}}
 
 
 def file_sha256(path: str) -> str:
-    """sha256 of a file's bytes, read in 1 MiB pieces; of a directory (``datasets.save_to_disk``): of every file's
-    relative path and bytes, in sorted order."""
+    """sha256 of a file's bytes, read in 1 MiB pieces; of a directory (``datasets.save_to_disk``): of every regular
+    file's relative path and bytes, in sorted order (links, sockets and pipes, which ``load_from_disk`` does not
+    read, are left out)."""
     h = hashlib.sha256()
     files = [("", path)]
     if os.path.isdir(path):
         files = sorted((os.path.relpath(os.path.join(d, f), path), os.path.join(d, f))
-                       for d, _, names in os.walk(path) for f in names)
+                       for d, _, names in os.walk(path) for f in names
+                       if stat.S_ISREG(os.lstat(os.path.join(d, f)).st_mode))
     for rel, full in files:
         h.update(rel.encode() + b"\0")
         with open(full, "rb") as f:
@@ -212,7 +216,7 @@ def check_out(cfg: TrainConfig, ident: dict) -> None:
             if not isinstance(old, dict):
                 raise ValueError(f"a JSON {type(old).__name__}, not an object")
         except (OSError, ValueError) as e:
-            raise BadInput(f"--resume: {marker} cannot be read ({str(e).splitlines()[0] if str(e) else e!r}); pass "
+            raise BadInput(f"--resume: {marker} cannot be read ({byo_data.first_line(e)}); pass "
                            "--overwrite instead of --resume to start over") from None
         if old.get("model") != ident["model"]:
             raise BadInput(f"--resume: the checkpoint in {out} is for model {old.get('model', {}).get('model')!r} "
@@ -490,7 +494,7 @@ class Run:
             if not isinstance(st, dict) or not {"phase", "step", "trainable", "optimizer", "rng"} <= set(st):
                 raise ValueError("not a lora-kernels train checkpoint")
         except Exception as e:   # a truncated or overwritten file: torch names no file
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            msg = byo_data.first_line(e)
             raise BadInput(f"--resume: {self.ckpt_path} is damaged and cannot be read; pass --overwrite instead of "
                            f"--resume to start over ({msg})") from None
         for k in self.state:
@@ -652,7 +656,7 @@ def prepare(cfg: TrainConfig, log=print, check_output: bool = True) -> dict:
     targets = byo_model.resolve_targets(base, cfg.targets)
     heads = byo_model.head_modules(base, cfg.task)
     _check_model_fit(cfg, base, targets, max_length_given)
-    ident = identity(cfg, src)
+    ident = identity(cfg, src, hashes=check_output)   # alloc writes no marker: its data is not hashed
     if check_output:
         check_out(cfg, ident)
     enc, longer = {}, {}
@@ -690,14 +694,19 @@ def prepare(cfg: TrainConfig, log=print, check_output: bool = True) -> dict:
 
 
 def _eval_examples(cfg: TrainConfig, given: tuple[str | None, str | None], train_ex: byo_data.Examples):
-    """``--eval-data``'s examples: its columns are the ones the user named (``given``), else its own defaults (the
-    training file's column names need not exist there); a ``.txt`` file is its one column ``text``, no labels."""
+    """``--eval-data``'s examples: its columns are the ones the user named (``given``), else the ones ``--data``
+    resolved to where this file has them too (a file holding both "text" and the training file's "sentence" is
+    evaluated on "sentence"), else its own defaults; a ``.txt`` file is its one column ``text``, no labels."""
     text_col, label_col = given
     if byo_data.file_format(cfg.eval_data, "--eval-data") == "text":
         if cfg.task == "classify":
             raise BadInput(f"--eval-data: {cfg.eval_data}: a .txt file holds text only, no labels; classification "
                            "needs a table with a label column (.csv, .tsv, .jsonl, .parquet)")
         text_col, label_col = None, None
+    elif text_col is None or label_col is None:
+        cols = set(byo_data.read_table(cfg.eval_data, "--eval-data").columns)
+        text_col = text_col or (cfg.text_column if cfg.text_column in cols else None)
+        label_col = label_col or (cfg.label_column if cfg.label_column in cols else None)
     ex, _ = byo_data.load_examples(cfg.eval_data, text_col, label_col, cfg.task,
                                    label_names=train_ex.label_names or None, arg="--eval-data")
     return ex

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from tests.helpers import assert_close
-from tests.python_api.spawned import leave_rank
+from tests.python_api.spawned import leave_rank, rank_errors
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available in this build")
@@ -268,7 +268,8 @@ def spawned():
             if time.monotonic() > deadline:  # a collective mismatch hangs: fail instead of blocking CI
                 for proc in ctx.processes:
                     proc.kill()
-                pytest.fail(f"the {WORLD} spawned ranks did not finish within {SPAWN_TIMEOUT_S} s")
+                pytest.fail(f"the {WORLD} spawned ranks did not finish within {SPAWN_TIMEOUT_S} s\n"
+                            f"{rank_errors(d, WORLD)}")
         res = [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
         print("seconds per scenario (rank 0):", {k: round(v["seconds"], 2) for k, v in res[0].items()})
         from python_api.checkpoint import load_adapters

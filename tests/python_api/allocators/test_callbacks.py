@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from tests.python_api.spawned import leave_rank
+from tests.python_api.spawned import leave_rank, rank_errors
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -299,7 +299,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
     except Exception:
         res["error"] = traceback.format_exc()
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-    leave_rank()
+    leave_rank(ok="error" not in res)
 
 
 def _free_port() -> int:
@@ -317,7 +317,7 @@ def test_two_gloo_ranks_allocate_identically_and_as_one_process():
             if time.monotonic() > deadline:   # a collective mismatch hangs: fail instead of blocking
                 for proc in ctx.processes:
                     proc.kill()
-                pytest.fail(f"the 2 ranks did not finish within {SPAWN_TIMEOUT_S} s")
+                pytest.fail(f"the 2 ranks did not finish within {SPAWN_TIMEOUT_S} s\n{rank_errors(d, 2)}")
         res = [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(2)]
         for r, o in enumerate(res):
             assert "error" not in o, f"rank {r}:\n{o['error']}"

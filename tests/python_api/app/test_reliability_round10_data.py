@@ -200,3 +200,23 @@ def test_empty_text_cell_is_still_missing(tmp_path):
     p = _write(tmp_path / "d.csv", "text,label\ngood film,a\nNone,b\n,a\nbad film,b\n")
     with pytest.raises(D.BadInput, match=r"column 'text' has 1 missing values \(first at row 2\)"):
         D.load_examples(p)
+
+
+def test_json_digit_string_labels_keep_numeric_order(tmp_path):
+    # twelve classes "0" … "11" in JSON lines: ordered as numbers, the same class indices as the CSV of the same data
+    rows = [f'{{"text": "t{i}", "label": "{i % 12}"}}' for i in range(24)]
+    ex, _ = D.load_examples(_write(tmp_path / "d.jsonl", "\n".join(rows) + "\n"))
+    assert ex.label_names == [str(i) for i in range(12)]
+    csv = _write(tmp_path / "d.csv", "text,label\n" + "".join(f"t{i},{i % 12}\n" for i in range(24)))
+    ex_csv, _ = D.load_examples(csv)
+    assert ex_csv.label_names == ex.label_names and ex_csv.labels == ex.labels
+
+
+def test_whole_float_labels_are_the_integer_classes(tmp_path):
+    # pandas writes a float label column as 0.0 / 1.0: the same classes as an evaluation file with 0 / 1
+    rows = [f'{{"text": "t{i}", "label": {float(i % 2)}}}' for i in range(8)]
+    ex, _ = D.load_examples(_write(tmp_path / "d.jsonl", "\n".join(rows) + "\n"))
+    assert ex.label_names == ["0", "1"]
+    ev = _write(tmp_path / "ev.csv", "text,label\na,0\nb,1\n")
+    ev_ex, _ = D.load_examples(ev, label_names=ex.label_names, arg="--eval-data")
+    assert ev_ex.labels == [0, 1]

@@ -225,6 +225,20 @@ def test_data_hash_of_a_datasets_directory(tmp_path):
     assert h == T.file_sha256(str(d))
     (d / "train" / "data.arrow").write_bytes(b"abd")
     assert T.file_sha256(str(d)) != h
+    # what load_from_disk never reads (a dangling lock link, a pipe) is left out: no error, no blocking read
+    h = T.file_sha256(str(d))
+    os.symlink("/nonexistent/lock", d / "train" / "stale.lock")
+    os.mkfifo(d / "train" / "pipe")
+    assert T.file_sha256(str(d)) == h
+
+
+def test_alloc_does_not_hash_the_data(fx, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(T, "file_sha256", lambda p: seen.append(p) or "x")
+    P = T.prepare(cfg(fx, tmp_path / "o"), log=quiet, check_output=False)
+    assert seen == [] and P["ident"]["data_sha256"] is None
+    T.prepare(cfg(fx, tmp_path / "o"), log=quiet)
+    assert seen == [fx["csv"]]
 
 
 # ---- 5. a .txt --eval-data next to a table whose text column is not `text` -----------------------------------
@@ -246,6 +260,18 @@ def test_txt_eval_data_with_a_table_of_another_text_column(fx, tmp_path):
                       text_column="sentence"), log=quiet)
     # not given: the table resolves its own text column
     P = T.prepare(cfg(fx, tmp_path / "o", model="llama", data=str(table), eval_data=str(ev)), log=quiet)
+    assert P["splits"]["test"].texts == ["good film", "bad plot"]
+
+
+def test_eval_table_uses_the_training_files_columns_where_it_has_them(fx, tmp_path):
+    # --data resolved to "sentence"; the evaluation table holds "sentence" and an unrelated "text": not given
+    # --text-column, it is evaluated on "sentence" (its own default would be "text")
+    table = tmp_path / "train.csv"
+    table.write_text("sentence,label\n" + "".join(f"{s},{y}\n" for s, y in F.sentences(40, seed=3)))
+    ev = tmp_path / "ev.csv"
+    ev.write_text("id,text,sentence,label\n1,raw html 1,good film,pos\n2,raw html 2,bad plot,neg\n")
+    P = T.prepare(cfg(fx, tmp_path / "o", data=str(table), eval_data=str(ev)), log=quiet)
+    assert P["cfg"].text_column == "sentence"
     assert P["splits"]["test"].texts == ["good film", "bad plot"]
 
 
