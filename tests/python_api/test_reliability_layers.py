@@ -373,7 +373,7 @@ def test_modules_to_save_that_holds_a_target_is_refused(save):
 
 @pytest.mark.parametrize("kw,err,match", [
     ({"experts_per_layer": [0, 0, 0]}, ValueError, "0 experts to every targeted block"),
-    ({"experts_per_layer": [2, 2, 2, 2]}, ValueError, "experts_per_layer has 4 entries"),
+    ({"experts_per_layer": [2, 2, 2, 2]}, ValueError, r"experts \{3: 2\} to blocks no target reaches"),
     ({"experts_per_layer": [2, 2, 2], "top_k": 1.5}, TypeError, r"top_k must be an int .*block 0"),
 ])
 def test_moe_arguments_that_would_train_nothing_or_be_cut_short(kw, err, match):
