@@ -21,12 +21,6 @@ pytest.importorskip("peft")
 pytest.importorskip("pandas")
 
 
-@pytest.fixture(scope="module")
-def fx(tmp_path_factory):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return F.make_all(str(tmp_path_factory.mktemp("byo10")))
-
-
 def cfg(fx, out, method="lora", model="bert", data="csv", **kw):
     base = dict(model=fx.get(model, model), data=fx.get(data, data), method=method, out=str(out), steps=2,
                 batch_size=8, progress=False, verify=False, supernet_check=False)

@@ -12,16 +12,9 @@ import torch
 from python_api.app import cli
 from python_api.app import train as T
 
-from . import byo_fixtures as F
 
 pytest.importorskip("peft")
 pytest.importorskip("pandas")
-
-
-@pytest.fixture(scope="module")
-def fx(tmp_path_factory):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return F.make_all(str(tmp_path_factory.mktemp("byo")))
 
 
 def cfg(fx, out, method="lora", model="bert", data="csv", **kw):
