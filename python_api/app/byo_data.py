@@ -197,7 +197,10 @@ def resolve_columns(df, path: str, text_column: str | None, label_column: str | 
     cols = list(df.columns)
     text = _pick(cols, text_column, TEXT_DEFAULTS, "--text-column", path, arg)
     if text is None:
-        strings = [c for c in cols if df[c].dtype == object]
+        from pandas.api.types import is_string_dtype
+
+        # object (pandas < 3) or the str dtype pandas 3 gives text columns by default
+        strings = [c for c in cols if is_string_dtype(df[c].dtype)]
         if len(strings) != 1:
             raise BadInput(f"{arg}: {path}: cannot tell the text column; pass --text-column (columns found: {cols})")
         text = strings[0]

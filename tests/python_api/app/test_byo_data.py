@@ -55,6 +55,24 @@ def test_split_is_seeded_and_stratified(frame):
     assert sorted(a["train"].texts + a["validation"].texts + a["test"].texts) == sorted(ex.texts)
 
 
+@pytest.mark.parametrize("ext", ["csv", "jsonl", "parquet"])
+def test_the_only_text_column_is_the_text_whatever_its_name(tmp_path, frame, ext):
+    # pandas 3 reads text as its str dtype, pandas 2 as object: both are "the only string column"
+    p = tmp_path / f"d.{ext}"
+
+    def write(df):
+        {"csv": lambda: df.to_csv(p, index=False), "jsonl": lambda: df.to_json(p, orient="records", lines=True),
+         "parquet": lambda: df.to_parquet(p)}[ext]()
+    df = frame.rename(columns={"sentence": "body"}).assign(label=[len(t) % 2 for t in frame["sentence"]])
+    write(df)
+    with pytest.raises(D.BadInput, match="cannot tell the text column; pass --text-column"):
+        D.load_examples(str(p))   # two text columns (body, y): which one is the text is not guessed
+    write(df.drop(columns="y"))
+    ex, info = D.load_examples(str(p))
+    assert info["text_column"] == "body" and info["task"] == "classify"
+    assert ex.texts == list(frame["sentence"])
+
+
 def test_column_errors_name_the_columns(tmp_path, frame):
     p = tmp_path / "d.csv"
     frame.to_csv(p, index=False)
