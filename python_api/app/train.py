@@ -493,6 +493,9 @@ class Run:
             st = torch.load(self.ckpt_path, weights_only=True)
             if not isinstance(st, dict) or not {"phase", "step", "trainable", "optimizer", "rng"} <= set(st):
                 raise ValueError("not a lora-kernels train checkpoint")
+        except OSError as e:   # unreadable, not damaged (permissions, I/O): starting over would lose it
+            raise BadInput(f"--resume: {self.ckpt_path} cannot be read ({byo_data.first_line(e)}); it is left as it "
+                           f"is: make it readable and --resume again") from None
         except Exception as e:   # a truncated or overwritten file: torch names no file
             msg = byo_data.first_line(e)
             raise BadInput(f"--resume: {self.ckpt_path} is damaged and cannot be read; pass --overwrite instead of "

@@ -304,3 +304,22 @@ def test_damaged_checkpoint_names_the_file(fx, tmp_path, capsys):
     assert rc == 2 and len(err.splitlines()) == 1
     assert "--resume:" in err and str(state) in err and "--overwrite" in err
     assert state.stat().st_size == 100                       # left as it was
+
+
+def test_unreadable_checkpoint_is_not_called_damaged(fx, tmp_path, capsys, monkeypatch):
+    # a checkpoint that cannot be read (permissions, an I/O error) is not damaged: --overwrite would throw it away
+    out = tmp_path / "o"
+    with pytest.raises(RuntimeError, match="killed"):
+        T.run(cfg(fx, out, steps=3, save_every=1), log=quiet, after_step=_stop_at(2))
+    state = out / T.CKPT_DIR / T.STATE_FILE
+    before = state.read_bytes()
+
+    def denied(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(T.torch, "load", denied)
+    rc, err = _main(capsys, "train", "--model", fx["bert"], "--data", fx["csv"], "--method", "lora", "--steps", "3",
+                    "--batch-size", "8", "--save-every", "1", "--out", str(out), "--resume")
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "--resume:" in err and str(state) in err and "Permission denied" in err
+    assert "--overwrite" not in err and "damaged" not in err
+    assert state.read_bytes() == before
