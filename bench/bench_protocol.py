@@ -42,6 +42,12 @@ goals a verdict each (met, missed, or open while tasks are unmeasured).
 ``--mode aggregate`` trains nothing: it rebuilds ``protocol_cpu.json`` from the runs file, e.g. after running
 tasks or methods in separate processes (one per core) and concatenating their runs files.
 
+``--mode timing``: the issue's budget of 3 minutes per method × task × seed on 2 cores, measured: one run per task
+and method (the first seed and lr given) with every core (``--threads``), after an untimed warm-up run, timed from
+the first training step to the trained model (training + ShapLoRA's super-network and scoring; loading the task and
+validating are not counted). Nothing is validated or tested and no runs file is written: the rows go to
+``<out>/protocol_timing_cpu.json`` (``--quick``: ``protocol_timing_cpu_quick.json``).
+
 ``--mode curve``: uniform LoRA's validation accuracy (the LM task: perplexity) every ``--curve-every`` steps of
 one run of the task's steps, and the step where it flattened (within 1 point of its best accuracy from there on;
 the LM: every later perplexity within 1% of its lowest): the evidence for the step count.
@@ -641,7 +647,9 @@ def _r(x: float):
 
 
 # ---- the command ----------------------------------------------------------------------------------------
-MODES = ("protocol", "curve", "both", "aggregate")
+MODES = ("protocol", "curve", "both", "aggregate", "timing")
+# the issue's budget for one method × task × seed on 2 cores (bf16 autocast allowed once measured equal in accuracy)
+RUN_BUDGET_S = 180.0
 
 
 def run(quick: bool = False, directory: str | None = None, mode: str = "protocol", **over) -> list[dict]:
@@ -671,7 +679,7 @@ def run(quick: bool = False, directory: str | None = None, mode: str = "protocol
     ref_done = {(r["task"], r["seed"]) for r in log.records.values()
                 if r["kind"] == "final" and r["method"] == REFERENCE}
     missing = [(t, s) for t in cfg["tasks"] for s in cfg["seeds"] if (t, s) not in ref_done]
-    if REFERENCE not in cfg["methods"] and mode not in ("curve", "aggregate") and missing:
+    if REFERENCE not in cfg["methods"] and mode not in ("curve", "aggregate", "timing") and missing:
         raise ValueError(f"methods must include the reference {REFERENCE!r} (the paired differences need it): it "
                          f"has no recorded final run for (task, seed) {missing[:4]}")
     threads = pin_threads(cfg["threads"])
@@ -691,6 +699,8 @@ def run(quick: bool = False, directory: str | None = None, mode: str = "protocol
                               for t in cfg["tasks"]}
         flush()
         return aggregate(list(log.records.values()), cfg, threads)
+    if mode == "timing":
+        return timing(cfg, threads, directory, "protocol_timing_cpu_quick" if quick else "protocol_timing_cpu")
     log.on_add = flush
     for t in cfg["tasks"]:
         t0 = time.perf_counter()
@@ -714,6 +724,52 @@ def run(quick: bool = False, directory: str | None = None, mode: str = "protocol
         meta.setdefault("test_reads", {})[t] = len(task._tested)
     flush()
     return aggregate(list(log.records.values()), cfg, threads)
+
+
+def timing(cfg: dict, threads: int, directory: str, name: str = "protocol_timing_cpu") -> list[dict]:
+    """``--mode timing``: one timed run per task × method (seed ``seeds[0]``, lr ``lrs[0]``) with ``threads``
+    threads, after an untimed warm-up (a fresh process runs its first steps several times slower). Reads no
+    validation or test split beyond what the method itself trains on (ShapLoRA's scoring reads validation)."""
+    rows, dtype = [], "bfloat16" if cfg["bf16"] else "float32"
+    seed, lr = cfg["seeds"][0], cfg["lrs"][0]
+    meta = {"threads": threads, "config": cfg, "config_key": config_key(cfg), "budget_s": RUN_BUDGET_S,
+            "unit": "seconds of one run (training + super-network and scoring), threads as given; seed "
+                    f"{seed}, lr {lr:g}", "cpu_count": os.cpu_count()}
+    for t in cfg["tasks"]:
+        task = ProtocolTask(t, cfg)
+        warm = _RunView(task, {**task.cfg, "lr": lr, "steps": min(10, task.cfg["steps"])})
+        train_method(warm, REFERENCE, seed)   # untimed: first steps in a process are slow
+        model_name = "minilm-l6" if task.spec.kind == "cls" else "smollm2-135m"
+        shape = f"{model_name}/{t}/steps{task.cfg['steps']}-b{task.cfg['batch']}-r{cfg['r']}"
+        for m in cfg["methods"]:
+            if task.spec.kind == "lm" and m not in LM_METHODS:
+                continue
+            t0 = time.perf_counter()
+            _, info = train_method(task.view(lr), m, seed)
+            wall = time.perf_counter() - t0
+            rows.append(make_row("protocol_run_time", m, "train", shape, dtype, "cpu", round(wall, 2), unit="s",
+                                 task=t, threads=threads, seed=seed, lr=lr, train_time_s=info["train_time_s"],
+                                 extra_time_s=info["extra_time_s"], budget_s=RUN_BUDGET_S,
+                                 within_budget=wall <= RUN_BUDGET_S))
+            print(f"[protocol] timing {t}/{m}: {wall:.1f}s with {threads} threads (train {info['train_time_s']}s, "
+                  f"extra {info['extra_time_s']}s)", flush=True)
+            write_results(rows, name, meta, directory)
+    return rows
+
+
+def timing_md(rows: list[dict]) -> list[str]:
+    """The per-run wall times against the issue's 3-minute budget."""
+    rs = [r for r in rows if r["op"] == "protocol_run_time"]
+    if not rs:
+        return []
+    threads = sorted({r["threads"] for r in rs})
+    lines = [f"Wall time of one run (seed {rs[0]['seed']}, lr {rs[0]['lr']:g}) with {'/'.join(map(str, threads))} "
+             f"threads, against the budget of {RUN_BUDGET_S:.0f} s per method × task × seed:", "",
+             "| task | method | run s | train s | extra s (super-net + scoring) | within budget |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['provider']} | {r['median']:.1f} | {r['train_time_s']:.1f} | "
+              f"{r['extra_time_s']:.1f} | {'yes' if r['within_budget'] else 'no'} |" for r in rs]
+    return lines + [""]
 
 
 # ---- report ---------------------------------------------------------------------------------------------
@@ -779,7 +835,7 @@ def goals_md(rows: list[dict]) -> list[str]:
 
 def report_md(name: str, rows: list[dict], plots: str = PLOTS) -> tuple[list[str], list[str]]:
     """Markdown tables (one per task) and pictures (paired differences with CIs; validation curves)."""
-    lines, imgs = [], []
+    lines, imgs = timing_md(rows), []
     tasks = [t for t in TASKS if any(r.get("task") == t for r in rows)]
     if any(r["op"] == "protocol" and r.get("task") in CLS_TASKS for r in rows):
         lines += goals_md(rows) + [""]

@@ -369,3 +369,22 @@ def test_final_runs_reuse_every_tuning_model_at_the_chosen_lr(tmp_path, monkeypa
         bp.final(Task, "lora", seed, lr, kept, log)
     assert len(trained) == 6    # the six tuning runs; the finals trained nothing more
     assert [log.find("final", "rotten_tomatoes", "lora", s, lr)["test_acc"] for s in (0, 1, 2)] == [0.9, 0.8, 0.9]
+
+
+def test_timing_mode_times_one_run_per_method_and_reads_no_test(tmp_path, monkeypatch):
+    read = []
+    monkeypatch.setattr(bp.ProtocolTask, "test_once", lambda self, model, key: read.append(key))
+    rows = bp.run(quick=True, directory=str(tmp_path), mode="timing", threads=1)
+    assert read == [] and not (tmp_path / "protocol_cpu_quick_runs.jsonl").exists()
+    assert [r["provider"] for r in rows] == bp.QUICK["methods"]
+    for r in rows:
+        assert set(SCHEMA) <= set(r) and r["op"] == "protocol_run_time" and r["unit"] == "s" and r["threads"] == 1
+        # the timed span covers training and ShapLoRA's super-network + scoring, nothing else
+        assert r["train_time_s"] + r["extra_time_s"] <= r["median"] and r["within_budget"] == (r["median"] <= 180)
+    shap = next(r for r in rows if r["provider"] == "shaplora")
+    assert shap["extra_time_s"] > 0
+    with open(tmp_path / "protocol_timing_cpu_quick.json") as f:
+        saved = json.load(f)
+    assert saved["meta"]["budget_s"] == 180 and len(saved["rows"]) == len(rows)
+    lines, imgs = bp.report_md("protocol_timing_cpu_quick.json", rows, str(tmp_path))
+    assert imgs == [] and "| rotten_tomatoes | shaplora |" in "\n".join(lines)
