@@ -789,7 +789,7 @@ def run(cfg: TrainConfig, log=print, after_step=None, keep: dict | None = None) 
     log(f"model: {byo_model.describe(P['src'])}; {len(targets)} target modules in {P['n_blocks']} blocks; "
         f"method {cfg.method}; {steps} steps of batch {cfg.batch_size}; lr {cfg.lr}")
 
-    made_dir = not os.path.exists(cfg.out)
+    made_dirs = _missing_dirs(cfg.out)
     os.makedirs(cfg.out, exist_ok=True)
     runner = Run(cfg, log, after_step)
     resume_state = None
@@ -803,20 +803,32 @@ def run(cfg: TrainConfig, log=print, after_step=None, keep: dict | None = None) 
     try:
         return _train_and_write(cfg, P, runner, resume_state, log, keep, t_start)
     except BaseException:
-        _undo_start(cfg.out, runner, made_dir)
+        _undo_start(cfg.out, runner, made_dirs)
         raise
 
 
-def _undo_start(out: str, runner: Run, made_dir: bool) -> None:
+def _missing_dirs(path: str) -> list[str]:
+    """``path`` and its ancestors that do not exist yet, deepest first (what ``os.makedirs(path)`` creates)."""
+    out, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        out.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return out
+
+
+def _undo_start(out: str, runner: Run, made_dirs: list[str]) -> None:
     """A run that failed before its first checkpoint leaves nothing to resume: the marker this run wrote goes (and
-    ``--out`` itself if this run created it and it is empty), so a corrected rerun is not refused. Only our own
-    files are removed; a run with a checkpoint keeps everything (``--resume`` continues it)."""
+    the directories this run created for ``--out``, those left empty), so a corrected rerun is not refused. Only our
+    own files are removed; a run with a checkpoint keeps everything (``--resume`` continues it)."""
     if os.path.exists(runner.ckpt_path):
         return
     for path in (os.path.join(out, MARKER), runner.ckpt_path + ".tmp"):
         if os.path.isfile(path):
             os.remove(path)
-    for d in ([os.path.dirname(runner.ckpt_path)] + ([out] if made_dir else [])):
+    for d in [os.path.dirname(runner.ckpt_path), *made_dirs]:   # deepest first
         if os.path.isdir(d) and not os.listdir(d):
             os.rmdir(d)
 

@@ -160,6 +160,14 @@ def test_an_error_before_the_first_checkpoint_leaves_out_reusable(fx, tmp_path):
     with pytest.raises(RuntimeError, match="killed"):
         T.run(cfg(fx, out, steps=3, save_every=50), log=quiet, after_step=_stop_at(1))
     assert not out.exists()                                   # created by the run, left empty: removed
+    nested = tmp_path / "runs" / "a" / "b"                    # and the parents it created on the way
+    with pytest.raises(RuntimeError, match="killed"):
+        T.run(cfg(fx, nested, steps=3, save_every=50), log=quiet, after_step=_stop_at(1))
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs" / "a").mkdir(parents=True)             # a parent the user made stays
+    with pytest.raises(RuntimeError, match="killed"):
+        T.run(cfg(fx, nested, steps=3, save_every=50), log=quiet, after_step=_stop_at(1))
+    assert (tmp_path / "runs" / "a").is_dir() and not nested.exists()
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
