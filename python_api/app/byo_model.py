@@ -230,6 +230,25 @@ def _check_head_size(src: ModelSource, num_classes: int) -> None:
                        f"or data with its {config.num_labels} labels")
 
 
+def head_label_names(src: ModelSource) -> list[str] | None:
+    """A saved classifier's class names in its head's id order (``id2label``), or None: not a classifier, or one
+    whose names are transformers' defaults (``LABEL_0`` …), which say nothing about what each id means."""
+    import re
+
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(src.folder, local_files_only=True, **_gguf_kw(src))
+    except Exception:   # reported by the model load itself
+        return None
+    if not any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or ())):
+        return None
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    names = [id2label.get(i) for i in range(config.num_labels)]
+    if None in names or all(re.fullmatch(r"LABEL_\d+", n) for n in names):
+        return None
+    return names
+
+
 def _tf_version() -> str:
     import transformers
     return transformers.__version__

@@ -40,6 +40,7 @@ import signal
 import stat
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -645,6 +646,8 @@ def prepare(cfg: TrainConfig, log=print, check_output: bool = True) -> dict:
     given = (cfg.text_column, cfg.label_column)   # what the user named (None: each file's own default)
     cfg = cfg.defaults_for(info["task"])
     cfg.text_column, cfg.label_column = info["text_column"], info["label_column"]
+    if info["task"] == "classify":   # a fine-tuned classifier keeps what each of its head's ids means
+        train_ex = _in_head_order(train_ex, byo_model.head_label_names(src), cfg.model, log)
     if cfg.eval_data is not None:
         test_ex = _eval_examples(cfg, given, train_ex)
         splits = byo_data.split(train_ex, cfg.val_frac, 0.0, cfg.seed, with_test=False)
@@ -694,6 +697,27 @@ def prepare(cfg: TrainConfig, log=print, check_output: bool = True) -> dict:
     cfg.steps_resolved = steps   # type: ignore[attr-defined]
     return {"cfg": cfg, "src": src, "splits": splits, "info": info, "tok": tok, "base": base, "targets": targets,
             "heads": heads, "ident": ident, "enc": enc, "longer": longer, "steps": steps, "n_blocks": n_blocks}
+
+
+def _in_head_order(ex: byo_data.Examples, head: list[str] | None, model: str, log) -> byo_data.Examples:
+    """The examples with their classes numbered as the model's classifier head numbers them (its ``id2label``),
+    when the head's class names are the data's (exactly, else up to letter case); otherwise unchanged, with a
+    warning when the head names other classes (its ids then take the data's classes in sorted order)."""
+    names = ex.label_names
+    if head is None or head == names or len(head) != len(names):   # a size mismatch is refused by load_model
+        return ex
+    for key in (str, str.casefold):
+        pos = {key(n): i for i, n in enumerate(head)}
+        if len(pos) == len(head) and sorted(pos) == sorted({key(n) for n in names}) and len(set(map(key, names))) \
+                == len(names):
+            new = [pos[key(n)] for n in names]
+            log(f"note: classes numbered as --model's classifier head numbers them: {head}")
+            return byo_data.Examples(ex.texts, [new[i] for i in ex.labels],   # the data's spellings, head order
+                                     [names[new.index(j)] for j in range(len(head))])
+    warnings.warn(f"--model: {model} is a classifier whose head names its classes {head}, but the data's classes "
+                  f"are {names}: head id i is trained as the data's i-th class in sorted order ({names}); rename the "
+                  "data's labels to the head's names to keep what each id means", stacklevel=3)
+    return ex
 
 
 def _eval_examples(cfg: TrainConfig, given: tuple[str | None, str | None], train_ex: byo_data.Examples):

@@ -1,0 +1,87 @@
+"""``lora-kernels train`` and the library under careful misuse (round 11): a fine-tuned classifier's own label
+ids, list- and dict-valued labels, fractions that leave a class without training rows, ``--resume`` after the
+model's weights changed, options the method does not use, a ';'-separated CSV. Tiny fixtures (random BERT /
+Llama, hidden 32, 2 blocks)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from python_api.app import train as T
+from python_api.app.byo_data import BadInput
+
+from . import byo_fixtures as F
+
+pytest.importorskip("peft")
+pd = pytest.importorskip("pandas")
+
+
+def cfg(fx, out, method="lora", model="bert", data="csv", **kw):
+    base = dict(model=fx.get(model, model), data=fx.get(data, data), method=method, out=str(out), steps=2,
+                batch_size=8, progress=False, verify=False, supernet_check=False)
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+def quiet(*a, **k):
+    pass
+
+
+def _classifier(path, id2label: dict[int, str], favour: int) -> str:
+    """A saved 2-label classifier whose head always predicts id ``favour``."""
+    from transformers import BertConfig, BertForSequenceClassification
+    tok = F.tokenizer()
+    torch.manual_seed(0)
+    c = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                   intermediate_size=64, max_position_embeddings=64, pad_token_id=0, num_labels=2,
+                   id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    m = BertForSequenceClassification(c)
+    with torch.no_grad():
+        m.classifier.weight.zero_()
+        m.classifier.bias.copy_(torch.tensor([5.0, -5.0]) if favour == 0 else torch.tensor([-5.0, 5.0]))
+    m.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _skewed(path, names=("pos", "neg")) -> str:
+    rows = F.sentences(100)
+    pd.DataFrame({"text": [r[0] for r in rows],
+                  "label": [names[0] if i % 5 else names[1] for i in range(100)]}).to_csv(path, index=False)
+    return str(path)
+
+
+# ---- 1. a fine-tuned classifier keeps what its head's ids mean ------------------------------------------------
+@pytest.mark.parametrize("spelling", [("pos", "neg"), ("POS", "NEG")])
+def test_finetuned_classifier_keeps_its_label_ids(fx, tmp_path, spelling):
+    # the head says id 0 = "pos" and always predicts it; the data is 80% "pos". Sorted order would make "neg"
+    # id 0 and turn the head's answers around (accuracy 0.2 instead of 0.8)
+    model = _classifier(tmp_path / "cls", {0: "pos", 1: "neg"}, favour=0)
+    data = _skewed(tmp_path / "d.csv", spelling)
+    P = T.prepare(cfg(fx, tmp_path / "o", model=model, data=data), log=quiet, check_output=False)
+    train = P["splits"]["train"]
+    assert train.label_names == list(spelling)                # the data's spellings, in the head's id order
+    assert P["base"].config.id2label == {0: spelling[0], 1: spelling[1]}
+    m = T.run(cfg(fx, tmp_path / "o", model=model, data=data, steps=1, lr=1e-9, merge=True), log=quiet)
+    test = P["splits"]["test"]
+    majority = sum(lab == 0 for lab in test.labels) / len(test)
+    assert majority > 0.5 and m["test_accuracy"] == pytest.approx(majority)
+    saved = json.load(open(tmp_path / "o" / "merged" / "config.json"))
+    assert saved["id2label"] == {"0": spelling[0], "1": spelling[1]}
+
+
+def test_finetuned_classifier_with_other_names_warns(fx, tmp_path):
+    model = _classifier(tmp_path / "cls", {0: "positive", 1: "negative"}, favour=0)
+    data = _skewed(tmp_path / "d.csv")
+    with pytest.warns(UserWarning, match=r"head names its classes \['positive', 'negative'\].*rename"):
+        P = T.prepare(cfg(fx, tmp_path / "o", model=model, data=data), log=quiet, check_output=False)
+    assert P["splits"]["train"].label_names == ["neg", "pos"]
+
+
+def test_default_head_names_follow_the_data(fx, tmp_path):
+    model = _classifier(tmp_path / "cls", {0: "LABEL_0", 1: "LABEL_1"}, favour=0)
+    P = T.prepare(cfg(fx, tmp_path / "o", model=model, data=_skewed(tmp_path / "d.csv")), log=quiet,
+                  check_output=False)
+    assert P["splits"]["train"].label_names == ["neg", "pos"]
