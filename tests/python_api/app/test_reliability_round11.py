@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from python_api.app import train as T
-from python_api.app.byo_data import BadInput
 
 from . import byo_fixtures as F
 
