@@ -649,15 +649,21 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, allocator: Any =
 
 
 def _snapshot(model: nn.Module, specs: dict) -> dict:
-    return {"modules": {n: model.get_submodule(n) for n in specs},
+    # every module, not only the checkpoint's: the rebuild adapts whatever the recorded targets match, which on a
+    # larger model is more than the checkpoint holds (and is then refused)
+    return {"modules": dict(model.named_modules(remove_duplicate=False)),
+            "children": {id(m): dict(m._modules) for m in model.modules()},
             "grad": {id(p): p.requires_grad for p in model.parameters()},
             "config": getattr(model, _CONFIG_ATTR, None)}
 
 
 def _restore(model: nn.Module, snap: dict) -> None:
-    for name, mod in snap["modules"].items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, mod)
+    """Puts every module of the snapshot back where it was (children replaced or added since are undone)."""
+    for mod in snap["modules"].values():
+        kids = snap["children"].get(id(mod))
+        if kids is not None and dict(mod._modules) != kids:
+            mod._modules.clear()
+            mod._modules.update(kids)
     for p in model.parameters():
         p.requires_grad_(snap["grad"].get(id(p), p.requires_grad))
     if snap["config"] is None:

@@ -84,3 +84,25 @@ def test_default_head_names_follow_the_data(fx, tmp_path):
     P = T.prepare(cfg(fx, tmp_path / "o", model=model, data=_skewed(tmp_path / "d.csv")), log=quiet,
                   check_output=False)
     assert P["splits"]["train"].label_names == ["neg", "pos"]
+
+
+# ---- 2. a refused load_adapters leaves the whole model as it was ---------------------------------------------
+@pytest.mark.parametrize("share", [None, "A"])
+def test_refused_load_into_a_larger_model_leaves_it_untouched(tmp_path, share):
+    import python_api as lk
+    from transformers import BertConfig, BertModel
+
+    def bert(layers):
+        torch.manual_seed(0)
+        return BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                    intermediate_size=64))
+    kw = {"share": share} if share else {}
+    lk.save_adapters(lk.apply_adapters(bert(2), ["query", "value"], r=4, **kw), str(tmp_path / "ck"))
+    big = bert(3)
+    before = dict(big.named_modules())
+    grads = {n: p.requires_grad for n, p in big.named_parameters()}
+    with pytest.raises(lk.CheckpointError):
+        lk.load_adapters(big, str(tmp_path / "ck"))   # its third block has query / value too
+    assert dict(big.named_modules()) == before        # the same module objects, nothing adapted
+    assert {n: p.requires_grad for n, p in big.named_parameters()} == grads
+    lk.apply_adapters(big, ["query", "value"], r=4, **kw)   # a corrected retry is not refused
