@@ -104,7 +104,9 @@ class AdapterConfig:
         share: None (plain LoRA), ``"A"``, ``"B"`` or ``"AB"`` (ShareLoRA, matrices shared by reference).
         share_scope: ``"module_type"`` (one matrix per module type across layers) or ``"attention"`` (one across q,
             k, v of all layers).
-        rank_pattern: module name or suffix -> rank for that module (PEFT's ``rank_pattern``).
+        rank_pattern: module name or suffix -> rank for that module (PEFT's ``rank_pattern``); where several keys
+            match a module, the most specific wins (its full name, else the longest suffix). The same rule holds for
+            ``alpha_pattern`` and ``rank_masks``.
         alpha_pattern: module name or suffix -> alpha for that module (PEFT's ``alpha_pattern``); e.g. ``alpha = 2·r``
             per module keeps one scale ``alpha / r = 2`` across a non-uniform rank pattern.
         rank_masks: module name or suffix -> 0/1 mask [r] applied with ``set_rank_mask``.

@@ -84,9 +84,18 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
         for pname, p in model.get_submodule(mod_name).named_parameters():
             tensors[f"{PEFT_PREFIX}{mod_name}.{pname}"] = p.detach().contiguous().clone()
     r = max(ranks.values())
-    cfg = LoraConfig(r=r, lora_alpha=alphas[max(ranks, key=ranks.get)], target_modules=sorted(ranks),
-                     rank_pattern={re.escape(n): k for n, k in ranks.items()},
-                     alpha_pattern={re.escape(n): v for n, v in alphas.items()},
+    # PEFT matches a pattern key as a suffix of the module name, first key in sorted order: a name that is the
+    # suffix of another module's ("fc" and "z.fc") is anchored to the whole name, or its rank would be taken for
+    # the other one; the targets are then one full-name regex, so no other "*.fc" is adapted either
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or n in layers]
+    clash = {n for n in ranks if any(o != n and o.endswith("." + n) for o in linears)}
+
+    def key(n):
+        return ("^" if n in clash else "") + re.escape(n)
+    targets = ("(?:" + "|".join(re.escape(n) for n in sorted(ranks)) + ")") if clash else sorted(ranks)
+    cfg = LoraConfig(r=r, lora_alpha=alphas[max(ranks, key=ranks.get)], target_modules=targets,
+                     rank_pattern={key(n): k for n, k in ranks.items()},
+                     alpha_pattern={key(n): v for n, v in alphas.items()},
                      lora_dropout=dropouts.pop(), bias="none", modules_to_save=saved_modules or None,
                      base_model_name_or_path=base_model_name_or_path, task_type=task_type, inference_mode=True)
     os.makedirs(path, exist_ok=True)
@@ -181,7 +190,9 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         return alpha / (ranks[name] ** 0.5 if rs_lora else ranks[name])
 
     heads = sorted({k.rsplit(".", 1)[0] for k in extra})
-    apply_adapters(model, sorted(lora), r=max(ranks.values()),
+    # the adapter's modules exactly (a full-name regex): the name list form would also adapt every other module
+    # ending in one of the names ("fc" matches "y.fc")
+    apply_adapters(model, "(?:" + "|".join(re.escape(n) for n in sorted(lora)) + ")", r=max(ranks.values()),
                    alpha=float(cfg.get("lora_alpha", 8)), dropout=float(cfg.get("lora_dropout", 0.0)),
                    rank_pattern=ranks, alpha_pattern={n: scale(n) * k for n, k in ranks.items()},
                    modules_to_save=heads or None)

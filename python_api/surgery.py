@@ -71,11 +71,10 @@ def check_one_stack(names, what: str) -> None:
 
 
 def lookup(name: str, pattern: dict | None, default):
-    """The value of the first key of ``pattern`` that :func:`matches` ``name`` (exact or suffix), else default."""
-    for k, v in (pattern or {}).items():
-        if matches(name, [k]):
-            return v
-    return default
+    """The value of the most specific key of ``pattern`` that :func:`matches` ``name``: the name itself, else the
+    longest matching suffix (``{"fc": 2, "z.fc": 4}`` gives ``z.fc`` 4 whatever the keys' order), else default."""
+    hits = [k for k in (pattern or {}) if matches(name, [k])]
+    return pattern[max(hits, key=len)] if hits else default
 
 
 def find_modules(model: nn.Module, keys: Iterable[str] | str, what: str = "target_modules",

@@ -106,3 +106,48 @@ def test_refused_load_into_a_larger_model_leaves_it_untouched(tmp_path, share):
     assert dict(big.named_modules()) == before        # the same module objects, nothing adapted
     assert {n: p.requires_grad for n, p in big.named_parameters()} == grads
     lk.apply_adapters(big, ["query", "value"], r=4, **kw)   # a corrected retry is not refused
+
+
+# ---- 3. a module name that is the suffix of another's ("fc" and "z.fc") -------------------------------------
+class _Nested(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.z = torch.nn.Module()
+        self.z.fc = torch.nn.Linear(8, 8)
+        self.y = torch.nn.Module()
+        self.y.fc = torch.nn.Linear(8, 8)   # never adapted: must stay a plain Linear in PEFT too
+
+    def forward(self, x):
+        return self.y.fc(self.z.fc(self.fc(x)))
+
+
+def test_rank_pattern_takes_the_most_specific_key():
+    import python_api as lk
+    for pattern in ({"fc": 2, "z.fc": 4}, {"z.fc": 4, "fc": 2}):   # whatever the keys' order
+        m = lk.apply_adapters(_Nested(), r"fc|z\.fc", r=4, rank_pattern=pattern)   # a regex: y.fc is left out
+        assert {n: layer.r for n, layer in lk.adapter_layers(m).items()} == {"fc": 2, "z.fc": 4}
+
+
+def test_peft_round_trip_with_suffix_names(tmp_path):
+    import python_api as lk
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    m = lk.apply_adapters(_Nested(), r"fc|z\.fc", r=4, alpha=8)
+    for layer in lk.adapter_layers(m).values():
+        torch.nn.init.normal_(layer.lora_B)
+    lk.adapter_layers(m)["fc"].set_rank_mask([1, 1, 0, 0])   # fc exports at rank 2, z.fc at 4
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        y = m(x)
+    lk.export_peft(m, str(tmp_path / "p"))
+    torch.manual_seed(0)
+    pm = peft.PeftModel.from_pretrained(_Nested(), str(tmp_path / "p"))
+    assert type(pm.base_model.model.y.fc) is torch.nn.Linear     # the unadapted "*.fc" is left alone
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), y)
+    torch.manual_seed(0)
+    back = lk.import_peft(_Nested(), str(tmp_path / "p"))
+    assert {n: layer.r for n, layer in lk.adapter_layers(back).items()} == {"fc": 2, "z.fc": 4}
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), y)
