@@ -250,6 +250,11 @@ def _label_values(df, column: str, path: str, arg: str) -> list:
                        f"(first at row {int(missing[0])})")
     values, stripped = [], None
     for i, v in enumerate(col.tolist()):
+        if isinstance(v, (list, tuple, dict, set)) or getattr(v, "ndim", 0) > 0:   # JSON lists / dicts, arrays
+            shown = v.tolist() if hasattr(v, "tolist") else v
+            raise BadInput(f"{arg}: {path}: label column {column!r} holds a {type(shown).__name__} at row {i} "
+                           f"({shown!r}): one class label per row is needed (multi-label classification is not "
+                           "supported)")
         v = v.item() if hasattr(v, "item") else v
         if isinstance(v, float) and v.is_integer():
             v = int(v)   # 1.0 (a float column, JSON written by pandas) is the class 1, as in an integer file

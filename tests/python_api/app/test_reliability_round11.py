@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from python_api.app import train as T
+from python_api.app.byo_data import BadInput
 
 from . import byo_fixtures as F
 
@@ -151,3 +152,21 @@ def test_peft_round_trip_with_suffix_names(tmp_path):
     assert {n: layer.r for n, layer in lk.adapter_layers(back).items()} == {"fc": 2, "z.fc": 4}
     with torch.no_grad():
         torch.testing.assert_close(back(x), y)
+
+
+# ---- 4. list- and dict-valued labels --------------------------------------------------------------------------
+@pytest.mark.parametrize("ext", ["jsonl", "parquet"])
+@pytest.mark.parametrize("labels", [[["neg", "other"], ["pos"]], [{"a": 1}, {"a": 0}], [[1, 0], [0, 1]]])
+def test_list_or_dict_labels_are_refused(tmp_path, ext, labels):
+    from python_api.app import byo_data as D
+    rows = F.sentences(20)
+    df = pd.DataFrame({"text": [r[0] for r in rows], "labels": [labels[i % 2] for i in range(20)]})
+    p = tmp_path / f"d.{ext}"
+    if ext == "jsonl":
+        df.to_json(p, orient="records", lines=True)
+    else:
+        pytest.importorskip("pyarrow")
+        df.to_parquet(p)
+    with pytest.raises(BadInput, match=rf"{p}: label column 'labels' holds a (list|dict) at row 0 .*one class "
+                                       r"label per row"):
+        D.load_examples(str(p))
