@@ -357,6 +357,8 @@ def split(data: Examples, val_frac: float, test_frac: float, seed: int, with_tes
         perm = [g[i] for i in torch.randperm(len(g), generator=gen).tolist()]
         n_test = _cut(len(g), test_frac) if with_test else 0
         n_val = _cut(len(g), val_frac)
+        while len(g) - n_test - n_val < 1 and max(n_test, n_val) > 1:   # fractions near 1/2: keep a training row
+            n_val, n_test = (n_val - 1, n_test) if n_val >= n_test else (n_val, n_test - 1)
         if len(g) - n_test - n_val < 1:   # a tiny class keeps its example(s) for training
             n_test, n_val = (0, 0) if len(g) < 3 else (n_test, n_val)
         parts["test"] += perm[:n_test]

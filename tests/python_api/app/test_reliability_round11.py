@@ -170,3 +170,17 @@ def test_list_or_dict_labels_are_refused(tmp_path, ext, labels):
     with pytest.raises(BadInput, match=rf"{p}: label column 'labels' holds a (list|dict) at row 0 .*one class "
                                        r"label per row"):
         D.load_examples(str(p))
+
+
+# ---- 5. fractions near 1/2 never leave a class without training rows -----------------------------------------
+@pytest.mark.parametrize("sizes", [(10, 90), (3, 50), (4, 4), (11, 30)])
+@pytest.mark.parametrize("fracs", [(0.45, 0.45), (0.5, 0.45), (0.34, 0.33)])
+def test_every_class_keeps_training_rows(sizes, fracs):
+    from python_api.app import byo_data as D
+    labels = [c for c, n in enumerate(sizes) for _ in range(n)]
+    ex = D.Examples([f"t{i}" for i in range(len(labels))], labels, ["a", "b"])
+    parts = D.split(ex, fracs[0], fracs[1], seed=0)
+    for c, n in enumerate(sizes):
+        got = {k: sum(y == c for y in v.labels) for k, v in parts.items()}
+        assert got["train"] >= 1 and sum(got.values()) == n, (c, got)
+        assert got["validation"] >= 1 and got["test"] >= 1     # every class of 3 or more rows is in all three
