@@ -49,6 +49,24 @@ class ModelSource:
         return {"model": self.spec, "path": self.path, "config_sha256": digest}
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+def weights_sha256(src: ModelSource) -> str:
+    """sha256 of the model's weights: the GGUF file, or every weight file of the folder (by name, in sorted order;
+    ``--resume`` refuses a model whose weights changed under the same config)."""
+    files = [src.path] if src.gguf else sorted(
+        os.path.join(src.path, f) for f in os.listdir(src.path)
+        if f.endswith(WEIGHT_SUFFIXES) and os.path.isfile(os.path.join(src.path, f)))
+    h = hashlib.sha256()
+    for path in files:
+        h.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def resolve(spec: str) -> ModelSource:
     """Checks ``--model`` and says where its files are (:class:`BadInput` when they are not usable)."""
     if spec in BUNDLED and not os.path.exists(spec):

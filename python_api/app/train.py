@@ -180,6 +180,7 @@ def check_args(cfg: TrainConfig) -> None:
 def identity(cfg: TrainConfig, src: byo_model.ModelSource, hashes: bool = True) -> dict:
     """The run's identity (the marker's content); ``hashes``: with the data files' sha256 (one more read of each)."""
     return {"model": src.fingerprint(), "data": os.path.abspath(cfg.data),
+            "model_sha256": byo_model.weights_sha256(src) if hashes else None,
             **{k: getattr(cfg, k) for k in IDENTITY_KEYS},
             **{key: None if not hashes or getattr(cfg, attr) is None else file_sha256(getattr(cfg, attr))
                for key, _, attr in DATA_HASHES}}
@@ -225,11 +226,16 @@ def check_out(cfg: TrainConfig, ident: dict) -> None:
         if old.get("method") != ident["method"]:
             raise BadInput(f"--resume: the checkpoint in {out} is for method {old.get('method')!r}, "
                            f"not {ident['method']!r}")
-        hashes = {key for key, _, _ in DATA_HASHES}
+        hashes = {key for key, _, _ in DATA_HASHES} | {"model_sha256"}
         diff = [k for k in ident if k not in hashes and old.get(k, IDENTITY_DEFAULTS.get(k)) != ident[k]]
         if diff:
             args = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} (now {ident[k]!r})" for k in diff)
             raise BadInput(f"--resume: the checkpoint in {out} was written with {args}; resume with the same options")
+        if old.get("model_sha256") is not None and ident["model_sha256"] is not None \
+                and old["model_sha256"] != ident["model_sha256"]:   # same path and config, other weights
+            raise BadInput(f"--model: {cfg.model}: its weights changed since the checkpoint in {out} was written "
+                           f"(sha256 {old['model_sha256'][:12]}…, now {ident['model_sha256'][:12]}…); resume with "
+                           "the model the run started with, or pass --overwrite instead of --resume to start over")
         for key, flag, attr in DATA_HASHES:   # a marker without the hash (an older version) is not checked
             if old.get(key) is not None and ident[key] is not None and old[key] != ident[key]:
                 raise BadInput(f"{flag}: {getattr(cfg, attr)} changed since the checkpoint in {out} was written "

@@ -184,3 +184,30 @@ def test_every_class_keeps_training_rows(sizes, fracs):
         got = {k: sum(y == c for y in v.labels) for k, v in parts.items()}
         assert got["train"] >= 1 and sum(got.values()) == n, (c, got)
         assert got["validation"] >= 1 and got["test"] >= 1     # every class of 3 or more rows is in all three
+
+
+# ---- 6. --resume after the model's weights changed ------------------------------------------------------------
+def _stop_at(k):
+    def stop(phase, step):
+        if step == k:
+            raise RuntimeError("killed")
+    return stop
+
+
+def test_resume_refuses_changed_weights_and_accepts_an_old_marker(fx, tmp_path):
+    model = F.save_bert(str(tmp_path / "m"), seed=0)
+    c = dict(model=model, steps=3, save_every=1)
+    for out in (tmp_path / "o", tmp_path / "old"):
+        with pytest.raises(RuntimeError, match="killed"):
+            T.run(cfg(fx, out, **c), log=quiet, after_step=_stop_at(2))
+        assert len(json.load(open(out / T.MARKER))["model_sha256"]) == 64
+    F.save_bert(model, seed=1)                                # same folder and config.json, other weights
+    with pytest.raises(BadInput, match=r"^--model: .*its weights changed since the checkpoint"):
+        T.run(cfg(fx, tmp_path / "o", resume=True, **c), log=quiet)
+    marker = json.load(open(tmp_path / "old" / T.MARKER))
+    del marker["model_sha256"]                                # a marker from before the hash: not checked
+    with open(tmp_path / "old" / T.MARKER, "w") as f:
+        json.dump(marker, f)
+    assert len(T.run(cfg(fx, tmp_path / "old", resume=True, **c), log=quiet)["losses"]["train"]) == 3
+    F.save_bert(model, seed=0)                                # the weights it started with: resumes
+    assert len(T.run(cfg(fx, tmp_path / "o", resume=True, **c), log=quiet)["losses"]["train"]) == 3
