@@ -225,6 +225,9 @@ class SharedLoRALinear(LoRALinear):
         acc_b = self._accum_buffer(self.share_b, self.lora_B)
         gate, active = self.op_gate()
         if self._reuse_ok(x, gate) and x.numel():
+            if x.dim() < 1 or x.shape[-1] != self.in_features:   # the op's own check, before the reshape below
+                raise ValueError(f"x must have shape [..., {self.in_features}] (weight expects K="
+                                 f"{self.in_features}), got shape {tuple(x.shape)}")
             gated_op.check_base_frozen(self.weight, self.bias)
             x2 = x.reshape(-1, self.in_features)                                   # [T, K]
             h = self.share_a.shrink(self, x, x2, self.lora_A, acc_a)               # [T, R]

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 
 import numpy as np
 import torch
@@ -225,6 +226,9 @@ def allocate_experts(alphas: Sequence[float], total: int, beta: float = 2.5, rep
     """
     if isinstance(alphas, (str, bytes)) or not hasattr(alphas, "__len__"):
         raise TypeError(f"alphas must be a sequence of floats, got {type(alphas).__name__}")
+    if isinstance(alphas, (Mapping, AbstractSet)):   # iterating a dict gives its keys: they would be the alphas
+        raise TypeError(f"alphas must be a sequence of floats in layer order, got a {type(alphas).__name__} (pass "
+                        "[d[layer] for layer in sorted(d)] for a dict keyed by layer)")
     try:
         a = np.asarray([float(x) for x in alphas], dtype=np.float64)
     except (TypeError, ValueError) as e:

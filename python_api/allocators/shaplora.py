@@ -82,8 +82,9 @@ def permutation_shapley(value: Callable[[torch.Tensor], float], n: int, num_perm
                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Monte-Carlo Shapley values over random orderings (true value evaluations, n+1 per ordering).
     Returns ``(φ [n], standard error [n])``."""
-    if num_permutations < 1:
-        raise ValueError(f"num_permutations must be >= 1, got {num_permutations}")
+    if isinstance(num_permutations, bool) or not isinstance(num_permutations, numbers.Integral) \
+            or num_permutations < 1:
+        raise ValueError(f"num_permutations must be an int >= 1, got {num_permutations!r}")
     marg = torch.zeros(num_permutations, n, dtype=torch.float64)
     for p in range(num_permutations):
         mask = torch.zeros(n, dtype=torch.bool)
