@@ -32,7 +32,8 @@ def _model_data(p: argparse.ArgumentParser, required: bool):
     p.add_argument("--targets", nargs="+", default=None,
                    help="module names or suffixes to adapt (default: every Linear inside the blocks)")
     p.add_argument("--r", type=_pos_int, default=8, help="LoRA rank; target rank per module for adalora/shaplora")
-    p.add_argument("--r-init", type=_pos_int, default=12, help="initial rank of adalora / the shaplora super-net")
+    p.add_argument("--r-init", type=_pos_int, default=None,
+                   help="initial rank of adalora / the shaplora super-net (default 12)")
     p.add_argument("--budget", type=_pos_int, default=None,
                    help="total rank over modules (adalora, shaplora; default r × modules) or total experts "
                         "(moe-uniform, alphalora; default 2 × blocks); with --budget-unit params: trainable "
@@ -54,7 +55,7 @@ def _model_data(p: argparse.ArgumentParser, required: bool):
     p.add_argument("--val-frac", type=_frac, default=0.1, help="validation fraction cut from --data")
     p.add_argument("--test-frac", type=_frac, default=0.1, help="test fraction cut from --data (no --eval-data)")
     p.add_argument("--expert-r", type=_pos_int, default=None, help="rank of each MoE expert (default r // 2)")
-    p.add_argument("--beta", type=_pos_float, default=2.5, help="AlphaLoRA exponent")
+    p.add_argument("--beta", type=_pos_float, default=None, help="AlphaLoRA exponent (default 2.5)")
     p.add_argument("--threads", type=_pos_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-supernet-check", action="store_true",
@@ -105,7 +106,7 @@ def config_from_args(args, method: str | None = None, argv: list[str] | None = N
     return TrainConfig(
         model=args.model, data=args.data, method=method or args.method, out=args.out, task=g("task"),
         text_column=g("text_column"), label_column=g("label_column"), eval_data=g("eval_data"), targets=g("targets"),
-        r=g("r", 8), r_init=g("r_init", 12), budget=g("budget"),
+        r=g("r", 8), r_init=g("r_init") or 12, budget=g("budget"),
         budget_unit=g("budget_unit", "ranks"), retrain=g("retrain", "plain"), steps=g("steps"), epochs=g("epochs"),
         lr=g("lr"),
         max_grad_norm=g("max_grad_norm", 1.0),
@@ -113,9 +114,25 @@ def config_from_args(args, method: str | None = None, argv: list[str] | None = N
         grad_checkpointing=bool(g("grad_checkpointing", False)),
         resume=bool(g("resume", False)), overwrite=bool(g("overwrite", False)), merge=bool(g("merge", False)),
         verify=not g("no_verify", False), val_frac=g("val_frac", 0.1), test_frac=g("test_frac", 0.1),
-        save_every=g("save_every", 50), expert_r=g("expert_r"), beta=g("beta", 2.5), threads=g("threads"),
+        save_every=g("save_every", 50), expert_r=g("expert_r"), beta=g("beta") or 2.5, threads=g("threads"),
         progress=not g("no_progress", False), supernet_check=not g("no_supernet_check", False),
         command=shlex.join(["lora-kernels", *argv]))
+
+
+# train options that only some methods use: given to another method, they are refused rather than ignored
+METHOD_OPTIONS = {"budget": ("adalora", "shaplora", "moe-uniform", "alphalora"), "r_init": ("adalora", "shaplora"),
+                  "beta": ("alphalora",), "expert_r": ("moe-uniform", "alphalora"), "no_supernet_check": ("shaplora",)}
+
+
+def check_method_options(args) -> None:
+    """Refuses an option the chosen ``--method`` does not use (a --budget with lora would otherwise be ignored)."""
+    from .byo_data import BadInput
+
+    for opt, methods in METHOD_OPTIONS.items():
+        value = getattr(args, opt, None)
+        if value not in (None, False) and args.method not in methods:
+            flag = "--" + opt.replace("_", "-")
+            raise BadInput(f"{flag}: only {', '.join(methods)} use it, not {args.method}")
 
 
 def _guarded(fn, args, prog: str) -> int:
@@ -137,7 +154,10 @@ def cmd_train(args, argv: list[str] | None = None) -> int:
     from .train import run
 
     cfg = config_from_args(args, argv=argv)
-    return _guarded(lambda: run(cfg), args, "lora-kernels train")
+    def train():
+        check_method_options(args)
+        run(cfg)
+    return _guarded(train, args, "lora-kernels train")
 
 
 def cmd_alloc(args, argv: list[str] | None = None) -> int:

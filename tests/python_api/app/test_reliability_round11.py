@@ -144,3 +144,18 @@ def test_resume_refuses_changed_weights_and_accepts_an_old_marker(fx, tmp_path):
     assert len(T.run(cfg(fx, tmp_path / "old", resume=True, **c), log=quiet)["losses"]["train"]) == 3
     F.save_bert(model, seed=0)                                # the weights it started with: resumes
     assert len(T.run(cfg(fx, tmp_path / "o", resume=True, **c), log=quiet)["losses"]["train"]) == 3
+
+
+# ---- 5. an option the method does not use is refused, not ignored ---------------------------------------------
+@pytest.mark.parametrize("method, extra, flag", [
+    ("lora", ["--budget", "5"], "--budget"), ("sharelora-a", ["--r-init", "2"], "--r-init"),
+    ("moe-uniform", ["--beta", "9"], "--beta"), ("adalora", ["--expert-r", "3"], "--expert-r"),
+    ("adalora", ["--no-supernet-check"], "--no-supernet-check")])
+def test_options_the_method_does_not_use_are_refused(fx, tmp_path, capsys, method, extra, flag):
+    from python_api.app import cli
+    out = tmp_path / "o"
+    rc = cli.main(["train", "--model", fx["bert"], "--data", fx["csv"], "--method", method, "--steps", "1",
+                   "--batch-size", "8", "--out", str(out), "--no-progress", *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith(f"lora-kernels train: error: {flag}: only ") and f"not {method}" in err
+    assert not out.exists()                                   # refused before anything is written
