@@ -111,6 +111,12 @@ def _read(path: str, arg: str):
     except Exception as e:  # a parser's own message says what is wrong where
         msg = first_line(e)
         raise BadInput(f"{arg}: {path}: cannot read as {fmt}: {msg}") from None
+    if header is not None and len(header) == 1 and len(df):   # one column: a file separated by another character?
+        other = [c for c in (";", "|", "\t", ",") if c != sep and c in header[0] and c in str(df.iloc[0, 0])]
+        if other:
+            raise BadInput(f"{arg}: {path}: one column {header[0]!r}: the file looks {other[0]!r}-separated, but a "
+                           f".{fmt} file is read as {'comma' if sep == ',' else 'tab'}-separated; save it with "
+                           f"{'commas' if sep == ',' else 'tabs'}" + (" (or as .tsv)" if other[0] == "\t" else ""))
     if header is not None:
         seen = set()
         for name in header:

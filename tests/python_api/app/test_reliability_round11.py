@@ -5,6 +5,7 @@ Llama, hidden 32, 2 blocks)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -159,3 +160,17 @@ def test_options_the_method_does_not_use_are_refused(fx, tmp_path, capsys, metho
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith(f"lora-kernels train: error: {flag}: only ") and f"not {method}" in err
     assert not out.exists()                                   # refused before anything is written
+
+
+# ---- 6. a CSV separated by another character ------------------------------------------------------------------
+@pytest.mark.parametrize("sep", [";", "|", "\t"])
+def test_a_csv_separated_by_another_character_is_refused(tmp_path, sep):
+    from python_api.app import byo_data as D
+    p = tmp_path / "d.csv"
+    rows = F.sentences(10)
+    p.write_text(f"text{sep}label\n" + "".join(f"{t}{sep}{y}\n" for t, y in rows))
+    with pytest.raises(BadInput, match=rf"one column .*looks {re.escape(repr(sep))}-separated.*save it with commas"):
+        D.load_examples(str(p))
+    p.write_text("text\n" + "".join(f"{t}; and more\n" for t, _ in rows))   # a one-column file whose texts hold ';'
+    ex, info = D.load_examples(str(p))
+    assert info["task"] == "causal-lm" and len(ex) == 10
