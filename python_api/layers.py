@@ -153,7 +153,10 @@ class LoRALinear(nn.Module):
             return _UNREAD
         key = (self.rank_mask.data_ptr(), self.rank_mask._version)
         if self._active_cache is None or self._active_cache[0] != key:
-            self._active_cache = (key, gated_op.active_ranks(self.rank_mask))
+            # never cache an inference tensor (computed under torch.inference_mode): a later training step could
+            # not save it for backward
+            with torch.inference_mode(False):
+                self._active_cache = (key, gated_op.active_ranks(self.rank_mask))
         return self._active_cache[1]
 
     def delta_weight(self) -> torch.Tensor:

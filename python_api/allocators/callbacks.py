@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -107,6 +109,19 @@ def _adalora_callback_class():
             if self._orth is not None:
                 self._orth.__exit__(None, None, None)
                 self._orth = None
+            # load_best_model_at_end reloads (after the last step, before this call) a checkpoint that may predate
+            # the final mask, with λ masked to an earlier, larger budget: the final pattern is applied again
+            al = self.allocator
+            final = al.total_step - al.tfinal
+            if al.rank_pattern is None or state.global_step <= final:
+                return
+            al.apply_rank_pattern(al.rank_pattern)
+            best = getattr(state, "best_model_checkpoint", None)
+            step = re.search(r"checkpoint-(\d+)$", str(best or "").rstrip("/\\"))
+            if getattr(args, "load_best_model_at_end", False) and step and int(step.group(1)) <= final:
+                warnings.warn(f"the best checkpoint ({best}, step {step.group(1)}) predates the final AdaLoRA mask "
+                              f"(step {final}): the final rank pattern was applied to it so that it keeps the "
+                              "budget, and its recorded evaluation no longer describes it", stacklevel=2)
 
     AdaLoRACallback.__qualname__ = "AdaLoRACallback"   # importable by name (module __getattr__), pickles
     return AdaLoRACallback

@@ -1,0 +1,54 @@
+"""The library under careful misuse (round 12): the AdaLoRA Trainer callback with ``load_best_model_at_end``, an
+evaluation under ``torch.inference_mode`` before training, loading or adapting a merged model, a half-loaded
+``load_adapter_state_dict``, a NaN in a ShapLoRA super-network, per-block dicts read back from JSON, allocator
+hyper-parameters replaced by a loaded state."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import python_api as lk
+
+
+# ---- 1. AdaLoRA + Trainer(load_best_model_at_end=True) keeps the budget ----------------------------------------
+def test_adalora_callback_keeps_the_budget_when_the_best_checkpoint_is_early(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from .allocators.test_callbacks import _model, _Toy
+    model = _model()
+    al = lk.AdaLoRAAllocator(model, total_step=8, tinit=1, tfinal=2, deltaT=1, budget=6)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=8, learning_rate=1e-2, report_to=[],
+        use_cpu=True, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
+        logging_strategy="no", disable_tqdm=True, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+        greater_is_better=False)
+
+    class EarlyIsBest(transformers.TrainerCallback):   # the best evaluation came at step 2, before the final mask
+        def on_evaluate(self, a, state, control, metrics=None, **kw):
+            metrics["eval_loss"] = float(state.global_step)
+    tr = transformers.Trainer(model=model, args=args, train_dataset=_Toy(), eval_dataset=_Toy(8, seed=1),
+                              callbacks=[lk.adalora_callback(al), EarlyIsBest()])
+    with pytest.warns(UserWarning, match="predates the final AdaLoRA mask"):
+        tr.train()
+    assert tr.state.best_model_checkpoint.endswith("checkpoint-2")
+    kept = sum(int((m.lora_E != 0).sum()) for m in lk.adapter_layers(model).values())
+    assert sum(map(sum, al.rank_pattern.values())) == 6 and kept <= 6
+
+
+# ---- 2. an evaluation under torch.inference_mode does not stop later training ---------------------------------
+def test_training_after_an_inference_mode_evaluation():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    lk.apply_adapters(m, ["0", "2"], r=4, rank_masks={"0": [1, 1, 0, 1]})
+    x = torch.randn(4, 8)
+    m.eval()
+    with torch.inference_mode():
+        y = m(x)
+    m.train()
+    m(x).pow(2).mean().backward()                               # the cached active ranks are not inference tensors
+    assert m[0].lora_A.grad is not None and m[0].lora_A.grad[2].abs().max() == 0
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(x), y)
