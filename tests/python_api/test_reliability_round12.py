@@ -4,7 +4,6 @@ evaluation under ``torch.inference_mode`` before training, loading or adapting a
 hyper-parameters replaced by a loaded state."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
