@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import json
 import numbers
 import os
@@ -71,6 +72,15 @@ def _adapted(model: nn.Module) -> dict[str, nn.Module]:
 def _fingerprint(w: torch.Tensor) -> list[float]:
     w = w.detach().to(torch.float64)
     return [float(w.sum()), float((w * w).sum())]
+
+
+def _same_base(w: torch.Tensor, saved: list[float]) -> bool:
+    """Whether weight ``w`` matches a saved fingerprint (sum, sum of squares) up to the rounding of ``w``'s dtype:
+    the same base cast to bf16 / fp16 still matches, other values do not."""
+    eps = max(torch.finfo(w.dtype).eps if w.dtype.is_floating_point else 0.0, 1e-6)
+    (s, q), (s0, q0) = _fingerprint(w), saved
+    return abs(q - q0) <= 2 * eps * max(1.0, abs(q0)) and \
+        abs(s - s0) <= eps * math.sqrt(w.numel() * max(q0, 0.0)) + 1e-6 * max(1.0, abs(s0))
 
 
 def _module_specs(model: nn.Module) -> dict[str, dict]:
@@ -597,6 +607,17 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, allocator: Any =
             raise CheckpointError(f"checkpoint stores {meta['allocator']['class']} state, allocator is "
                                   f"{type(allocator).__name__}")
     _check_base(model, meta["modules"])
+    from .surgery import _STASH_ATTR
+    if getattr(model, _STASH_ATTR, None):
+        raise CheckpointError(f"{path}: the model has adapters merged reversibly (merge_adapters(reversible=True)): "
+                              "loading others now would add their ΔW to the merged weights, and unmerge_adapters "
+                              "would then drop them; unmerge_adapters(model) first")
+    moved = [n for n, spec in meta["modules"].items()
+             if not _same_base(model.get_submodule(n).weight, spec["base_fingerprint"])]
+    if moved and (getattr(model, _CONFIG_ATTR, None) or {}).get("merged"):
+        raise CheckpointError(f"{path}: the model's weights have adapters merged in (merge_adapters), so "
+                              f"{moved[0]!r} is not the base these adapters were trained on: loading them would apply "
+                              "a ΔW twice; load into the unmerged base model")
     rebuilt = None
     if not _adapted(model):
         rebuilt = _snapshot(model, meta["modules"])
@@ -615,12 +636,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, allocator: Any =
         if rebuilt is not None:
             _restore(model, rebuilt)
         raise
-    for name, s in meta["modules"].items():
-        fp = _fingerprint(model.get_submodule(name).weight)
-        if any(abs(a - b) > 1e-6 * max(1.0, abs(b)) for a, b in zip(fp, s["base_fingerprint"])):
-            warnings.warn(f"base weight of {name!r} differs from the one the adapters were trained on "
-                          "(same shape, other values)", stacklevel=2)
-            break
+    if moved:
+        warnings.warn(f"base weight of {moved[0]!r} differs from the one the adapters were trained on "
+                      "(same shape, other values)", stacklevel=2)
     before = {k: t.detach().clone() for k, t in live.items()} if alloc_state is not None else None
     alloc_before = copy.deepcopy(allocator.state_dict()) if alloc_state is not None else None
     with torch.no_grad():

@@ -170,6 +170,10 @@ def adapter_layers(model: nn.Module) -> dict[str, LoRALinear]:
 def refuse_adapted(model: nn.Module, caller: str) -> None:
     """A second apply call would freeze the first call's adapters (every parameter is frozen first) and overwrite
     the recorded config, so its checkpoint would save but not load: refused."""
+    if getattr(model, _STASH_ATTR, None):
+        raise ValueError(f"{caller}: the model has adapters merged reversibly (merge_adapters(reversible=True)); "
+                         "unmerge_adapters would put them back over any adapter applied now: unmerge_adapters(model) "
+                         "first, or merge with reversible=False to build on the merged weights")
     present = [n for n, _ in iter_adapters(model)]
     if present:
         raise ValueError(f"{caller}: the model already has {len(present)} adapter layer(s) ({present[:3]}...); give "

@@ -5,6 +5,8 @@ hyper-parameters replaced by a loaded state."""
 from __future__ import annotations
 
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -51,3 +53,47 @@ def test_training_after_an_inference_mode_evaluation():
     assert m[0].lora_A.grad is not None and m[0].lora_A.grad[2].abs().max() == 0
     with torch.no_grad():
         torch.testing.assert_close(m.eval()(x), y)
+
+
+# ---- 3. a merged model: loading or adapting it again ----------------------------------------------------------
+def _adapted_mlp():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    lk.apply_adapters(m, ["0", "2"], r=2)
+    with torch.no_grad():
+        for layer in lk.adapter_layers(m).values():
+            layer.lora_B.normal_()
+    return m
+
+
+def test_loading_into_a_merged_model_is_refused(tmp_path):
+    m = _adapted_mlp()
+    x = torch.randn(3, 8)
+    y = m(x).detach()
+    lk.save_adapters(m, str(tmp_path / "ck"))
+    lk.merge_adapters(m)
+    with pytest.raises(lk.CheckpointError, match="adapters merged in .*apply a ΔW twice"):
+        lk.load_adapters(m, str(tmp_path / "ck"))
+    torch.testing.assert_close(m(x), y)                           # untouched: still the merged model
+    r = _adapted_mlp()
+    lk.merge_adapters(r, reversible=True)
+    with pytest.raises(lk.CheckpointError, match="merged reversibly"):
+        lk.load_adapters(r, str(tmp_path / "ck"))
+    with pytest.raises(ValueError, match="merged reversibly.*unmerge_adapters\\(model\\) first"):
+        lk.apply_adapters(r, ["0"], r=2)
+    lk.unmerge_adapters(r)
+    torch.testing.assert_close(r(x), y)
+
+
+def test_same_base_in_bf16_loads_without_a_warning(tmp_path):
+    m = _adapted_mlp()
+    lk.save_adapters(m, str(tmp_path / "ck"))
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                            # the cast base is the same base
+        lk.load_adapters(base, str(tmp_path / "ck"))
+    torch.manual_seed(1)
+    other = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="differs from the one the adapters were trained on"):
+        lk.load_adapters(other, str(tmp_path / "ck"))
