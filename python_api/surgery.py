@@ -351,7 +351,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
     """Copies ``state`` into the model's adapter tensors in place, so sharing by reference is kept. Accepts
-    :func:`adapter_state_dict` output (each shared matrix once) or a full ``state_dict`` (every alias)."""
+    :func:`adapter_state_dict` output (each shared matrix once) or a full ``state_dict`` (every alias). All or
+    nothing: every entry is checked (presence, shape, shared copies equal, finite values, no unexpected key with
+    ``strict``) before any tensor is written."""
     aliases: dict[int, tuple[torch.Tensor, list[str]]] = {}
     for name, layer in adapter_layers(model).items():
         for pname in ("lora_A", "lora_B", "lora_E", "rank_mask"):
@@ -361,25 +363,31 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], st
     for pname, p in model.named_parameters():
         if p.requires_grad and id(p) not in aliases:
             aliases[id(p)] = (p, [pname])
-    used = set()
-    for t, keys in aliases.values():
+    used, plan = set(), []
+    for t, keys in aliases.values():   # every check first: nothing is copied unless the whole state fits
         present = [k for k in keys if k in state]
         if not present:
             if strict:
                 raise KeyError(f"checkpoint has no entry for {keys[0]!r} (shared by {len(keys)} modules)")
             continue
         src = state[present[0]]
+        if not isinstance(src, torch.Tensor):
+            raise TypeError(f"{present[0]!r}: expected a tensor, got {type(src).__name__}")
         for k in present[1:]:
             if not torch.equal(state[k], src):
                 raise ValueError(f"{k!r} and {present[0]!r} hold one shared matrix but differ in the checkpoint")
         if tuple(src.shape) != tuple(t.shape):
             raise ValueError(f"{present[0]!r}: checkpoint shape {tuple(src.shape)} != model shape {tuple(t.shape)}")
-        t.copy_(src)
+        if src.is_floating_point() and not bool(torch.isfinite(src).all()):
+            raise ValueError(f"{present[0]!r}: the checkpoint holds non-finite values (NaN or Inf)")
+        plan.append((t, src))
         used.update(present)
     if strict:
         extra = [k for k in state if k not in used]
         if extra:
             raise KeyError(f"unexpected keys in adapter checkpoint: {extra[:8]}")
+    for t, src in plan:
+        t.copy_(src)
 
 
 # ---- merge -----------------------------------------------------------------------------------------------------

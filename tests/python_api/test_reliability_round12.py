@@ -97,3 +97,25 @@ def test_same_base_in_bf16_loads_without_a_warning(tmp_path):
     other = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to(torch.bfloat16)
     with pytest.warns(UserWarning, match="differs from the one the adapters were trained on"):
         lk.load_adapters(other, str(tmp_path / "ck"))
+
+
+# ---- 4. load_adapter_state_dict is all or nothing and refuses NaN ---------------------------------------------
+@pytest.mark.parametrize("spoil", ["shape", "nan", "extra"])
+def test_load_adapter_state_dict_all_or_nothing(spoil):
+    from python_api.surgery import adapter_state_dict, load_adapter_state_dict
+    src = _adapted_mlp()
+    sd = {k: v.clone() for k, v in adapter_state_dict(src).items()}
+    if spoil == "shape":
+        sd["2.lora_B"] = torch.ones(4, 1)
+    elif spoil == "nan":
+        sd["2.lora_B"][0, 0] = float("nan")
+    else:
+        sd["9.lora_A"] = torch.ones(2, 8)
+    dst = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    lk.apply_adapters(dst, ["0", "2"], r=2)
+    before = {k: v.clone() for k, v in adapter_state_dict(dst).items()}
+    with pytest.raises((ValueError, KeyError), match={"shape": "checkpoint shape", "nan": "non-finite",
+                                                      "extra": "unexpected keys"}[spoil]):
+        load_adapter_state_dict(dst, sd)
+    after = adapter_state_dict(dst)
+    assert all(torch.equal(after[k], before[k]) for k in before)   # not one tensor written
