@@ -509,7 +509,7 @@ def to_plain_lora(model: nn.Module, masks: dict[str, torch.Tensor], warm: bool =
         lin.bias = layer.bias
         return lin
     kept = {n: k for n, k in ranks.items() if k > 0}
-    start = {n: _balanced_factors(layers[n], masks[n]) for n in kept} if warm else {}
+    start = {n: _balanced_factors(layers[n], masks[n], n) for n in kept} if warm else {}
     before = dict(layers)
     replace_modules(model, list(masks), unwrap)
     try:
@@ -533,19 +533,23 @@ def to_plain_lora(model: nn.Module, masks: dict[str, torch.Tensor], warm: bool =
 
 
 @torch.no_grad()
-def _update_svd(layer, act: torch.Tensor):
+def _update_svd(layer, act: torch.Tensor, name: str = "?"):
     # SVD (float64) of the layer's update over the ranks ``act``: B[:, act]·diag(g[act])·A[act], g = λ in SVD form
     a, b = layer.lora_A[act].double(), layer.lora_B[:, act].double()
     if layer.svd:
         b = b * layer.lora_E[act].double()
-    return torch.linalg.svd(b @ a, full_matrices=False)
+    update = b @ a
+    if not bool(torch.isfinite(update).all()):
+        raise ValueError(f"module {name!r}: its adapter update holds non-finite values (NaN or Inf: the super-network "
+                         "diverged); there is no basis to score or keep. Retrain it (a lower lr, gradient clipping)")
+    return torch.linalg.svd(update, full_matrices=False)
 
 
 @torch.no_grad()
-def _balanced_factors(layer, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _balanced_factors(layer, mask: torch.Tensor, name: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
     # the kept components' update B[:, kept]·diag(g[kept])·A[kept] (g = λ in SVD form) as A = √S·Vᵀ, B = U·√S
     act = (torch.as_tensor(mask).bool() & layer.rank_mask.bool()).nonzero().flatten()
-    u, sv, vh = _update_svd(layer, act)
+    u, sv, vh = _update_svd(layer, act, name)
     k = act.numel()
     # the numerical rank's usual cut (S_max · max(out, in) · eps of the adapters' dtype): below it, rounding
     tol = float(sv[0]) * max(layer.out_features, layer.in_features) * torch.finfo(layer.lora_A.dtype).eps \
@@ -575,14 +579,18 @@ def to_merged_basis(model: nn.Module) -> dict[str, torch.Tensor]:
     shared = sorted({n for names in owners.values() if len(names) > 1 for n in names})
     if shared:
         raise ValueError(f"to_merged_basis needs one A and one B per module; these modules share them: {shared}")
+    merged = [n for n, m in layers.items() if m.merged]
+    if merged:
+        raise RuntimeError(f"{merged[0]}: unmerge() before changing the basis of a merged layer")
+    # every SVD first: a non-finite layer found half-way would leave the earlier layers rewritten
+    svds = {n: _update_svd(m, act, n) for n, m in layers.items()
+            if (act := m.rank_mask.nonzero().flatten()).numel()}
     out = {}
     for n, m in layers.items():
-        if m.merged:
-            raise RuntimeError(f"{n}: unmerge() before changing the basis of a merged layer")
         act = m.rank_mask.nonzero().flatten()
-        if act.numel() == 0:
+        if n not in svds:
             continue
-        u, sv, vh = _update_svd(m, act)
+        u, sv, vh = svds[n]
         k = act.numel()
         m.lora_A[act] = vh[:k].to(m.lora_A.dtype)
         if m.svd:

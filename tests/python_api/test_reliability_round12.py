@@ -119,3 +119,29 @@ def test_load_adapter_state_dict_all_or_nothing(spoil):
         load_adapter_state_dict(dst, sd)
     after = adapter_state_dict(dst)
     assert all(torch.equal(after[k], before[k]) for k in before)   # not one tensor written
+
+
+# ---- 5. a NaN in a ShapLoRA super-network ---------------------------------------------------------------------
+def _nan_supernet():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    lk.apply_adapters(m, ["0", "2"], r=4, svd=True)
+    with torch.no_grad():
+        for layer in lk.adapter_layers(m).values():
+            layer.lora_E.fill_(1.0)
+            layer.lora_B.normal_()
+        lk.adapter_layers(m)["2"].lora_E[1] = float("nan")      # one diverged singular value, in the last module
+    return m
+
+
+def test_a_nan_supernet_is_refused_by_name_and_left_as_it_was():
+    from python_api.allocators.shaplora import to_merged_basis
+    m = _nan_supernet()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="module '2': its adapter update holds non-finite values"):
+        to_merged_basis(m)
+    assert torch.equal(m[0].lora_A, before["0.lora_A"])          # the first module was not rewritten
+    val = [(torch.randn(4, 8), torch.randn(4, 4))]
+    with pytest.raises(ValueError, match="module '2'"):
+        lk.shaplora_allocate(m, val, 3, loss_fn=lambda mod, b: (mod(b[0]) - b[1]).pow(2).mean(-1))
+    assert torch.equal(m[0].lora_A, before["0.lora_A"])
