@@ -175,13 +175,26 @@ def apply_moe_adapters(model: nn.Module, target_modules: Sequence[str] | str, ex
     dropout = check_finite("dropout", dropout, lo=0.0, hi=1.0)
     check_finite("load_balance_coef", load_balance_coef, lo=0.0)
 
-    def per_block(v):
+    def per_block(v, what):
         # a sequence (list, tuple, range, numpy array, 1-d tensor) is one entry per block; a dict maps blocks
-        if isinstance(v, dict) or v is None or isinstance(v, (str, bytes)) or not hasattr(v, "__len__"):
+        if isinstance(v, dict):
+            # block indices as ints; a dict read back from JSON has them as strings ("0"): taken as the same block
+            bad = [k for k in v if not (isinstance(k, str) and k.strip().isdigit())
+                   and (isinstance(k, bool) or not hasattr(k, "__index__"))]
+            if bad:
+                raise TypeError(f"{what}: a dict maps block indices (ints) to values; got key {bad[0]!r}")
+            out = {}
+            for k, x in v.items():
+                i = int(k) if isinstance(k, str) else int(k.__index__())
+                if i in out:
+                    raise ValueError(f"{what}: block {i} is given twice ({k!r})")
+                out[i] = x
+            return out
+        if v is None or isinstance(v, (str, bytes)) or not hasattr(v, "__len__"):
             return v
         return list(v.tolist() if hasattr(v, "tolist") else v)
 
-    experts_per_layer, top_k = per_block(experts_per_layer), per_block(top_k)
+    experts_per_layer, top_k = per_block(experts_per_layer, "experts_per_layer"), per_block(top_k, "top_k")
 
     def per_layer(v, li, what):
         if isinstance(v, dict):

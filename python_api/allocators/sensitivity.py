@@ -202,6 +202,10 @@ class SensitivityTracker:
                              f"this tracker has {self.names} with {self.ranks}")
         if state["ipt"].shape != self._ipt_flat.shape:
             raise ValueError(f"state ipt has {state['ipt'].numel()} entries, expected {self._ipt_flat.numel()}")
+        saved = (float(state["beta1"]), float(state["beta2"]))
+        if saved != (self.beta1, self.beta2):   # the EMA constants are the run's, not a part of its state to adopt
+            raise ValueError(f"state was saved with beta1={saved[0]}, beta2={saved[1]}; this tracker has "
+                             f"beta1={self.beta1}, beta2={self.beta2}: build it with the saved values to resume")
         # Copy in place: the per-tensor views (the fused op's fast path) must keep pointing at the buffers.
         self._ipt_flat.copy_(state["ipt"])
         self._unc_flat.copy_(state["unc"])

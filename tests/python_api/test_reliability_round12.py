@@ -145,3 +145,44 @@ def test_a_nan_supernet_is_refused_by_name_and_left_as_it_was():
     with pytest.raises(ValueError, match="module '2'"):
         lk.shaplora_allocate(m, val, 3, loss_fn=lambda mod, b: (mod(b[0]) - b[1]).pow(2).mean(-1))
     assert torch.equal(m[0].lora_A, before["0.lora_A"])
+
+
+# ---- 6. per-block dicts read back from JSON; allocator constants not replaced by a loaded state -----------------
+def test_moe_per_block_dicts_from_json():
+    import json
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.v = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block() for _ in range(3)])
+    experts = json.loads(json.dumps({0: 2, 1: 3, 2: 2}))          # {"0": 2, ...}
+    top_k = json.loads(json.dumps({0: 1, 1: 2, 2: 1}))
+    m = Net()
+    lk.apply_moe_adapters(m, ["q", "v"], experts, r=2, alpha=4, top_k=top_k)
+    assert [m.layers[i].q.num_experts for i in range(3)] == [2, 3, 2]
+    with pytest.raises(ValueError, match="block 1 is given twice"):
+        lk.apply_moe_adapters(Net(), ["q", "v"], {1: 2, "1": 3, 0: 1, 2: 1}, r=2, alpha=4)
+    with pytest.raises(TypeError, match="experts_per_layer: a dict maps block indices"):
+        lk.apply_moe_adapters(Net(), ["q", "v"], {"first": 2}, r=2, alpha=4)
+
+
+def test_loaded_allocator_state_does_not_replace_its_betas(tmp_path):
+    def model():
+        torch.manual_seed(0)
+        return lk.apply_adapters(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), ["0", "2"], r=4,
+                                 svd=True)
+    m = model()
+    al = lk.AdaLoRAAllocator(m, target_r=2, total_step=10)
+    m(torch.randn(4, 8)).pow(2).mean().backward()
+    al.update_and_allocate(0)
+    lk.save_adapters(m, str(tmp_path / "ck"), allocator=al, step=1)
+    m2 = model()
+    al2 = lk.AdaLoRAAllocator(m2, target_r=2, total_step=10, beta1=0.5, beta2=0.5)
+    with pytest.raises(lk.CheckpointError, match="saved with beta1=0.85, beta2=0.85.*beta1=0.5"):
+        lk.load_adapters(m2, str(tmp_path / "ck"), allocator=al2)
+    assert (al2.tracker.beta1, al2.tracker.beta2) == (0.5, 0.5) and al2.tracker.step == 0
