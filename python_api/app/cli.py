@@ -77,10 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("alloc", help="allocation report: table + PNG + JSON")
     a.add_argument("--method", required=True, choices=("shaplora", "adalora", "alphalora"))
     _common(a, "super-network / AdaLoRA training steps (default 100; --quick: 6)")
-    a.add_argument("--r", type=_positive_int, default=8, help="target rank per module (ShapLoRA/AdaLoRA)")
-    a.add_argument("--r-init", type=_positive_int, default=12, help="initial rank (ShapLoRA/AdaLoRA)")
-    a.add_argument("--experts-per-layer", type=_positive_float, default=2.0, help="AlphaLoRA total = this × layers")
-    a.add_argument("--beta", type=_positive_float, default=2.5, help="AlphaLoRA exponent")
+    a.set_defaults(batch_size=None, max_length=None)   # so that one given to alphalora (which trains nothing) is seen
+    a.add_argument("--r", type=_positive_int, default=None, help="target rank per module (ShapLoRA/AdaLoRA; 8)")
+    a.add_argument("--r-init", type=_positive_int, default=None, help="initial rank (ShapLoRA/AdaLoRA; 12)")
+    a.add_argument("--experts-per-layer", type=_positive_float, default=None,
+                   help="AlphaLoRA total = this × layers (2.0)")
+    a.add_argument("--beta", type=_positive_float, default=None, help="AlphaLoRA exponent (2.5)")
     a.add_argument("--min-experts", type=int, default=None,
                    help="AlphaLoRA lower bound on experts per layer (default: the library's DEFAULT_MIN_EXPERTS)")
     from .train_cli import add_alloc_options, add_train_parser
@@ -118,6 +120,13 @@ def cmd_demo(args) -> int:
     return 0 if any(r.get("status") == "ok" for r in rows) else 1
 
 
+# the bundled alloc's options by the methods that use them (alphalora reads the base's spectra: it trains nothing)
+_TRAINED = ("shaplora", "adalora")
+BUNDLED_ALLOC_OPTIONS = {"steps": _TRAINED, "batch_size": _TRAINED, "max_length": _TRAINED, "time_budget": _TRAINED,
+                         "r": _TRAINED, "r_init": _TRAINED, "experts_per_layer": ("alphalora",),
+                         "beta": ("alphalora",), "min_experts": ("alphalora",)}
+
+
 def cmd_alloc(args) -> int:
     if args.model is not None or args.data is not None:
         from .train_cli import cmd_alloc as cmd_alloc_byo
@@ -126,6 +135,15 @@ def cmd_alloc(args) -> int:
 
     from ..allocators.alphalora import DEFAULT_MIN_EXPERTS
 
+    given = [o for o, ms in BUNDLED_ALLOC_OPTIONS.items() if getattr(args, o) is not None and args.method not in ms]
+    if given:   # refused rather than ignored
+        o = given[0]
+        raise ValueError(f"--{o.replace('_', '-')}: used only by {', '.join(BUNDLED_ALLOC_OPTIONS[o])}, not "
+                         f"{args.method}")
+    for o, v in (("r", 8), ("r_init", 12), ("experts_per_layer", 2.0), ("beta", 2.5), ("batch_size", 16),
+                 ("max_length", 64)):
+        if getattr(args, o) is None:
+            setattr(args, o, v)
     kw = dict(r=args.r, r_init=args.r_init, experts_per_layer=args.experts_per_layer, beta=args.beta,
               min_experts=DEFAULT_MIN_EXPERTS if args.min_experts is None else args.min_experts)
     if args.r > args.r_init:
@@ -144,7 +162,9 @@ def _bench_module(name: str):
 def cmd_bench(args) -> int:
     from bench.harness import RESULTS_ENV
 
-    names = BENCH_MODULES if not args.only else tuple(n.strip() for n in args.only.split(",") if n.strip())
+    names = BENCH_MODULES if args.only is None else tuple(n.strip() for n in args.only.split(",") if n.strip())
+    if not names:
+        raise ValueError(f"--only: no benchmark module named in {args.only!r}; choose from {list(BENCH_MODULES)}")
     bad = [n for n in names if n not in BENCH_MODULES]
     if bad:
         raise ValueError(f"--only: unknown benchmark modules {bad}; choose from {list(BENCH_MODULES)}")

@@ -106,7 +106,7 @@ def config_from_args(args, method: str | None = None, argv: list[str] | None = N
     return TrainConfig(
         model=args.model, data=args.data, method=method or args.method, out=args.out, task=g("task"),
         text_column=g("text_column"), label_column=g("label_column"), eval_data=g("eval_data"), targets=g("targets"),
-        r=g("r", 8), r_init=g("r_init") or 12, budget=g("budget"),
+        r=g("r") or 8, r_init=g("r_init") or 12, budget=g("budget"),
         budget_unit=g("budget_unit", "ranks"), retrain=g("retrain", "plain"), steps=g("steps"), epochs=g("epochs"),
         lr=g("lr"),
         max_grad_norm=g("max_grad_norm", 1.0),
@@ -132,7 +132,7 @@ def check_method_options(args) -> None:
         value = getattr(args, opt, None)
         if value not in (None, False) and args.method not in methods:
             flag = "--" + opt.replace("_", "-")
-            raise BadInput(f"{flag}: only {', '.join(methods)} use it, not {args.method}")
+            raise BadInput(f"{flag}: used only by {', '.join(methods)}, not {args.method}")
 
 
 def _guarded(fn, args, prog: str) -> int:

@@ -186,3 +186,19 @@ def test_loaded_allocator_state_does_not_replace_its_betas(tmp_path):
     with pytest.raises(lk.CheckpointError, match="saved with beta1=0.85, beta2=0.85.*beta1=0.5"):
         lk.load_adapters(m2, str(tmp_path / "ck"), allocator=al2)
     assert (al2.tracker.beta1, al2.tracker.beta2) == (0.5, 0.5) and al2.tracker.step == 0
+
+
+# ---- 7. the bundled alloc and bench: options that would be ignored -------------------------------------------
+@pytest.mark.parametrize("argv, flag", [
+    (["alloc", "--method", "alphalora", "--steps", "5"], "--steps"),
+    (["alloc", "--method", "alphalora", "--r", "100", "--r-init", "4"], "--r"),
+    (["alloc", "--method", "alphalora", "--batch-size", "7"], "--batch-size"),
+    (["alloc", "--method", "shaplora", "--beta", "3"], "--beta"),
+    (["alloc", "--method", "adalora", "--min-experts", "1"], "--min-experts"),
+    (["bench", "--only", ","], "--only")])
+def test_bundled_alloc_and_bench_refuse_what_they_would_ignore(argv, flag, capsys, tmp_path):
+    from python_api.app import cli
+    rc = cli.main([*argv, *(["--out", str(tmp_path / "o")])])
+    err = capsys.readouterr().err
+    assert rc != 0 and f"{flag}:" in err
+    assert not (tmp_path / "o").exists()

@@ -158,7 +158,7 @@ def test_options_the_method_does_not_use_are_refused(fx, tmp_path, capsys, metho
     rc = cli.main(["train", "--model", fx["bert"], "--data", fx["csv"], "--method", method, "--steps", "1",
                    "--batch-size", "8", "--out", str(out), "--no-progress", *extra])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.startswith(f"lora-kernels train: error: {flag}: only ") and f"not {method}" in err
+    assert rc == 2 and err.startswith(f"lora-kernels train: error: {flag}: used only by ") and f"not {method}" in err
     assert not out.exists()                                   # refused before anything is written
 
 
