@@ -74,13 +74,17 @@ def _fingerprint(w: torch.Tensor) -> list[float]:
     return [float(w.sum()), float((w * w).sum())]
 
 
-def _same_base(w: torch.Tensor, saved: list[float]) -> bool:
-    """Whether weight ``w`` matches a saved fingerprint (sum, sum of squares) up to the rounding of ``w``'s dtype:
-    the same base cast to bf16 / fp16 still matches, other values do not."""
-    eps = max(torch.finfo(w.dtype).eps if w.dtype.is_floating_point else 0.0, 1e-6)
+def _same_base(w: torch.Tensor, saved: list[float], strict: bool = False) -> bool:
+    """Whether weight ``w`` matches a saved fingerprint (sum, sum of squares). Not ``strict``: up to the rounding of
+    ``w``'s dtype, whose errors average out over the ``n`` weights (a sum moves by about ``eps·√Σw²``, the sum of
+    squares by about ``eps·Σw²/√n``), so the same base cast to bf16 / fp16 matches while a base with other values —
+    a merged ΔW of a few percent on a real layer — does not; ``strict``: up to float64 summation only."""
     (s, q), (s0, q0) = _fingerprint(w), saved
-    return abs(q - q0) <= 2 * eps * max(1.0, abs(q0)) and \
-        abs(s - s0) <= eps * math.sqrt(w.numel() * max(q0, 0.0)) + 1e-6 * max(1.0, abs(s0))
+    floor_q, floor_s = 1e-6 * max(1.0, abs(q0)), 1e-6 * max(1.0, abs(s0))
+    eps = torch.finfo(w.dtype).eps if w.dtype.is_floating_point and not strict else 0.0
+    n = max(1, w.numel())
+    return abs(q - q0) <= 4 * eps * abs(q0) / math.sqrt(n) + floor_q and \
+        abs(s - s0) <= 4 * eps * math.sqrt(max(q0, 0.0)) + floor_s
 
 
 def _module_specs(model: nn.Module) -> dict[str, dict]:
@@ -614,6 +618,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, allocator: Any =
                               "would then drop them; unmerge_adapters(model) first")
     moved = [n for n, spec in meta["modules"].items()
              if not _same_base(model.get_submodule(n).weight, spec["base_fingerprint"])]
+    if (getattr(model, _CONFIG_ATTR, None) or {}).get("merged"):   # a merged ΔW can be within a cast's rounding
+        moved = [n for n, spec in meta["modules"].items()
+                 if not _same_base(model.get_submodule(n).weight, spec["base_fingerprint"], strict=True)]
     if moved and (getattr(model, _CONFIG_ATTR, None) or {}).get("merged"):
         raise CheckpointError(f"{path}: the model's weights have adapters merged in (merge_adapters), so "
                               f"{moved[0]!r} is not the base these adapters were trained on: loading them would apply "

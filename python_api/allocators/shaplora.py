@@ -583,8 +583,13 @@ def to_merged_basis(model: nn.Module) -> dict[str, torch.Tensor]:
     if merged:
         raise RuntimeError(f"{merged[0]}: unmerge() before changing the basis of a merged layer")
     # every SVD first: a non-finite layer found half-way would leave the earlier layers rewritten
-    svds = {n: _update_svd(m, act, n) for n, m in layers.items()
-            if (act := m.rank_mask.nonzero().flatten()).numel()}
+    svds = {}
+    for n, m in layers.items():
+        act = m.rank_mask.nonzero().flatten()
+        if act.numel():   # the rank-k factors only (the full U, Vᵀ of every module at once would be min(N, K) wide)
+            u, sv, vh = _update_svd(m, act, n)
+            k = act.numel()
+            svds[n] = (u[:, :k].clone(), sv[:k].clone(), vh[:k].clone())
     out = {}
     for n, m in layers.items():
         act = m.rank_mask.nonzero().flatten()

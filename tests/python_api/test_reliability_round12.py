@@ -85,18 +85,31 @@ def test_loading_into_a_merged_model_is_refused(tmp_path):
     torch.testing.assert_close(r(x), y)
 
 
-def test_same_base_in_bf16_loads_without_a_warning(tmp_path):
-    m = _adapted_mlp()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_base_check_tells_a_cast_from_other_weights(tmp_path, dtype):
+    def mlp(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
+    m = lk.apply_adapters(mlp(0), ["0", "2"], r=4)
+    with torch.no_grad():   # a realistic update: ‖ΔW‖ = 2% of ‖W‖
+        for layer in lk.adapter_layers(m).values():
+            layer.lora_B.normal_()
+            layer.lora_B.mul_(0.02 * layer.weight.norm() / layer.delta_weight().norm())
     lk.save_adapters(m, str(tmp_path / "ck"))
-    torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to(torch.bfloat16)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")                            # the cast base is the same base
-        lk.load_adapters(base, str(tmp_path / "ck"))
-    torch.manual_seed(1)
-    other = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to(torch.bfloat16)
+        warnings.simplefilter("error")                            # the same base, cast: no warning
+        lk.load_adapters(mlp(0).to(dtype), str(tmp_path / "ck"))
     with pytest.warns(UserWarning, match="differs from the one the adapters were trained on"):
-        lk.load_adapters(other, str(tmp_path / "ck"))
+        lk.load_adapters(mlp(1).to(dtype), str(tmp_path / "ck"))
+    noisy = mlp(0)
+    with torch.no_grad():
+        noisy[0].weight.add_(0.02 * noisy[0].weight.norm() / 256 * torch.randn(256, 256))
+    with pytest.warns(UserWarning, match="base weight of '0' differs"):
+        lk.load_adapters(noisy.to(dtype), str(tmp_path / "ck"))
+    lk.merge_adapters(m)
+    m.to(dtype)
+    with pytest.raises(lk.CheckpointError, match="adapters merged in"):   # ΔW would be applied twice
+        lk.load_adapters(m, str(tmp_path / "ck"))
 
 
 # ---- 4. load_adapter_state_dict is all or nothing and refuses NaN ---------------------------------------------
