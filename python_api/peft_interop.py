@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -84,15 +85,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
         for pname, p in model.get_submodule(mod_name).named_parameters():
             tensors[f"{PEFT_PREFIX}{mod_name}.{pname}"] = p.detach().contiguous().clone()
     r = max(ranks.values())
-    # PEFT matches a pattern key as a suffix of the module name, first key in sorted order: a name that is the
-    # suffix of another module's ("fc" and "z.fc") is anchored to the whole name, or its rank would be taken for
-    # the other one; the targets are then one full-name regex, so no other "*.fc" is adapted either
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or n in layers]
-    clash = {n for n in ranks if any(o != n and o.endswith("." + n) for o in linears)}
-
-    def key(n):
-        return ("^" if n in clash else "") + re.escape(n)
-    targets = ("(?:" + "|".join(re.escape(n) for n in sorted(ranks)) + ")") if clash else sorted(ranks)
+    targets, key = peft_names(ranks, [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or n in layers])
     cfg = LoraConfig(r=r, lora_alpha=alphas[max(ranks, key=ranks.get)], target_modules=targets,
                      rank_pattern={key(n): k for n, k in ranks.items()},
                      alpha_pattern={key(n): v for n, v in alphas.items()},
@@ -102,6 +95,22 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
     cfg.save_pretrained(str(path))
     save_file(tensors, os.path.join(path, PEFT_WEIGHTS), metadata={"format": "pt"})
     return str(path)
+
+
+def peft_names(names, others=()) -> tuple[list[str] | str, Callable[[str], str]]:
+    """PEFT's ``target_modules`` for exactly the modules ``names`` (full names), and the ``rank_pattern`` /
+    ``alpha_pattern`` key of each. PEFT matches a target or a key as a suffix of the module name, first key in
+    sorted order: a name that is the suffix of another module's (``fc`` and ``z.fc``, among ``names`` or the
+    model's ``others``) gets a key anchored to the whole name, or its rank would be taken for the other one, and the
+    targets become one full-name regex, so no other ``*.fc`` is adapted either. Otherwise the plain name list."""
+    names = sorted(names)
+    every = set(names) | set(others)
+    clash = {n for n in names if any(o != n and o.endswith("." + n) for o in every)}
+
+    def key(n: str) -> str:
+        return ("^" if n in clash else "") + re.escape(n)
+    targets = ("(?:" + "|".join(re.escape(n) for n in names) + ")") if clash else names
+    return targets, key
 
 
 def _modules_to_save(model: nn.Module, adapted: set[int]) -> list[str]:

@@ -401,14 +401,18 @@ def to_peft_rank_pattern(masks: dict[str, torch.Tensor]) -> dict[str, int]:
 
 
 def to_peft_lora_config(masks: dict[str, torch.Tensor], lora_alpha: float, **kwargs):
-    """A PEFT ``LoraConfig`` with the allocated per-module ranks (``r`` = the largest, ``rank_pattern`` the rest)."""
+    """A PEFT ``LoraConfig`` with the allocated per-module ranks (``r`` = the largest, ``rank_pattern`` the rest).
+    Module names that are suffixes of one another (``fc``, ``z.fc``) are anchored (``peft_interop.peft_names``)."""
     from peft import LoraConfig
+
+    from ..peft_interop import peft_names
 
     pattern = to_peft_rank_pattern(masks)
     if not pattern:
         raise ValueError("every module was allocated rank 0")
-    return LoraConfig(r=max(pattern.values()), lora_alpha=lora_alpha, target_modules=list(pattern),
-                      rank_pattern=dict(pattern), **kwargs)
+    targets, key = peft_names(pattern)
+    return LoraConfig(r=max(pattern.values()), lora_alpha=lora_alpha, target_modules=targets,
+                      rank_pattern={key(n): k for n, k in pattern.items()}, **kwargs)
 
 
 def rank_pattern_config(masks: dict[str, torch.Tensor]) -> dict:

@@ -103,3 +103,13 @@ def test_shared_reuse_path_names_x_on_a_wrong_shape():
         with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 32\]"):
             q(x)
     assert q(torch.randn(2, 3, 32)).shape == (2, 3, 32)
+
+
+def test_to_peft_lora_config_with_suffix_names():
+    import python_api as lk
+    peft = pytest.importorskip("peft")
+    masks = {"fc": torch.tensor([1, 1, 0, 0], dtype=torch.bool), "z.fc": torch.tensor([1, 1, 1, 1], dtype=torch.bool)}
+    pm = peft.get_peft_model(_Nested(), lk.to_peft_lora_config(masks, lora_alpha=4))
+    net = pm.base_model.model
+    assert net.fc.lora_A["default"].weight.shape[0] == 2 and net.z.fc.lora_A["default"].weight.shape[0] == 4
+    assert type(net.y.fc) is torch.nn.Linear
