@@ -49,15 +49,25 @@ class ModelSource:
         return {"model": self.spec, "path": self.path, "config_sha256": digest}
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+# what transformers loads from a folder, in its order of preference (shards included); other weight-like files
+# (a TF / Flax copy, a Trainer checkpoint's optimizer.pt) are not read for the --resume identity
+_WEIGHT_FILES = (r"model(-\d+-of-\d+)?\.safetensors", r"pytorch_model(-\d+-of-\d+)?\.bin",
+                 r".*\.safetensors", r".*\.bin")
+_NOT_WEIGHTS = {"training_args.bin", "optimizer.bin", "scheduler.bin"}
 
 
 def weights_sha256(src: ModelSource) -> str:
-    """sha256 of the model's weights: the GGUF file, or every weight file of the folder (by name, in sorted order;
-    ``--resume`` refuses a model whose weights changed under the same config)."""
-    files = [src.path] if src.gguf else sorted(
-        os.path.join(src.path, f) for f in os.listdir(src.path)
-        if f.endswith(WEIGHT_SUFFIXES) and os.path.isfile(os.path.join(src.path, f)))
+    """sha256 of the model's weights: the GGUF file, or the folder's weight files transformers loads (by name, in
+    sorted order; ``--resume`` refuses a model whose weights changed under the same config)."""
+    import re
+
+    files = [src.path]
+    if not src.gguf:
+        names = sorted(f for f in os.listdir(src.path) if os.path.isfile(os.path.join(src.path, f)))
+        for pattern in _WEIGHT_FILES:
+            files = [os.path.join(src.path, f) for f in names if re.fullmatch(pattern, f) and f not in _NOT_WEIGHTS]
+            if files:
+                break
     h = hashlib.sha256()
     for path in files:
         h.update(os.path.basename(path).encode() + b"\0")

@@ -174,3 +174,17 @@ def test_a_csv_separated_by_another_character_is_refused(tmp_path, sep):
     p.write_text("text\n" + "".join(f"{t}; and more\n" for t, _ in rows))   # a one-column file whose texts hold ';'
     ex, info = D.load_examples(str(p))
     assert info["task"] == "causal-lm" and len(ex) == 10
+
+
+def test_weights_hash_reads_only_the_weights_transformers_loads(tmp_path):
+    from python_api.app import byo_model as M
+    for f in ("config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "tf_model.h5",
+              "optimizer.pt", "training_args.bin"):
+        (tmp_path / f).write_bytes(f.encode())
+    src = M.ModelSource("m", str(tmp_path), gguf=False)
+    first = M.weights_sha256(src)
+    for f in ("tf_model.h5", "optimizer.pt", "training_args.bin"):   # not read
+        (tmp_path / f).write_bytes(b"other")
+    assert M.weights_sha256(src) == first
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"other")   # a shard is
+    assert M.weights_sha256(src) != first
