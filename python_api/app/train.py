@@ -712,6 +712,8 @@ def _in_head_order(ex: byo_data.Examples, head: list[str] | None, model: str, lo
     names = ex.label_names
     if head is None or head == names or len(head) != len(names):   # a size mismatch is refused by load_model
         return ex
+    if names == [str(i) for i in range(len(names))]:   # labels 0 … n-1 are the head's ids already
+        return ex
     for key in (str, str.casefold):
         pos = {key(n): i for i, n in enumerate(head)}
         if len(pos) == len(head) and sorted(pos) == sorted({key(n) for n in names}) and len(set(map(key, names))) \

@@ -188,3 +188,13 @@ def test_weights_hash_reads_only_the_weights_transformers_loads(tmp_path):
     assert M.weights_sha256(src) == first
     (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"other")   # a shard is
     assert M.weights_sha256(src) != first
+
+
+def test_integer_labels_are_the_head_ids(fx, tmp_path):
+    import warnings
+    model = _classifier(tmp_path / "cls", {0: "NEGATIVE", 1: "POSITIVE"}, favour=0)   # the GLUE / SST-2 case
+    data = _skewed(tmp_path / "d.csv", ("1", "0"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        P = T.prepare(cfg(fx, tmp_path / "o", model=model, data=data), log=quiet, check_output=False)
+    assert P["splits"]["train"].label_names == ["0", "1"]
