@@ -120,13 +120,6 @@ def cmd_demo(args) -> int:
     return 0 if any(r.get("status") == "ok" for r in rows) else 1
 
 
-# the bundled alloc's options by the methods that use them (alphalora reads the base's spectra: it trains nothing)
-_TRAINED = ("shaplora", "adalora")
-BUNDLED_ALLOC_OPTIONS = {"steps": _TRAINED, "batch_size": _TRAINED, "max_length": _TRAINED, "time_budget": _TRAINED,
-                         "r": _TRAINED, "r_init": _TRAINED, "experts_per_layer": ("alphalora",),
-                         "beta": ("alphalora",), "min_experts": ("alphalora",)}
-
-
 def cmd_alloc(args) -> int:
     if args.model is not None or args.data is not None:
         from .train_cli import cmd_alloc as cmd_alloc_byo
@@ -135,11 +128,8 @@ def cmd_alloc(args) -> int:
 
     from ..allocators.alphalora import DEFAULT_MIN_EXPERTS
 
-    given = [o for o, ms in BUNDLED_ALLOC_OPTIONS.items() if getattr(args, o) is not None and args.method not in ms]
-    if given:   # refused rather than ignored
-        o = given[0]
-        raise ValueError(f"--{o.replace('_', '-')}: used only by {', '.join(BUNDLED_ALLOC_OPTIONS[o])}, not "
-                         f"{args.method}")
+    from .train_cli import BUNDLED_ALLOC_OPTIONS, refuse_unused
+    refuse_unused(args, BUNDLED_ALLOC_OPTIONS, args.method)
     for o, v in (("r", 8), ("r_init", 12), ("experts_per_layer", 2.0), ("beta", 2.5), ("batch_size", 16),
                  ("max_length", 64)):
         if getattr(args, o) is None:
@@ -285,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # expected failures: one line, no traceback (unless --debug)
         if args.debug:
             raise
+        from .byo_data import BadInput
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, BadInput):   # the user's input: exit 2, like argparse's own errors
+            sys.stderr.write(f"{PROG} {args.command}: error: {msg}\n")
+            return 2
         sys.stderr.write(f"{PROG} {args.command}: error: {type(e).__name__}: {msg}\n")
         return 1
 

@@ -119,20 +119,38 @@ def config_from_args(args, method: str | None = None, argv: list[str] | None = N
         command=shlex.join(["lora-kernels", *argv]))
 
 
-# train options that only some methods use: given to another method, they are refused rather than ignored
-METHOD_OPTIONS = {"budget": ("adalora", "shaplora", "moe-uniform", "alphalora"), "r_init": ("adalora", "shaplora"),
+# options by the methods that use them, per command: given to another method (or, "own" / "bundled", to the other
+# kind of alloc run), they are refused rather than ignored
+_TRAINED = ("adalora", "shaplora")
+OWN, BUNDLED = "own", "bundled"   # alloc with --model / --data (your own) or without (the bundled MiniLM)
+METHOD_OPTIONS = {"budget": ("adalora", "shaplora", "moe-uniform", "alphalora"), "r_init": _TRAINED,
                   "beta": ("alphalora",), "expert_r": ("moe-uniform", "alphalora"), "no_supernet_check": ("shaplora",)}
+OWN_ALLOC_OPTIONS = {"steps": _TRAINED, "batch_size": _TRAINED, "max_length": _TRAINED, "lr": _TRAINED,
+                     "r": _TRAINED, "r_init": _TRAINED, "no_supernet_check": ("shaplora",), "beta": ("alphalora",),
+                     "experts_per_layer": BUNDLED, "min_experts": BUNDLED, "time_budget": BUNDLED, "quick": BUNDLED}
+BUNDLED_ALLOC_OPTIONS = {"steps": _TRAINED, "batch_size": _TRAINED, "max_length": _TRAINED, "time_budget": _TRAINED,
+                         "r": _TRAINED, "r_init": _TRAINED, "experts_per_layer": ("alphalora",), "beta": ("alphalora",),
+                         "min_experts": ("alphalora",), "budget": OWN, "budget_unit": OWN, "text_column": OWN,
+                         "label_column": OWN, "task": OWN, "targets": OWN, "lr": OWN, "overwrite": OWN,
+                         "no_supernet_check": OWN}
+_PARSER_DEFAULTS = {"budget_unit": "ranks"}   # options whose parser default is not None
 
 
-def check_method_options(args) -> None:
-    """Refuses an option the chosen ``--method`` does not use (a --budget with lora would otherwise be ignored)."""
+def refuse_unused(args, table: dict, method: str) -> None:
+    """Refuses an option ``table`` says ``method`` does not use (a --budget with lora would otherwise be ignored)."""
     from .byo_data import BadInput
 
-    for opt, methods in METHOD_OPTIONS.items():
+    for opt, users in table.items():
         value = getattr(args, opt, None)
-        if value not in (None, False) and args.method not in methods:
-            flag = "--" + opt.replace("_", "-")
-            raise BadInput(f"{flag}: used only by {', '.join(methods)}, not {args.method}")
+        if value in (None, False, _PARSER_DEFAULTS.get(opt)):
+            continue
+        flag = "--" + opt.replace("_", "-")
+        if users == OWN:
+            raise BadInput(f"{flag}: used only by alloc on your own model (with --model and --data)")
+        if users == BUNDLED:
+            raise BadInput(f"{flag}: used only by the bundled alloc (without --model / --data)")
+        if method not in users:
+            raise BadInput(f"{flag}: used only by {', '.join(users)}, not {method}")
 
 
 def _guarded(fn, args, prog: str) -> int:
@@ -155,7 +173,7 @@ def cmd_train(args, argv: list[str] | None = None) -> int:
 
     cfg = config_from_args(args, argv=argv)
     def train():
-        check_method_options(args)
+        refuse_unused(args, METHOD_OPTIONS, args.method)
         run(cfg)
     return _guarded(train, args, "lora-kernels train")
 
@@ -167,4 +185,8 @@ def cmd_alloc(args, argv: list[str] | None = None) -> int:
         sys.stderr.write("lora-kernels alloc: error: --model and --data go together\n")
         return 2
     cfg = config_from_args(args, method=args.method, argv=argv)
-    return _guarded(lambda: run_alloc(cfg), args, "lora-kernels alloc")
+
+    def alloc():
+        refuse_unused(args, OWN_ALLOC_OPTIONS, args.method)
+        run_alloc(cfg)
+    return _guarded(alloc, args, "lora-kernels alloc")

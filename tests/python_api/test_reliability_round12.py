@@ -208,10 +208,17 @@ def test_loaded_allocator_state_does_not_replace_its_betas(tmp_path):
     (["alloc", "--method", "alphalora", "--batch-size", "7"], "--batch-size"),
     (["alloc", "--method", "shaplora", "--beta", "3"], "--beta"),
     (["alloc", "--method", "adalora", "--min-experts", "1"], "--min-experts"),
+    (["alloc", "--method", "shaplora", "--budget", "10"], "--budget"),               # own-model alloc only
+    (["alloc", "--method", "alphalora", "--model", "m", "--data", "d", "--steps", "5"], "--steps"),
+    (["alloc", "--method", "shaplora", "--model", "m", "--data", "d", "--experts-per-layer", "3"],
+     "--experts-per-layer"),                                                           # bundled alloc only
     (["bench", "--only", ","], "--only")])
-def test_bundled_alloc_and_bench_refuse_what_they_would_ignore(argv, flag, capsys, tmp_path):
+def test_alloc_and_bench_refuse_what_they_would_ignore(argv, flag, capsys, tmp_path):
     from python_api.app import cli
     rc = cli.main([*argv, *(["--out", str(tmp_path / "o")])])
     err = capsys.readouterr().err
-    assert rc != 0 and f"{flag}:" in err
+    if argv[0] == "bench":
+        assert rc == 1 and "--only: no benchmark module named" in err
+    else:
+        assert rc == 2 and f"error: {flag}: used only by " in err   # bad input: exit 2, as for train
     assert not (tmp_path / "o").exists()

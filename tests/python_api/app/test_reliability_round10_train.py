@@ -149,7 +149,7 @@ def test_moe_targets_of_block_1_only(fx, tmp_path, method):
 def test_alloc_alphalora_targets_of_block_1_only(fx, tmp_path, capsys):
     out = tmp_path / "a"
     rc, err = _main(capsys, "alloc", "--method", "alphalora", "--model", fx["bert"], "--data", fx["csv"], "--out",
-                    str(out), "--targets", "encoder.layer.1.attention.self.query", "--steps", "1")
+                    str(out), "--targets", "encoder.layer.1.attention.self.query")
     assert rc == 0, err
     res = json.load(open(out / "alphalora_allocation.json"))
     assert res["experts"] == [0, 2] and res["alphas"][0] is None
