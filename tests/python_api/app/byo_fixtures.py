@@ -79,3 +79,25 @@ def make_all(root: str) -> dict[str, str]:
     os.makedirs(root, exist_ok=True)
     return {"bert": save_bert(os.path.join(root, "bert")), "llama": save_llama(os.path.join(root, "llama")),
             "csv": write_csv(os.path.join(root, "data.csv")), "txt": write_text(os.path.join(root, "data.txt"))}
+
+
+def train_cfg(fx, out, method="lora", model="bert", data="csv", **kw):
+    """A ``TrainConfig`` on the tiny fixtures (a model / data key of ``fx`` or a path): 2 steps of 8, no reload
+    check, no super-network learned-check (the tiny super-networks cannot learn in a few steps)."""
+    from python_api.app import train as T
+    base = dict(model=fx.get(model, model), data=fx.get(data, data), method=method, out=str(out), steps=2,
+                batch_size=8, progress=False, verify=False, supernet_check=False)
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+def quiet(*a, **k):
+    """A ``log=`` that prints nothing."""
+
+
+def stop_at(k):
+    """An ``after_step`` that stops the run at step ``k`` like a kill (RuntimeError "killed")."""
+    def stop(phase, step):
+        if step == k:
+            raise RuntimeError("killed")
+    return stop

@@ -21,15 +21,7 @@ pytest.importorskip("peft")
 pytest.importorskip("pandas")
 
 
-def cfg(fx, out, method="lora", model="bert", data="csv", **kw):
-    base = dict(model=fx.get(model, model), data=fx.get(data, data), method=method, out=str(out), steps=2,
-                batch_size=8, progress=False, verify=False, supernet_check=False)
-    base.update(kw)
-    return T.TrainConfig(**base)
-
-
-def quiet(*a, **k):
-    pass
+cfg, quiet, _stop_at = F.train_cfg, F.quiet, F.stop_at
 
 
 def _main(capsys, command, *argv):
@@ -48,12 +40,6 @@ def _files(root) -> dict[str, str]:
             out[os.path.relpath(p, root)] = open(p, "rb").read().hex()
     return out
 
-
-def _stop_at(k):
-    def stop(phase, step):
-        if step == k:
-            raise RuntimeError("killed")
-    return stop
 
 
 # ---- 1. --overwrite never deletes what it did not write ------------------------------------------------------

@@ -19,15 +19,7 @@ pytest.importorskip("peft")
 pd = pytest.importorskip("pandas")
 
 
-def cfg(fx, out, method="lora", model="bert", data="csv", **kw):
-    base = dict(model=fx.get(model, model), data=fx.get(data, data), method=method, out=str(out), steps=2,
-                batch_size=8, progress=False, verify=False, supernet_check=False)
-    base.update(kw)
-    return T.TrainConfig(**base)
-
-
-def quiet(*a, **k):
-    pass
+cfg, quiet, _stop_at = F.train_cfg, F.quiet, F.stop_at
 
 
 def _classifier(path, id2label: dict[int, str], favour: int) -> str:
@@ -121,13 +113,6 @@ def test_every_class_keeps_training_rows(sizes, fracs):
 
 
 # ---- 4. --resume after the model's weights changed ------------------------------------------------------------
-def _stop_at(k):
-    def stop(phase, step):
-        if step == k:
-            raise RuntimeError("killed")
-    return stop
-
-
 def test_resume_refuses_changed_weights_and_accepts_an_old_marker(fx, tmp_path):
     model = F.save_bert(str(tmp_path / "m"), seed=0)
     c = dict(model=model, steps=3, save_every=1)
