@@ -142,8 +142,8 @@ def refuse_unused(args, table: dict, method: str) -> None:
 
     for opt, users in table.items():
         value = getattr(args, opt, None)
-        if value in (None, False, _PARSER_DEFAULTS.get(opt)):
-            continue
+        if value is None or value is False or (opt in _PARSER_DEFAULTS and value == _PARSER_DEFAULTS[opt]):
+            continue   # not given (a 0, e.g. --min-experts 0, is given)
         flag = "--" + opt.replace("_", "-")
         if users == OWN:
             raise BadInput(f"{flag}: used only by alloc on your own model (with --model and --data)")
