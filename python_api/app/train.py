@@ -226,11 +226,15 @@ def check_out(cfg: TrainConfig, ident: dict) -> None:
         if old.get("method") != ident["method"]:
             raise BadInput(f"--resume: the checkpoint in {out} is for method {old.get('method')!r}, "
                            f"not {ident['method']!r}")
-        hashes = {key for key, _, _ in DATA_HASHES} | {"model_sha256"}
+        hashes = {key for key, _, _ in DATA_HASHES} | {"model_sha256", "label_names"}
         diff = [k for k in ident if k not in hashes and old.get(k, IDENTITY_DEFAULTS.get(k)) != ident[k]]
         if diff:
             args = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} (now {ident[k]!r})" for k in diff)
             raise BadInput(f"--resume: the checkpoint in {out} was written with {args}; resume with the same options")
+        if old.get("label_names") is not None and old["label_names"] != ident["label_names"]:
+            raise BadInput(f"--resume: the checkpoint in {out} numbers the classes {old['label_names']}, this run "
+                           f"{ident['label_names']} (the head's ids would change meaning); pass --overwrite instead "
+                           "of --resume to start over")
         if old.get("model_sha256") is not None and ident["model_sha256"] is not None \
                 and old["model_sha256"] != ident["model_sha256"]:   # same path and config, other weights
             raise BadInput(f"--model: {cfg.model}: its weights changed since the checkpoint in {out} was written "
@@ -669,6 +673,7 @@ def prepare(cfg: TrainConfig, log=print, check_output: bool = True) -> dict:
     heads = byo_model.head_modules(base, cfg.task)
     _check_model_fit(cfg, base, targets, max_length_given)
     ident = identity(cfg, src, hashes=check_output)   # alloc writes no marker: its data is not hashed
+    ident["label_names"] = train_ex.label_names or None   # the class order, i.e. what each head id means
     if check_output:
         check_out(cfg, ident)
     enc, longer = {}, {}

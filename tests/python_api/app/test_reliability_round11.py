@@ -183,3 +183,21 @@ def test_integer_labels_are_the_head_ids(fx, tmp_path):
         warnings.simplefilter("error", UserWarning)
         P = T.prepare(cfg(fx, tmp_path / "o", model=model, data=data), log=quiet, check_output=False)
     assert P["splits"]["train"].label_names == ["0", "1"]
+
+
+def test_resume_refuses_a_changed_class_numbering(fx, tmp_path):
+    out = tmp_path / "o"
+    c = dict(steps=3, save_every=1)
+    with pytest.raises(RuntimeError, match="killed"):
+        T.run(cfg(fx, out, **c), log=quiet, after_step=_stop_at(2))
+    marker = json.load(open(out / T.MARKER))
+    assert marker["label_names"] == ["neg", "pos"]
+    marker["label_names"] = ["pos", "neg"]                    # as numbered by another version
+    with open(out / T.MARKER, "w") as f:
+        json.dump(marker, f)
+    with pytest.raises(BadInput, match=r"^--resume: .*numbers the classes \['pos', 'neg'\]"):
+        T.run(cfg(fx, out, resume=True, **c), log=quiet)
+    del marker["label_names"]                                 # a marker from before: not checked
+    with open(out / T.MARKER, "w") as f:
+        json.dump(marker, f)
+    assert len(T.run(cfg(fx, out, resume=True, **c), log=quiet)["losses"]["train"]) == 3
