@@ -616,12 +616,12 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, allocator: Any =
         raise CheckpointError(f"{path}: the model has adapters merged reversibly (merge_adapters(reversible=True)): "
                               "loading others now would add their ΔW to the merged weights, and unmerge_adapters "
                               "would then drop them; unmerge_adapters(model) first")
+    merged = bool((getattr(model, _CONFIG_ATTR, None) or {}).get("merged"))
+    # one pass over the base weights; a model recorded as merged is compared strictly (a merged ΔW can be within a
+    # cast's rounding)
     moved = [n for n, spec in meta["modules"].items()
-             if not _same_base(model.get_submodule(n).weight, spec["base_fingerprint"])]
-    if (getattr(model, _CONFIG_ATTR, None) or {}).get("merged"):   # a merged ΔW can be within a cast's rounding
-        moved = [n for n, spec in meta["modules"].items()
-                 if not _same_base(model.get_submodule(n).weight, spec["base_fingerprint"], strict=True)]
-    if moved and (getattr(model, _CONFIG_ATTR, None) or {}).get("merged"):
+             if not _same_base(model.get_submodule(n).weight, spec["base_fingerprint"], strict=merged)]
+    if moved and merged:
         raise CheckpointError(f"{path}: the model's weights have adapters merged in (merge_adapters), so "
                               f"{moved[0]!r} is not the base these adapters were trained on: loading them would apply "
                               "a ΔW twice; load into the unmerged base model")

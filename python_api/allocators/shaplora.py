@@ -593,21 +593,17 @@ def to_merged_basis(model: nn.Module) -> dict[str, torch.Tensor]:
         if act.numel():   # the rank-k factors only (the full U, Vᵀ of every module at once would be min(N, K) wide)
             u, sv, vh = _update_svd(m, act, n)
             k = act.numel()
-            svds[n] = (u[:, :k].clone(), sv[:k].clone(), vh[:k].clone())
+            svds[n] = (act, u[:, :k].clone(), sv[:k].clone(), vh[:k].clone())
     out = {}
-    for n, m in layers.items():
-        act = m.rank_mask.nonzero().flatten()
-        if n not in svds:
-            continue
-        u, sv, vh = svds[n]
-        k = act.numel()
-        m.lora_A[act] = vh[:k].to(m.lora_A.dtype)
+    for n, (act, u, sv, vh) in svds.items():
+        m = layers[n]
+        m.lora_A[act] = vh.to(m.lora_A.dtype)
         if m.svd:
-            m.lora_B[:, act] = u[:, :k].to(m.lora_B.dtype)
-            m.lora_E[act] = sv[:k].to(m.lora_E.dtype)
+            m.lora_B[:, act] = u.to(m.lora_B.dtype)
+            m.lora_E[act] = sv.to(m.lora_E.dtype)
         else:
-            m.lora_B[:, act] = (u[:, :k] * sv[:k]).to(m.lora_B.dtype)
-        out[n] = sv[:k].float()
+            m.lora_B[:, act] = (u * sv).to(m.lora_B.dtype)
+        out[n] = sv.float()
     return out
 
 

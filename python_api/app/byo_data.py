@@ -59,6 +59,19 @@ class Examples:
                         self.label_names)
 
 
+def sha256_files(files: list[tuple[str, str]]) -> str:
+    """sha256 over ``(name, path)`` pairs in the given order: each name, then the file's bytes (1 MiB pieces)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, path in files:
+        h.update(name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def file_format(path: str, arg: str = "--data") -> str:
     if not os.path.exists(path):
         raise BadInput(f"{arg}: {path}: no such file or directory")

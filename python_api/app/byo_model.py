@@ -68,13 +68,8 @@ def weights_sha256(src: ModelSource) -> str:
             files = [os.path.join(src.path, f) for f in names if re.fullmatch(pattern, f) and f not in _NOT_WEIGHTS]
             if files:
                 break
-    h = hashlib.sha256()
-    for path in files:
-        h.update(os.path.basename(path).encode() + b"\0")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    from .byo_data import sha256_files
+    return sha256_files([(os.path.basename(p), p) for p in files])
 
 
 def resolve(spec: str) -> ModelSource:

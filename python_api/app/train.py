@@ -30,7 +30,6 @@ adapters (CPU) as an uninterrupted one (tests/python_api/test_train_cli.py).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -190,18 +189,12 @@ def file_sha256(path: str) -> str:
     """sha256 of a file's bytes, read in 1 MiB pieces; of a directory (``datasets.save_to_disk``): of every regular
     file's relative path and bytes, in sorted order (links, sockets and pipes, which ``load_from_disk`` does not
     read, are left out)."""
-    h = hashlib.sha256()
     files = [("", path)]
     if os.path.isdir(path):
         files = sorted((os.path.relpath(os.path.join(d, f), path), os.path.join(d, f))
                        for d, _, names in os.walk(path) for f in names
                        if stat.S_ISREG(os.lstat(os.path.join(d, f)).st_mode))
-    for rel, full in files:
-        h.update(rel.encode() + b"\0")
-        with open(full, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    return byo_data.sha256_files(files)
 
 
 def check_out(cfg: TrainConfig, ident: dict) -> None:
