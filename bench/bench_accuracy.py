@@ -274,7 +274,10 @@ def _adalora_effective(model, ranks) -> int:
     return adapters + count_trainable(model) - count_trainable(model, adapters_only=True)
 
 
-def run_shaplora(task, seed, retrain: str = "plain"):
+def run_shaplora(task, seed, retrain: str = "plain", equal_steps: bool = False):
+    """ShapLoRA through ``shaplora_workflow``: the super-network trains half the steps, the retrain the full steps.
+    ``equal_steps``: the super-network trains a third of the steps and the retrain the rest, so the two together
+    train uniform LoRA's steps (meant for ``retrain="warm"``, which continues the super-network)."""
     from python_api.app.data import batches
     from python_api.allocators.shaplora import shaplora_workflow
     from python_api.surgery import count_trainable
@@ -290,7 +293,9 @@ def run_shaplora(task, seed, retrain: str = "plain"):
         if not supernet:
             supernet.append(model)
         still_svd = any(m.svd for m in adapter_layers(model).values())
-        steps = cfg["steps"] // 2 if model is supernet[0] and still_svd else cfg["steps"]
+        n = cfg["steps"]
+        first = n // 3 if equal_steps else n // 2
+        steps = first if model is supernet[0] and still_svd else (n - first if equal_steps else n)
         times.append(train(model, task, seed, steps, orth_reg=cfg["orth_reg"]))
 
     val = list(batches(task.val, 32))

@@ -288,6 +288,23 @@ def test_shaplora_warm_retrain_gets_the_full_steps(tmp_path, monkeypatch):
     assert by["lora_long"]["params_equal"] is True
 
 
+def test_shaplora_warm_eq_trains_uniform_loras_steps_in_all(tmp_path, monkeypatch):
+    """ShapLoRA at LoRA's training compute: a third of the steps for the super-network, the rest for its warm
+    retrain, so the two add up to uniform LoRA's steps; paired against LoRA and AdaLoRA like the other retrains."""
+    steps = []
+    real = bp.acc.train
+
+    def spy(model, task, seed, n, **kw):
+        steps.append(n)
+        return real(model, task, seed, n, **kw)
+    monkeypatch.setattr(bp.acc, "train", spy)
+    rows = bp.run(quick=True, directory=str(tmp_path), methods=["lora", "shaplora_warm_eq"], seeds=[0], steps=7)
+    by = {r["provider"]: r for r in rows if r["op"] == "protocol"}
+    assert steps == [7, 2, 5]   # LoRA; the super-network (7 // 3); its warm retrain (the rest)
+    assert by["shaplora_warm_eq"]["params_equal"] is True and by["shaplora_warm_eq"]["extra_time_s"] > 0
+    assert by["shaplora_warm_eq"]["diff_vs_lora"] is not None
+
+
 def test_lr_choice_rules_out_a_collapsed_seed():
     """Several tuning seeds: an lr under which one seed ended at the majority class loses to a steadier lr even
     with the better mean; the choice's evidence is reported, and only the chosen lr's final runs are aggregated."""
