@@ -41,6 +41,15 @@ class LoRALinear(nn.Module):
             alpha = check_finite("alpha", alpha, positive=True)   # NaN/inf: every output NaN/inf; 0: no adapter
         dropout = check_finite("dropout", dropout, lo=0.0, hi=1.0)
         adapter_dtype = check_adapter_dtype(adapter_dtype)
+        if not isinstance(svd, bool):
+            raise TypeError(f"svd must be True or False, got {svd!r}")
+        for nm, given in (("lora_A", lora_A), ("lora_B", lora_B)):
+            # a plain tensor would be an attribute, not a parameter: missing from parameters() (no optimizer step),
+            # state_dict() and .to() / .double()
+            if given is not None and (not isinstance(given, nn.Parameter) or not given.is_floating_point()):
+                raise TypeError(f"{nm} must be an nn.Parameter of a floating dtype (a shared adapter), got "
+                                f"{type(given).__name__}" + (f" of dtype {given.dtype}"
+                                                             if isinstance(given, torch.Tensor) else ""))
         if r > min(in_features, out_features):
             # A rank above min(K, N) adds parameters but no expressiveness: refuse (MoE layers stack experts
             # and call the functional op directly, where R is free).
@@ -146,18 +155,24 @@ class LoRALinear(nn.Module):
         return self.rank_mask.to(self.lora_A.dtype)
 
     def _active_indices(self):
-        """Active-rank indices of the mask (None: every rank on), cached per mask version so the host reads the
-        mask only when it changes (load_state_dict copies in place). Under torch.compile the mask is not read on
-        the host: the 0/1 gate then zeroes the masked ranks (same values, full-rank cost)."""
+        """Active-rank indices of the mask (None: every rank on), cached so the host reads the mask only when it
+        changes. The cache holds the mask tensor itself and its version: a mask replaced (``load_state_dict(...,
+        assign=True)``, even at the freed tensor's address) or changed in place (``set_rank_mask``, ``copy_``,
+        ``load_state_dict``) is read again. On CPU the cached copy's values are also compared (r booleans, no
+        device sync), which catches edits through ``rank_mask.data``; on a GPU that comparison would sync the
+        device every forward, so there edit the mask with ``set_rank_mask`` or in place, not through ``.data``.
+        Under torch.compile the mask is not read on the host: the 0/1 gate then zeroes the masked ranks (same
+        values, full-rank cost)."""
         if torch.compiler.is_compiling():
             return _UNREAD
-        key = (self.rank_mask.data_ptr(), self.rank_mask._version)
-        if self._active_cache is None or self._active_cache[0] != key:
+        mask, c = self.rank_mask, self._active_cache
+        if c is None or c[0] is not mask or c[1] != mask._version or (
+                mask.device.type == "cpu" and not torch.equal(c[2], mask)):
             # never cache an inference tensor (computed under torch.inference_mode): a later training step could
             # not save it for backward
             with torch.inference_mode(False):
-                self._active_cache = (key, gated_op.active_ranks(self.rank_mask))
-        return self._active_cache[1]
+                self._active_cache = (mask, mask._version, mask.clone(), gated_op.active_ranks(mask))
+        return self._active_cache[3]
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s · B diag(g) A  [N, K] for the current rank gate (no per-token gate)."""
@@ -224,16 +239,36 @@ class LoRALinear(nn.Module):
             w = orig if keep_vars else orig.detach()
             destination[prefix + "weight"] = w.to(self.weight.device, self.weight.dtype)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # the dict holds the unmerged form (above): a merged layer takes it unmerged, then merges the loaded adapters
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # the rank mask gets set_rank_mask's 0/1 check (the bool buffer's copy_ would turn 0.5 or -1 into True)
+        mask = state_dict.get(prefix + "rank_mask")
+        if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool and mask.numel() and (
+                mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all())):
+            raise ValueError(f"{prefix}rank_mask in the state dict must be boolean or 0/1 valued, got "
+                             f"{mask.tolist() if mask.numel() <= 16 else mask.dtype}")
+        # the dict holds the unmerged form (above): a merged layer takes it unmerged, then merges the loaded adapters.
+        # If the load fails (a shape mismatch), the layer's own tensors go back, so it re-merges its OLD state rather
+        # than a mix of loaded and old tensors that matches neither.
         was_merged = self.merged
         if was_merged:
             self.unmerge()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            stores = (("p", self._parameters), ("b", self._buffers))
+            saved = {(kind, n): (t, t.detach().clone()) for kind, store in stores for n, t in store.items()
+                     if t is not None}
+        before = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         if was_merged:
+            if len(error_msgs) > before:
+                with torch.no_grad():
+                    for (kind, n), (obj, copy) in saved.items():
+                        obj.copy_(copy)
+                        (self._parameters if kind == "p" else self._buffers)[n] = obj
             self.merge()
 
     def extra_repr(self) -> str:
+        active = "?" if self.rank_mask.is_meta else self.active_rank   # a model built on the meta device
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"active_rank={self.active_rank}, alpha={self.lora_alpha}, dropout={self.dropout}, "
+                f"active_rank={active}, alpha={self.lora_alpha}, dropout={self.dropout}, "
                 f"svd={self.svd}, bias={self.bias is not None}")

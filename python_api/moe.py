@@ -116,7 +116,7 @@ class MoELoRALinear(nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must be [..., in_features={self.in_features}], got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)                                               # [T, K]
+        x2 = x.reshape(math.prod(lead), self.in_features)   # [T, K]; explicit T: reshape(-1, 0) is ambiguous
         w, p, idx = self.routing(x2)
         gate = w.repeat_interleave(self.r, dim=1)                                          # [T, E·r]
         if self.load_balance_coef > 0 and self.training and x2.shape[0] > 0:

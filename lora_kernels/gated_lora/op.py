@@ -502,11 +502,14 @@ def _lora_linear(x, weight, bias, lora_a, lora_b, scale, gate, dropout_p, traini
     own validated rank mask (cached per mask version, so no host read per call)."""
     check_tensor("x", x)
     if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
-        # Run the op in the autocast dtype, then with autocast off so the backends see one dtype.
+        # Run the op in the autocast dtype, then with autocast off so the backends see one dtype. As autocast
+        # itself does (nn.Linear included), float64 tensors are left alone: only float32 / half ones are cast.
         dt = torch.get_autocast_dtype(x.device.type)
+
+        def cast(t):
+            return t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
         if isinstance(weight, Tensor) and (bias is None or isinstance(bias, Tensor)):
-            x, weight = x.to(dt), weight.to(dt)
-            bias = bias.to(dt) if bias is not None else None
+            x, weight, bias = cast(x), cast(weight), cast(bias)
         with torch.autocast(x.device.type, enabled=False):
             return _lora_linear(x, weight, bias, lora_a, lora_b, scale, gate, dropout_p, training, active, seed,
                                 accum_a, accum_b, check_active)

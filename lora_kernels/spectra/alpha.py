@@ -227,6 +227,9 @@ def hill_fit(lam: torch.Tensor, xmin: str = "faithful", threshold: float = 0.0,
         raise ValueError("lam rows must be sorted ascending")
     valid = lam > max(float(threshold), 0.0)                                   # a prefix of each row is dropped
     start = n - valid.sum(1)                                                   # [B] first kept index
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))
+                            or not math.isfinite(eps) or not 0.0 < eps < 1.0):
+        raise ValueError(f"eps must be a machine epsilon in (0, 1) (e.g. torch.finfo(torch.float32).eps), got {eps!r}")
     low_rank, flat = degenerate_rows(lam, torch.finfo(torch.float32).eps if eps is None else eps, threshold)
     degenerate = low_rank | flat | (start > n - 2)                             # < 2 above threshold: no fit
     cand = _candidates(lam, valid, start, xmin)                                # [B, n]

@@ -10,6 +10,9 @@ tests/python_api/test_adalora.py checks agreement on the same weights and gradie
 """
 from __future__ import annotations
 
+import numbers
+import warnings
+
 import torch
 from torch import nn
 
@@ -103,6 +106,8 @@ class AdaLoRAAllocator:
             self.target_bgt = check_budget(budget, 1, self.init_bgt, f"the {self.init_bgt} initial ranks")
         self.total_step, self.tinit, self.tfinal, self.deltaT = int(total_step), int(tinit), int(tfinal), int(deltaT)
         self.rank_pattern: dict[str, list[bool]] | None = None
+        self._final_applied = False        # the target budget's mask was applied (at or after the final step)
+        self._last_step: int | None = None  # the last step given, to refuse one that goes back
 
     def budget_schedule(self, step: int) -> tuple[int, bool]:
         return budget_schedule(step, self.init_bgt, self.target_bgt, self.total_step, self.tinit, self.tfinal,
@@ -145,8 +150,24 @@ class AdaLoRAAllocator:
             e.masked_fill_(~torch.tensor(keep, device=e.device).view(e.shape), 0.0)
 
     def update_and_allocate(self, step: int) -> dict[str, list[bool]] | None:
-        """One AdaLoRA step; returns the rank pattern when a mask was applied this step, else None."""
+        """One AdaLoRA step; returns the rank pattern when a mask was applied this step, else None.
+
+        ``step`` is the global step (counted across epochs, never decreasing). The final mask (the target budget)
+        is applied at step ``total_step - tfinal``, or, when that step is never given (steps counted in strides, e.g.
+        per micro-batch), at the first step past it, with a warning."""
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"step must be an int >= 0 (the global step), got {step!r}")
+        step = int(step)
+        if self._last_step is not None and step < self._last_step:
+            raise ValueError(f"update_and_allocate({step}): the step went back from {self._last_step}; pass the "
+                             "global step, counted across epochs (a step counter reset each epoch would repeat the "
+                             "budget schedule)")
+        self._last_step = step
         final = self.total_step - self.tfinal
+        if step > final and not self._final_applied and self.rank_pattern is not None:
+            warnings.warn(f"update_and_allocate({step}): the final mask step {final} was never given (the steps skip "
+                          f"it); the target budget is applied now, at step {step}", RuntimeWarning, stacklevel=2)
+            step = final
         if step < final:
             self.tracker.update()
             budget, mask_ind = self.budget_schedule(step)
@@ -154,9 +175,10 @@ class AdaLoRAAllocator:
                 self.rank_pattern = self.mask_to_budget(budget)
                 return self.rank_pattern
             return None
-        if step == final:
+        if step == final and not self._final_applied:
             self.rank_pattern = self.mask_to_budget(self.budget_schedule(step)[0])
             self.tracker.reset()
+            self._final_applied = True
             return self.rank_pattern
         if self.rank_pattern is None:
             raise RuntimeError(f"update_and_allocate({step}): past the final mask step {final} with no final mask: "
@@ -172,6 +194,7 @@ class AdaLoRAAllocator:
 
     def state_dict(self) -> dict:
         return {"tracker": self.tracker.state_dict(), "rank_pattern": self.rank_pattern,
+                "final_applied": self._final_applied,
                 "schedule": {"init_bgt": self.init_bgt, "target_bgt": self.target_bgt, "total_step": self.total_step,
                              "tinit": self.tinit, "tfinal": self.tfinal, "deltaT": self.deltaT,
                              **({"budget_unit": "params"} if self.costs is not None else {})}}
@@ -183,6 +206,9 @@ class AdaLoRAAllocator:
         self.tracker.load_state_dict(state["tracker"])
         self.rank_pattern = None if state["rank_pattern"] is None else {k: list(v) for k, v in
                                                                           state["rank_pattern"].items()}
+        # a state saved before this flag existed: its pattern is taken as final (the earlier behaviour)
+        self._final_applied = bool(state.get("final_applied", self.rank_pattern is not None))
+        self._last_step = None
 
 
 def peft_adapters(model: nn.Module, adapter_name: str = "default") -> dict[str, Triplet]:

@@ -42,13 +42,24 @@ from ..surgery import check_one_stack, layer_index, matches
 XMIN_MODES = _alpha.XMIN_MODES
 def target_linears(model: nn.Module, target_modules: Sequence[str] | None = None) -> list[tuple[str, int, nn.Linear]]:
     """``(name, layer index, module)`` for every nn.Linear inside a numbered block whose name ends with one of
-    ``target_modules`` (suffix match on dotted names, e.g. "q_proj", "attention.output.dense"; None = all)."""
+    ``target_modules`` (suffix match on dotted names, e.g. "q_proj", "attention.output.dense"; None = all). An
+    adapter layer (LoRALinear, MoELoRALinear) counts with its frozen base weight; a merged one is refused."""
+    from ..layers import LoRALinear
+    from ..moe import MoELoRALinear
     out = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and (target_modules is None or matches(name, target_modules)):
-            li = layer_index(name)
-            if li is not None:
-                out.append((name, li, mod))
+        if target_modules is not None and not matches(name, target_modules):
+            continue
+        if isinstance(mod, (LoRALinear, MoELoRALinear)):
+            # an adapted layer: its frozen base weight is the pretrained matrix AlphaLoRA reads, unless merged
+            if getattr(mod, "merged", False):
+                raise ValueError(f"{name} is a merged adapter layer: its weight holds the adapter's update, not the "
+                                 "pretrained matrix; unmerge() it before computing layer alphas")
+        elif not isinstance(mod, nn.Linear):
+            continue
+        li = layer_index(name)
+        if li is not None:
+            out.append((name, li, mod))
     check_one_stack([n for n, _, _ in out], "target_linears")
     return out
 
@@ -85,6 +96,11 @@ def alpha_hill(eigenvalues: torch.Tensor | np.ndarray | Sequence[float], xmin: s
         lam = lam.to(torch.float32)
     if not bool(torch.isfinite(lam).all()):
         raise ValueError("eigenvalues contain NaN or Inf")
+    # λ = σ² ≥ 0; an eigensolver's round-off may leave a tiny negative (ignored like any λ ≤ threshold), a clearly
+    # negative value means the input is not σ² (e.g. a signed weight's eigenvalues, or σ instead of σ²… with a sign)
+    low = float(lam.min())
+    if low < -math.sqrt(torch.finfo(lam.dtype).eps) * float(lam.abs().max()):
+        raise ValueError(f"eigenvalues must be λ = σ² ≥ 0 (up to round-off), got {low:g} for {_what(name)}")
     res = _alpha.hill_fit(lam.sort().values.unsqueeze(0), xmin=xmin, threshold=threshold, eps=eps)
     if bool(res["degenerate"][0]):
         warnings.warn(f"alpha_hill: {_what(name)} has a degenerate spectrum (low rank or near-constant "
@@ -126,7 +142,8 @@ def layer_alphas(model: nn.Module, target_modules: Sequence[str] | None = None, 
     """
     found = target_linears(model, target_modules)
     if not found:
-        raise ValueError(f"no nn.Linear inside numbered blocks matches target_modules={target_modules!r}")
+        raise ValueError(f"no nn.Linear (or adapter layer) inside numbered blocks matches "
+                         f"target_modules={target_modules!r}")
     # Empty, non-float and non-finite weights are ValueErrors/TypeErrors naming the module, raised by the kernel
     # (non-finite ones found on the Gram diagonal: no separate pass over every weight).
     a, deg = _alpha.alphas_of([m.weight for _, _, m in found], xmin=xmin, method=method, dtype=dtype,

@@ -58,7 +58,17 @@ class SensitivityTracker:
         self.offsets: list[int] = []
         off = 0
         for name in self.names:
-            e, a, b = triplets[name]
+            trip = triplets[name]
+            if not isinstance(trip, (tuple, list)) or len(trip) != 3:
+                raise TypeError(f"adapter {name!r}: expected a (λ or None, A, B) triplet of tensors, got "
+                                f"{type(trip).__name__}")
+            e, a, b = trip
+            for what, t in (("λ", e), ("A", a), ("B", b)):
+                if not (t is None and what == "λ") and not isinstance(t, torch.Tensor):
+                    raise TypeError(f"adapter {name!r}: {what} must be a tensor (a Parameter of the adapter), got "
+                                    f"{type(t).__name__}")
+            if a.dim() != 2:
+                raise ValueError(f"adapter {name!r}: A must be 2-D [r, in_features], got shape {tuple(a.shape)}")
             r = a.shape[0]
             if b.dim() != 2 or b.shape[1] != r or (e is not None and e.numel() != r):
                 raise ValueError(f"adapter {name!r}: shapes λ {None if e is None else tuple(e.shape)}, "

@@ -178,6 +178,14 @@ def test_alpha_hill(ev, xmin, as_numpy):
             with pytest.raises(ValueError, match="eigenvalues"):
                 alpha_hill(arg, xmin=xmin)
             return
+        # λ = σ² ≥ 0: a negative value beyond round-off (√ε of the largest |λ|, in the input's dtype) is refused;
+        # a tiny negative is ignored like any λ ≤ threshold
+        t = torch.as_tensor(arg)
+        if float(t.min()) < -math.sqrt(torch.finfo(t.dtype).eps) * float(t.abs().max()):
+            event("ValueError (negative)")
+            with pytest.raises(ValueError, match="σ² ≥ 0"):
+                alpha_hill(arg, xmin=xmin)
+            return
         a = alpha_hill(arg, xmin=xmin, name="w")
     assert isinstance(a, float) and not math.isinf(a)
     event("NaN + warning" if math.isnan(a) else ("0.0 (no fit)" if a == 0.0 else "alpha > 1"))
