@@ -106,7 +106,9 @@ def distributed_shapley_sensitivity(model: nn.Module, batches, mode: str = "tayl
     Returns module name → φ [R] (float64, NaN at ranks masked before the call), identical on every rank.
     """
     from .allocators.shaplora import shapley_sensitivity
-    kwargs.pop("return_stats", None)
+    if kwargs.pop("return_stats", False):
+        raise ValueError("distributed_shapley_sensitivity has no return_stats: the per-rank standard errors do not "
+                         "combine through the one all-reduce of the sums; score on one process for standard errors")
     batches = list(batches) if not isinstance(batches, (list, tuple)) else batches
     n = count_examples(batches, batch_size_fn)
     if n:
@@ -116,6 +118,7 @@ def distributed_shapley_sensitivity(model: nn.Module, batches, mode: str = "tayl
         from .allocators.shaplora import _Players
         players = _Players(model)
         local = players.split(torch.zeros(len(players.index), dtype=torch.float64))
+        players.restore()   # the layers' own token gates back (the players clear them)
     names = list(local)
     flat = torch.cat([local[k] * n for k in names] + [torch.tensor([float(n)], dtype=torch.float64)])
     flat = all_reduce_sum(flat, group)
@@ -132,6 +135,7 @@ def distributed_shapley_sensitivity(model: nn.Module, batches, mode: str = "tayl
 
 def same_on_all_ranks(obj: Any, group=None) -> bool:
     """True when the picklable ``obj`` (an allocation decision, a rank pattern) is equal on every rank."""
+    _check_group(group)
     world = _world() if group is None else dist.get_world_size(group)
     if world == 1:
         return True

@@ -226,7 +226,7 @@ def apply_moe_adapters(model: nn.Module, target_modules: Sequence[str] | str, ex
         raise ValueError(f"experts_per_layer gives experts {extra} to blocks no target reaches (targeted blocks: "
                          f"{reached}); give those blocks 0 experts or target them")
     save = find_modules(model, list(modules_to_save), "modules_to_save", nn.Module) if modules_to_save else []
-    check_save_overlap(save, names)
+    check_save_overlap(save, names, model)
 
     def build(name: str, lin: nn.Linear) -> MoELoRALinear | None:
         li = layer_index(name)
@@ -239,7 +239,7 @@ def apply_moe_adapters(model: nn.Module, target_modules: Sequence[str] | str, ex
         if k is not None and (isinstance(k, bool) or not hasattr(k, "__index__")):
             raise TypeError(f"top_k must be an int >= 1 or None (block {li}), got {k!r}")
         try:
-            return MoELoRALinear.from_linear(lin, int(e), r, alpha, dropout, k, load_balance_coef)
+            return MoELoRALinear.from_linear(lin, int(e), r, alpha, dropout, k, load_balance_coef).train(lin.training)
         except (TypeError, ValueError) as err:
             raise type(err)(f"module {name!r}: {err}") from None
 

@@ -132,7 +132,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Everything is checked against the model before it is modified."""
     from safetensors.torch import load_file
 
-    from .surgery import adapter_layers, apply_adapters
+    from .surgery import adapter_layers, apply_adapters, exact_targets
 
     cfg_path, w_path = os.path.join(path, PEFT_CONFIG), os.path.join(path, PEFT_WEIGHTS)
     for p in (cfg_path, w_path):
@@ -201,7 +201,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     heads = sorted({k.rsplit(".", 1)[0] for k in extra})
     # the adapter's modules exactly (a full-name regex): the name list form would also adapt every other module
     # ending in one of the names ("fc" matches "y.fc")
-    apply_adapters(model, "(?:" + "|".join(re.escape(n) for n in sorted(lora)) + ")", r=max(ranks.values()),
+    apply_adapters(model, exact_targets(lora), r=max(ranks.values()),
                    alpha=float(cfg.get("lora_alpha", 8)), dropout=float(cfg.get("lora_dropout", 0.0)),
                    rank_pattern=ranks, alpha_pattern={n: scale(n) * k for n, k in ranks.items()},
                    modules_to_save=heads or None)

@@ -99,6 +99,8 @@ def find_modules(model: nn.Module, keys: Iterable[str] | str, what: str = "targe
             raise TypeError(f"module {name!r} is a GPT-2 style Conv1D (weight stored [in, out]); adapters wrap "
                             "nn.Linear only. Target a model with nn.Linear projections, or convert the Conv1D to "
                             "nn.Linear (transpose its weight) before applying adapters")
+        if kind is nn.Linear and isinstance(mod, nn.Linear) and type(mod) is not nn.Linear:
+            _check_linear_subclass(name, mod)
         if isinstance(mod, kind):
             names.append(name)
         elif not list(mod.children()):
@@ -109,6 +111,25 @@ def find_modules(model: nn.Module, keys: Iterable[str] | str, what: str = "targe
         what_kind = "nn.Linear" if kind is nn.Linear else "module"
         raise ValueError(f"{what}={keys!r} matches no {what_kind}; some of this model's: {some}")
     return names
+
+
+def _check_linear_subclass(name: str, mod: nn.Linear) -> None:
+    """An adapter layer replaces the module and runs ``x Wᵀ + b`` plus the adapter: a subclass whose forward is
+    never called (nn.MultiheadAttention reads ``out_proj.weight`` itself) would give an adapter that never runs and
+    never trains; one with its own forward would lose what that forward adds. Both are refused, naming the module."""
+    if isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        raise TypeError(f"module {name!r} is the out_proj of an nn.MultiheadAttention, which reads its weight "
+                        "directly and never calls its forward: an adapter there would never run. Leave it out of "
+                        "target_modules (adapt the model's other linears)")
+    if type(mod).forward is not nn.Linear.forward:
+        raise TypeError(f"module {name!r} is a {type(mod).__name__}, an nn.Linear subclass with its own forward, "
+                        "which an adapter layer would replace (x Wᵀ + b only): leave it out of target_modules")
+
+
+def exact_targets(names: Iterable[str]) -> str:
+    """A ``target_modules`` regex matching exactly these full module names (a list of names would also match any
+    module whose name ends with one of them: ``fc`` would match ``block.fc``)."""
+    return "(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")"
 
 
 # ---- one transactional replace ---------------------------------------------------------------------------------
@@ -181,12 +202,25 @@ def refuse_adapted(model: nn.Module, caller: str) -> None:
                          "merge_adapters / remove the adapters first")
 
 
-def check_save_overlap(save: list[str], targets: list[str]) -> None:
-    """``modules_to_save`` that are (or contain) adapter targets would unfreeze the adapted base weights."""
+def check_save_overlap(save: list[str], targets: list[str], model: nn.Module | None = None) -> None:
+    """``modules_to_save`` that are (or contain) adapter targets, or (given ``model``) hold a parameter tied to
+    one (``lm_head.weight`` is ``embed.weight``), would unfreeze the adapted base weights."""
     overlap = [s for s in save if any(n == s or n.startswith(s + ".") for n in targets)]
     if overlap:
         raise ValueError(f"modules_to_save {overlap} are (or contain) adapter targets: training them in full would "
                          "unfreeze the adapted base weights; leave them out of modules_to_save")
+    if model is None:
+        return
+    base = {}
+    for n in targets:
+        for pn, p in model.get_submodule(n).named_parameters(recurse=False):
+            base[id(p)] = f"{n}.{pn}"
+    for s_name in save:
+        for pn, p in model.get_submodule(s_name).named_parameters():
+            if id(p) in base:
+                raise ValueError(f"modules_to_save {s_name!r}: its parameter {pn!r} is the same tensor as the adapter "
+                                 f"target's {base[id(p)]!r} (tied weights); training it in full would unfreeze that "
+                                 "base weight: leave it out of modules_to_save, or untie the weights")
 
 
 def _config_of(config, overrides: dict) -> AdapterConfig:
@@ -230,7 +264,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig | Iterable[str] | str
             raise ValueError(f"{what} keys {stray} match none of the adapted modules ({names[:6]}...)")
     refuse_adapted(model, "apply_adapters")
     save = find_modules(model, cfg.modules_to_save, "modules_to_save", nn.Module) if cfg.modules_to_save else []
-    check_save_overlap(save, names)
+    check_save_overlap(save, names, model)
     shared = SHARE_MODES[cfg.share]
     keys = {n: group_key(n, cfg.share_scope, cfg.attention_names) for n in names}
     groups: dict[str, ShareGroup] = {}
@@ -259,6 +293,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig | Iterable[str] | str
                 layer.set_rank_mask(mask)
         except (TypeError, ValueError) as e:
             raise type(e)(f"module {name!r}: {e}") from None
+        layer.train(base.training)   # an eval-mode model gets eval-mode adapters (no dropout)
         if shared:
             grp = {}
             for pname in shared:
@@ -416,7 +451,7 @@ def _merged_linear(layer: LoRALinear, in_place: bool) -> nn.Linear:
     else:
         lin.weight = nn.Parameter(merged, requires_grad=False)
         lin.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
-    return lin
+    return lin.train(layer.training)
 
 
 def merge_adapters(model: nn.Module, reversible: bool = False) -> nn.Module:
@@ -470,6 +505,7 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
         layer.to(device=cur.weight.device)
         if layer.weight.dtype != cur.weight.dtype:
             layer.to(dtype=cur.weight.dtype)
+        layer.train(cur.training)   # the mode the model is in now, not the one it had when merged
         _set_child(model, name, layer)
     object.__delattr__(model, _STASH_ATTR)
     cfg = getattr(model, CONFIG_ATTR, None)

@@ -19,6 +19,8 @@ Backends (one signature, see :func:`fused_sensitivity_update`), picked by :mod:`
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ..codes import FLOAT_DTYPES, KIND_A, KIND_B, KIND_E
@@ -65,6 +67,9 @@ def check_sensitivity_args(params, grads, ipt, unc, kinds, score_offsets, scores
                 raise ValueError(f"{name}[{j}] is on {t.device} but scores is on {scores.device}")
         if g.shape != p.shape:
             raise ValueError(f"grads[{j}] has shape {tuple(g.shape)} but params[{j}] has {tuple(p.shape)}")
+        if p.numel() == 0:   # an adapter has r >= 1 and K, N >= 1: the backends disagree on empty tensors
+            raise ValueError(f"params[{j}] (kind {k}) has no elements (shape {tuple(p.shape)}): an adapter tensor has "
+                             "at least one rank and one feature")
         for name, t in (("ipt", a), ("unc", u)):
             if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.shape != p.shape:
                 raise TypeError(f"{name}[{j}] must be float32 with shape {tuple(p.shape)}, got "
@@ -220,7 +225,10 @@ def per_example_gate_grad(dg: torch.Tensor, batch: int) -> torch.Tensor:
     """
     if not isinstance(dg, torch.Tensor) or dg.dim() != 2:
         raise ValueError(f"dg must be a [T, R] tensor, got shape {tuple(getattr(dg, 'shape', ()))}")
-    if not isinstance(batch, int) or batch < 0 or (batch == 0 and dg.shape[0]) or (batch and dg.shape[0] % batch):
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral):
+        raise TypeError(f"batch must be an int (the number of examples B), got {type(batch).__name__} {batch!r}")
+    batch = int(batch)
+    if batch < 0 or (batch == 0 and dg.shape[0]) or (batch and dg.shape[0] % batch):
         raise ValueError(f"batch={batch!r} must be a positive int dividing T={dg.shape[0]}")
     if batch == 0:
         return dg.new_zeros(0, dg.shape[1], dtype=torch.float32)

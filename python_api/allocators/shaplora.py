@@ -24,7 +24,7 @@ import json
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -104,7 +104,13 @@ class _Players:
 
     def __init__(self, model: nn.Module):
         self.layers = _layers(model)
+        merged = [n for n, m in self.layers.items() if m.merged]
+        if merged:   # its weight holds the update: no rank can be switched off (and no mask set)
+            raise ValueError(f"Shapley scoring needs unmerged adapters; merged: {merged[:4]} (unmerge() first)")
         self.saved = {n: m.rank_mask.clone() for n, m in self.layers.items()}
+        self.gates = {n: m._token_gate for n, m in self.layers.items()}   # the user's, put back by restore()
+        for m in self.layers.values():
+            m.set_token_gate(None)   # scoring sees the rank masks alone
         self.index = [(n, i) for n, m in self.layers.items() for i in m.rank_mask.nonzero().flatten().tolist()]
         if not self.index:
             raise ValueError("every rank of every LoRALinear is masked: no players")
@@ -119,7 +125,7 @@ class _Players:
     def restore(self):
         for n, m in self.layers.items():
             m.set_rank_mask(self.saved[n])
-            m.set_token_gate(None)
+            m.set_token_gate(self.gates[n])
 
 
 def _val_loss(model, batches, loss_fn, skipped: dict | None = None) -> float:
@@ -283,8 +289,10 @@ def shapley_sensitivity(
             else:
                 phi, se = permutation_shapley(value, len(players.index), num_permutations, generator)
     finally:
-        players.restore()
-        model.train(was_training)
+        try:
+            players.restore()
+        finally:
+            model.train(was_training)
     if skipped.get("n"):
         warnings.warn(f"shapley_sensitivity: skipped {skipped['n']} of {skipped['of']} validation examples with a "
                       "non-finite (NaN/Inf) loss or gate gradient", RuntimeWarning, stacklevel=2)
@@ -319,7 +327,13 @@ def select_within_budget(key: torch.Tensor, budget: int, costs: torch.Tensor | N
     Without ``costs``: the top ``budget`` items. With ``costs`` (a positive integer cost per item, e.g. the
     parameters one rank adds): greedily in key order, every item whose cost still fits in what is left of
     ``budget`` (an item that does not fit is skipped and cheaper ones after it may still fit), so the total cost
-    is at most ``budget`` and short of it by less than the cost of the cheapest item left out."""
+    is at most ``budget`` and short of it by less than the cost of the cheapest item left out. A NaN key is not a
+    candidate either (as ``-inf``)."""
+    key = torch.as_tensor(key)
+    if key.dim() != 1 or not key.is_floating_point():
+        raise ValueError(f"key must be a 1-D float tensor, got shape {tuple(key.shape)} dtype {key.dtype}")
+    budget = check_budget(budget, 0, key.numel() if costs is None else 2 ** 62)
+    key = torch.nan_to_num(key, nan=-math.inf)
     order = torch.sort(key, descending=True, stable=True).indices
     order = order[key[order] != -math.inf]   # -inf: not a candidate
     keep = torch.zeros(key.numel(), dtype=torch.bool)
@@ -361,9 +375,14 @@ def allocate_ranks(scores: dict[str, torch.Tensor], budget: int, *, by: str = "s
         module name → bool mask [R]. Ties break toward the earlier (module, rank).
     """
     _check_by(by)
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"scores must be a dict of module name -> [R] scores, got {type(scores).__name__}")
     if not scores:
         raise ValueError("scores is empty")
     names = list(scores)
+    not_1d = {n: tuple(torch.as_tensor(scores[n]).shape) for n in names if torch.as_tensor(scores[n]).dim() != 1}
+    if not_1d:
+        raise ValueError(f"scores must be 1-D [R] per module, got shapes {not_1d}")
     flat = torch.cat([torch.as_tensor(scores[n]).detach().double().cpu().reshape(-1) for n in names])
     inf = [n for n in names if bool(torch.isinf(torch.as_tensor(scores[n]).detach().double()).any())]
     if inf:  # ±inf would tie with the NaN (not a candidate) key below
@@ -394,10 +413,29 @@ def allocate_ranks(scores: dict[str, torch.Tensor], budget: int, *, by: str = "s
     return out
 
 
+def _mask_dict(masks) -> dict[str, torch.Tensor]:
+    """``masks`` as module name → 1-D bool tensor, or an error naming the module: 0/1 values only (a mask of 2s
+    would count as 2 kept ranks in one export and 1 in the other)."""
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a dict of module name -> bool mask [R], got {type(masks).__name__}")
+    out = {}
+    for n, m in masks.items():
+        try:
+            t = torch.as_tensor(m)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"masks[{n!r}]: not a bool mask: {e}") from None
+        if t.dim() != 1:
+            raise ValueError(f"masks[{n!r}]: must be 1-D [R], got shape {tuple(t.shape)}")
+        if t.dtype != torch.bool and (t.is_complex() or not bool(((t == 0) | (t == 1)).all())):
+            raise ValueError(f"masks[{n!r}]: must be boolean or 0/1 valued, got {t.tolist()}")
+        out[n] = t.bool()
+    return out
+
+
 def to_peft_rank_pattern(masks: dict[str, torch.Tensor]) -> dict[str, int]:
     """module name → kept rank, for PEFT's ``LoraConfig(rank_pattern=...)`` (modules with rank 0 left out:
     PEFT cannot build a rank-0 LoRA; drop them from ``target_modules`` too, see :func:`to_peft_lora_config`)."""
-    return {n: int(m.sum()) for n, m in masks.items() if int(m.sum()) > 0}
+    return {n: int(m.sum()) for n, m in _mask_dict(masks).items() if int(m.sum()) > 0}
 
 
 def to_peft_lora_config(masks: dict[str, torch.Tensor], lora_alpha: float, **kwargs):
@@ -419,16 +457,29 @@ def rank_pattern_config(masks: dict[str, torch.Tensor]) -> dict:
     """This package's JSON-able allocation: module → {"r_init", "kept" (rank indices)}."""
     return {"format": "lora_kernels.rank_pattern", "version": __version__,
             "modules": {n: {"r_init": int(m.numel()), "kept": m.nonzero().flatten().tolist()}
-                        for n, m in masks.items()}}
+                        for n, m in _mask_dict(masks).items()}}
 
 
 def masks_from_config(cfg: dict | str) -> dict[str, torch.Tensor]:
     """Inverse of :func:`rank_pattern_config` (accepts the dict or its JSON text)."""
-    cfg = json.loads(cfg) if isinstance(cfg, str) else cfg
+    if isinstance(cfg, str):
+        try:
+            cfg = json.loads(cfg)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"rank pattern: not JSON text: {e}") from None
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"rank pattern must be a dict (or its JSON text) from rank_pattern_config, got "
+                        f"{type(cfg).__name__}")
     if cfg.get("format") != "lora_kernels.rank_pattern":
         raise ValueError(f"not a lora_kernels rank pattern (format={cfg.get('format')!r})")
+    modules = cfg.get("modules")
+    if not isinstance(modules, Mapping):
+        raise ValueError(f"rank pattern: 'modules' must be a dict of module name -> {{'r_init', 'kept'}}, got "
+                         f"{type(modules).__name__}")
     out = {}
-    for n, spec in cfg["modules"].items():
+    for n, spec in modules.items():
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"rank pattern, module {n!r}: expected {{'r_init': R, 'kept': [...]}}, got {spec!r}")
         r, kept = spec.get("r_init"), spec.get("kept")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"rank pattern, module {n!r}: r_init must be an int >= 1, got {r!r}")
@@ -484,7 +535,7 @@ def to_plain_lora(model: nn.Module, masks: dict[str, torch.Tensor], warm: bool =
     start at the kept components' update ``B[:, kept]·diag(λ[kept])·A[kept]``, factored by SVD into balanced
     factors ``A = √S·Vᵀ``, ``B = U·√S``; the layer's output equals the masked super-network's (up to rounding).
     """
-    from ..surgery import CONFIG_ATTR, apply_adapters, replace_modules
+    from ..surgery import CONFIG_ATTR, apply_adapters, exact_targets, replace_modules
     layers = _layers(model)
     masks = _checked_masks(layers, masks)
     left = [n for n in layers if n not in masks]
@@ -517,7 +568,9 @@ def to_plain_lora(model: nn.Module, masks: dict[str, torch.Tensor], warm: bool =
     before = dict(layers)
     replace_modules(model, list(masks), unwrap)
     try:
-        apply_adapters(model, list(kept), r=max(kept.values()), rank_pattern=kept,
+        # the kept modules' full names, exactly: a list would also match a module whose name ends with one of them
+        # (kept "fc" would adapt "block.fc", allocated rank 0)
+        apply_adapters(model, exact_targets(kept), r=max(kept.values()), rank_pattern=kept,
                        alpha_pattern={n: scale[n] * k for n, k in kept.items()}, dropout=dropout.pop(),
                        modules_to_save=record.get("modules_to_save") or [])
         with torch.no_grad():
