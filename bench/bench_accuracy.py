@@ -285,6 +285,7 @@ def run_shaplora(task, seed, retrain: str = "plain", equal_steps: bool = False):
     times = []
 
     supernet = []
+    done = []   # the steps of every training call: an extended super-network adds calls
 
     def do_train(model):
         # the super-network (half the steps; called again if the workflow extends it), then the retrain (full
@@ -296,6 +297,7 @@ def run_shaplora(task, seed, retrain: str = "plain", equal_steps: bool = False):
         n = cfg["steps"]
         first = n // 3 if equal_steps else n // 2
         steps = first if model is supernet[0] and still_svd else (n - first if equal_steps else n)
+        done.append(steps)
         times.append(train(model, task, seed, steps, orth_reg=cfg["orth_reg"]))
 
     val = list(batches(task.val, 32))
@@ -309,7 +311,7 @@ def run_shaplora(task, seed, retrain: str = "plain", equal_steps: bool = False):
     total = time.perf_counter() - t0
     model = out["model"]
     phi = {n: [None if math.isnan(v) else round(v, 8) for v in s.tolist()] for n, s in out["scores"].items()}
-    return model, {"train_time_s": times[-1], "alloc_time_s": total - times[-1],
+    return model, {"train_time_s": times[-1], "alloc_time_s": total - times[-1], "total_steps": sum(done),
                    "allocated_params": count_trainable(model), "shapley": phi,
                    "score_stability": round(out["score_stability"], 4), "supernet": out["supernet"],
                    # from the masks: a module allocated no rank is a plain nn.Linear in the plain retrain

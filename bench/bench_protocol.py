@@ -395,7 +395,9 @@ def train_method(view: _RunView, method: str, seed: int):
         out["experts"] = info["experts"]
         out["alphas"] = None if info["alphas"] is None else [None if math.isnan(a) else round(a, 4)
                                                              for a in info["alphas"]]
-    for k in ("score_stability", "supernet"):   # ShapLoRA: agreement of two scorings, the learned-check's figures
+    # ShapLoRA: agreement of two scorings, the learned-check's figures, the steps of super-network and retrain together
+    # (an extended super-network takes shaplora_warm_eq past uniform LoRA's steps: the row shows it)
+    for k in ("score_stability", "supernet", "total_steps"):
         if k in info:
             out[k] = info[k]
     return model, out

@@ -42,6 +42,7 @@ from torch import nn
 
 from lora_kernels import __version__
 
+from .config import is_binary
 from .layers import LoRALinear
 
 FORMAT = "lora_kernels.adapter"
@@ -520,7 +521,8 @@ def _rebuild(model: nn.Module, meta: dict) -> None:
 
         replace_modules(model, list(specs), lambda name, lin: moe.from_linear(
             lin, specs[name]["num_experts"], specs[name]["r"], specs[name]["alpha"], specs[name]["dropout"],
-            specs[name]["top_k"], specs[name]["load_balance_coef"]), after=unfreeze_heads, freeze=True)
+            specs[name]["top_k"], specs[name]["load_balance_coef"]).train(lin.training), after=unfreeze_heads,
+            freeze=True)
         setattr(model, _CONFIG_ATTR, dict(cfg))
     else:
         from .surgery import apply_from_config
@@ -582,8 +584,7 @@ def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[s
     if ints:
         raise CheckpointError(f"integer values for floating-point tensors: "
                               f"{[f'{k} ({stored[k].dtype})' for k in ints[:4]]}")
-    not01 = [k for k, t in live.items() if t.dtype == torch.bool and stored[k].dtype != torch.bool
-             and not bool(((stored[k] == 0) | (stored[k] == 1)).all())]
+    not01 = [k for k, t in live.items() if t.dtype == torch.bool and not is_binary(stored[k])]
     if not01:
         raise CheckpointError(f"rank masks must hold 0/1 values: {not01[:4]}")
     nonfinite = [k for k in live if stored[k].is_floating_point() and not bool(torch.isfinite(stored[k]).all())]

@@ -28,6 +28,11 @@ def _is_int(v) -> bool:
     return not isinstance(v, bool) and hasattr(v, "__index__") and not isinstance(v, float)
 
 
+def is_binary(t: torch.Tensor) -> bool:
+    """True when every value of the tensor ``t`` is 0 or 1 (bool tensors always): what a rank mask may hold."""
+    return t.dtype == torch.bool or (not t.is_complex() and bool(((t == 0) | (t == 1)).all()))
+
+
 def check_rank(name: str, v) -> int:
     """A rank as users pass it (int or numpy integer) -> int >= 1, else a TypeError/ValueError naming ``name``."""
     if not _is_int(v):

@@ -13,7 +13,7 @@ from torch import nn
 
 from lora_kernels.gated_lora import op as gated_op
 
-from .config import check_adapter_dtype, check_features, check_finite, check_rank
+from .config import check_adapter_dtype, check_features, check_finite, check_rank, is_binary
 
 
 _UNREAD = object()  # "the mask was not read on the host" (torch.compile)
@@ -130,10 +130,9 @@ class LoRALinear(nn.Module):
             raise TypeError(f"mask must be a bool or 0/1 sequence or tensor of length r={self.r}: {e}") from None
         if mask.dim() != 1 or mask.shape[0] != self.r:
             raise ValueError(f"mask length must equal r={self.r}, got shape {tuple(mask.shape)}")
-        if mask.dtype != torch.bool:
-            if not bool(((mask == 0) | (mask == 1)).all()):
-                raise ValueError("mask must be boolean or 0/1 valued")
-            mask = mask.bool()
+        if not is_binary(mask):
+            raise ValueError("mask must be boolean or 0/1 valued")
+        mask = mask.bool()
         if self.merged:
             raise RuntimeError("unmerge() before changing the rank mask of a merged layer")
         self.rank_mask.copy_(mask)
@@ -243,8 +242,7 @@ class LoRALinear(nn.Module):
                               error_msgs):
         # the rank mask gets set_rank_mask's 0/1 check (the bool buffer's copy_ would turn 0.5 or -1 into True)
         mask = state_dict.get(prefix + "rank_mask")
-        if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool and mask.numel() and (
-                mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all())):
+        if isinstance(mask, torch.Tensor) and not is_binary(mask):
             raise ValueError(f"{prefix}rank_mask in the state dict must be boolean or 0/1 valued, got "
                              f"{mask.tolist() if mask.numel() <= 16 else mask.dtype}")
         # the dict holds the unmerged form (above): a merged layer takes it unmerged, then merges the loaded adapters.
@@ -256,11 +254,14 @@ class LoRALinear(nn.Module):
             stores = (("p", self._parameters), ("b", self._buffers))
             saved = {(kind, n): (t, t.detach().clone()) for kind, store in stores for n, t in store.items()
                      if t is not None}
-        before = len(error_msgs)
+        before = (len(error_msgs), len(missing_keys), len(unexpected_keys))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if was_merged:
-            if len(error_msgs) > before:
+            # a strict load also fails, at its end, on a missing or unexpected key of this layer
+            failed = len(error_msgs) > before[0] or (strict and (len(missing_keys) > before[1]
+                                                                 or len(unexpected_keys) > before[2]))
+            if failed:
                 with torch.no_grad():
                     for (kind, n), (obj, copy) in saved.items():
                         obj.copy_(copy)

@@ -21,6 +21,7 @@ layers are kept aside and :func:`unmerge_adapters` puts them back bit-exactly.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -81,7 +82,7 @@ def find_modules(model: nn.Module, keys: Iterable[str] | str, what: str = "targe
                  kind: type = nn.Linear) -> list[str]:
     """Names of the ``kind`` modules of ``model`` that :func:`matches` ``keys``; a matched leaf of another type is
     refused (TypeError naming it); no match at all is a ValueError listing some candidates."""
-    names, aliases = [], {}
+    names, aliases, dead = [], {}, []
     for name, mod in model.named_modules(remove_duplicate=False):
         if name:
             aliases.setdefault(id(mod), []).append(name)
@@ -99,13 +100,24 @@ def find_modules(model: nn.Module, keys: Iterable[str] | str, what: str = "targe
             raise TypeError(f"module {name!r} is a GPT-2 style Conv1D (weight stored [in, out]); adapters wrap "
                             "nn.Linear only. Target a model with nn.Linear projections, or convert the Conv1D to "
                             "nn.Linear (transpose its weight) before applying adapters")
-        if kind is nn.Linear and isinstance(mod, nn.Linear) and type(mod) is not nn.Linear:
-            _check_linear_subclass(name, mod)
+        if kind is nn.Linear and isinstance(mod, nn.Linear):
+            why = linear_problem(mod)
+            if why == "mha":
+                dead.append(name)
+                continue
+            if why is not None:
+                raise TypeError(f"module {name!r} is a {type(mod).__name__}, an nn.Linear subclass whose forward is "
+                                f"not x·Wᵀ + b ({why}): an adapter layer would replace that forward; leave it out of "
+                                "target_modules")
         if isinstance(mod, kind):
             names.append(name)
         elif not list(mod.children()):
             raise TypeError(f"module {name!r} matches {what} but is a {type(mod).__name__}, not an "
                                 f"{'nn.Linear' if kind is nn.Linear else kind.__name__}")
+    if dead:
+        warnings.warn(f"{what}: left out {dead[:4]}{' ...' if len(dead) > 4 else ''}: the out_proj of an "
+                      "nn.MultiheadAttention, which reads its weight directly and never calls its forward, so an "
+                      "adapter there would never run", RuntimeWarning, stacklevel=3)
     if not names:
         some = [n for n, m in model.named_modules() if isinstance(m, kind)][:8]
         what_kind = "nn.Linear" if kind is nn.Linear else "module"
@@ -113,17 +125,37 @@ def find_modules(model: nn.Module, keys: Iterable[str] | str, what: str = "targe
     return names
 
 
-def _check_linear_subclass(name: str, mod: nn.Linear) -> None:
-    """An adapter layer replaces the module and runs ``x Wᵀ + b`` plus the adapter: a subclass whose forward is
-    never called (nn.MultiheadAttention reads ``out_proj.weight`` itself) would give an adapter that never runs and
-    never trains; one with its own forward would lose what that forward adds. Both are refused, naming the module."""
-    if isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear):
-        raise TypeError(f"module {name!r} is the out_proj of an nn.MultiheadAttention, which reads its weight "
-                        "directly and never calls its forward: an adapter there would never run. Leave it out of "
-                        "target_modules (adapt the model's other linears)")
-    if type(mod).forward is not nn.Linear.forward:
-        raise TypeError(f"module {name!r} is a {type(mod).__name__}, an nn.Linear subclass with its own forward, "
-                        "which an adapter layer would replace (x Wᵀ + b only): leave it out of target_modules")
+_MHA_OUT_PROJ = getattr(nn.modules.linear, "NonDynamicallyQuantizableLinear", None)
+
+
+def linear_problem(mod: nn.Linear) -> str | None:
+    """Why an ``nn.Linear`` (subclass) cannot take an adapter, or None. An adapter layer replaces the module and
+    computes ``x·Wᵀ + b`` plus the adapter, so: ``"mha"`` for an nn.MultiheadAttention's out_proj, whose forward is
+    never called (the attention reads its weight itself: the adapter would never run); a reason for a subclass whose
+    own forward is not ``x·Wᵀ + b`` (quantized or scaled linears), checked on two random rows (one small matmul).
+    A subclass that keeps nn.Linear's forward, or whose forward computes the same (Falcon's FalconLinear), is fine;
+    so is one on the meta device, which cannot be checked."""
+    if type(mod) is nn.Linear:
+        return None
+    if _MHA_OUT_PROJ is not None and isinstance(mod, _MHA_OUT_PROJ):
+        return "mha"
+    if type(mod).forward is nn.Linear.forward or mod.weight.is_meta:
+        return None
+    w, b = mod.weight, mod.bias
+    if not w.is_floating_point():
+        return f"its weight is {w.dtype}"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, mod.in_features, generator=gen).to(device=w.device, dtype=w.dtype)
+    try:
+        with torch.no_grad():
+            y, ref = mod(x), nn.functional.linear(x, w, b)
+    except Exception as e:   # noqa: BLE001 - any failure of the probe means the forward is not plain
+        return f"its forward failed on a [2, {mod.in_features}] input: {type(e).__name__}"
+    tol = 1e-2 if w.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    if not isinstance(y, torch.Tensor) or y.shape != ref.shape or not torch.allclose(
+            y.float(), ref.float(), rtol=tol, atol=tol * float(ref.abs().max().clamp_min(1))):
+        return "its forward gives other values"
+    return None
 
 
 def exact_targets(names: Iterable[str]) -> str:

@@ -269,9 +269,8 @@ def test_share_rank_matches_uniform_lora_parameters(quick_task):
     assert task.share_rank("AB") > task.share_rank("A")
 
 
-def test_shaplora_warm_retrain_gets_the_full_steps(tmp_path, monkeypatch):
-    """The warm retrain continues the super-network as plain LoRA: half the steps for the super-network, then
-    the protocol's full steps for the retrain, at uniform LoRA's parameters."""
+def _spy_steps(monkeypatch) -> list[int]:
+    """The step count of every training call the protocol makes, in order."""
     steps = []
     real = bp.acc.train
 
@@ -279,6 +278,13 @@ def test_shaplora_warm_retrain_gets_the_full_steps(tmp_path, monkeypatch):
         steps.append(n)
         return real(model, task, seed, n, **kw)
     monkeypatch.setattr(bp.acc, "train", spy)
+    return steps
+
+
+def test_shaplora_warm_retrain_gets_the_full_steps(tmp_path, monkeypatch):
+    """The warm retrain continues the super-network as plain LoRA: half the steps for the super-network, then
+    the protocol's full steps for the retrain, at uniform LoRA's parameters."""
+    steps = _spy_steps(monkeypatch)
     rows = bp.run(quick=True, directory=str(tmp_path), methods=["lora", "shaplora_warm", "lora_long"], seeds=[0])
     by = {r["provider"]: r for r in rows if r["op"] == "protocol"}
     n = bp.QUICK["steps"]
@@ -291,13 +297,7 @@ def test_shaplora_warm_retrain_gets_the_full_steps(tmp_path, monkeypatch):
 def test_shaplora_warm_eq_trains_uniform_loras_steps_in_all(tmp_path, monkeypatch):
     """ShapLoRA at LoRA's training compute: a third of the steps for the super-network, the rest for its warm
     retrain, so the two add up to uniform LoRA's steps; paired against LoRA and AdaLoRA like the other retrains."""
-    steps = []
-    real = bp.acc.train
-
-    def spy(model, task, seed, n, **kw):
-        steps.append(n)
-        return real(model, task, seed, n, **kw)
-    monkeypatch.setattr(bp.acc, "train", spy)
+    steps = _spy_steps(monkeypatch)
     rows = bp.run(quick=True, directory=str(tmp_path), methods=["lora", "shaplora_warm_eq"], seeds=[0], steps=7)
     by = {r["provider"]: r for r in rows if r["op"] == "protocol"}
     assert steps == [7, 2, 5]   # LoRA; the super-network (7 // 3); its warm retrain (the rest)

@@ -155,8 +155,10 @@ class AdaLoRAAllocator:
         ``step`` is the global step (counted across epochs, never decreasing). The final mask (the target budget)
         is applied at step ``total_step - tfinal``, or, when that step is never given (steps counted in strides, e.g.
         per micro-batch), at the first step past it, with a warning."""
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-            raise ValueError(f"step must be an int >= 0 (the global step), got {step!r}")
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise TypeError(f"step must be an int (the global step), got {type(step).__name__} {step!r}")
+        if step < 0:
+            raise ValueError(f"step must be >= 0 (the global step), got {step}")
         step = int(step)
         if self._last_step is not None and step < self._last_step:
             raise ValueError(f"update_and_allocate({step}): the step went back from {self._last_step}; pass the "
@@ -187,6 +189,13 @@ class AdaLoRAAllocator:
         self.apply_rank_pattern(self.rank_pattern)
         return None
 
+    def _spend(self, pattern: dict[str, list[bool]]) -> int:
+        """What ``pattern`` keeps, in the budget's unit (ranks, or with ``costs`` parameters)."""
+        flags = torch.tensor([k for n in self.tracker.names for k in pattern.get(n, [])], dtype=torch.bool)
+        if self.costs is not None and flags.numel() == self.costs.numel():
+            return int(self.costs[flags].sum())
+        return int(flags.sum())
+
     def _check_unmerged(self) -> None:
         merged = [n for n, m in self._layers.items() if getattr(m, "merged", False)]
         if merged:
@@ -206,8 +215,10 @@ class AdaLoRAAllocator:
         self.tracker.load_state_dict(state["tracker"])
         self.rank_pattern = None if state["rank_pattern"] is None else {k: list(v) for k, v in
                                                                           state["rank_pattern"].items()}
-        # a state saved before this flag existed: its pattern is taken as final (the earlier behaviour)
-        self._final_applied = bool(state.get("final_applied", self.rank_pattern is not None))
+        # a state saved before this flag existed: its pattern is the final one when it spends no more than the
+        # target budget (every mask before the final step keeps more)
+        self._final_applied = bool(state["final_applied"]) if "final_applied" in state else (
+            self.rank_pattern is not None and self._spend(self.rank_pattern) <= self.target_bgt)
         self._last_step = None
 
 

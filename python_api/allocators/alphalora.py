@@ -98,8 +98,12 @@ def alpha_hill(eigenvalues: torch.Tensor | np.ndarray | Sequence[float], xmin: s
         raise ValueError("eigenvalues contain NaN or Inf")
     # λ = σ² ≥ 0; an eigensolver's round-off may leave a tiny negative (ignored like any λ ≤ threshold), a clearly
     # negative value means the input is not σ² (e.g. a signed weight's eigenvalues, or σ instead of σ²… with a sign)
+    # the tolerance follows the precision the eigenvalues were computed in (eps), not only the one they arrive in
+    # (a malformed eps is left to hill_fit, whose error names it)
+    ok_eps = isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0.0 < eps < 1.0
+    tol = math.sqrt(max(float(eps) if ok_eps else torch.finfo(torch.float32).eps, torch.finfo(lam.dtype).eps))
     low = float(lam.min())
-    if low < -math.sqrt(torch.finfo(lam.dtype).eps) * float(lam.abs().max()):
+    if low < -tol * float(lam.abs().max()):
         raise ValueError(f"eigenvalues must be λ = σ² ≥ 0 (up to round-off), got {low:g} for {_what(name)}")
     res = _alpha.hill_fit(lam.sort().values.unsqueeze(0), xmin=xmin, threshold=threshold, eps=eps)
     if bool(res["degenerate"][0]):

@@ -33,7 +33,7 @@ from torch import nn
 from lora_kernels import __version__
 from lora_kernels.sensitivity import per_example_gate_grad
 
-from ..config import check_finite
+from ..config import check_finite, is_binary
 from ..layers import LoRALinear
 from ..surgery import adapter_layers
 
@@ -108,12 +108,12 @@ class _Players:
         if merged:   # its weight holds the update: no rank can be switched off (and no mask set)
             raise ValueError(f"Shapley scoring needs unmerged adapters; merged: {merged[:4]} (unmerge() first)")
         self.saved = {n: m.rank_mask.clone() for n, m in self.layers.items()}
-        self.gates = {n: m._token_gate for n, m in self.layers.items()}   # the user's, put back by restore()
-        for m in self.layers.values():
-            m.set_token_gate(None)   # scoring sees the rank masks alone
         self.index = [(n, i) for n, m in self.layers.items() for i in m.rank_mask.nonzero().flatten().tolist()]
         if not self.index:
             raise ValueError("every rank of every LoRALinear is masked: no players")
+        self.gates = {n: m._token_gate for n, m in self.layers.items()}   # the user's, put back by restore()
+        for m in self.layers.values():
+            m.set_token_gate(None)   # scoring sees the rank masks alone
 
     def split(self, flat: torch.Tensor, fill: float = float("nan")) -> dict[str, torch.Tensor]:
         """Player vector [..., N] → module name → [..., R] (non-players get ``fill``)."""
@@ -332,8 +332,8 @@ def select_within_budget(key: torch.Tensor, budget: int, costs: torch.Tensor | N
     key = torch.as_tensor(key)
     if key.dim() != 1 or not key.is_floating_point():
         raise ValueError(f"key must be a 1-D float tensor, got shape {tuple(key.shape)} dtype {key.dtype}")
-    budget = check_budget(budget, 0, key.numel() if costs is None else 2 ** 62)
-    key = torch.nan_to_num(key, nan=-math.inf)
+    budget = check_budget(budget, 0, 2 ** 62)   # a rank budget above the items keeps every candidate
+    key = key.masked_fill(torch.isnan(key), -math.inf)   # (nan_to_num would also turn -inf into a finite value)
     order = torch.sort(key, descending=True, stable=True).indices
     order = order[key[order] != -math.inf]   # -inf: not a candidate
     keep = torch.zeros(key.numel(), dtype=torch.bool)
@@ -426,7 +426,7 @@ def _mask_dict(masks) -> dict[str, torch.Tensor]:
             raise TypeError(f"masks[{n!r}]: not a bool mask: {e}") from None
         if t.dim() != 1:
             raise ValueError(f"masks[{n!r}]: must be 1-D [R], got shape {tuple(t.shape)}")
-        if t.dtype != torch.bool and (t.is_complex() or not bool(((t == 0) | (t == 1)).all())):
+        if not is_binary(t):
             raise ValueError(f"masks[{n!r}]: must be boolean or 0/1 valued, got {t.tolist()}")
         out[n] = t.bool()
     return out
@@ -496,18 +496,15 @@ def masks_from_config(cfg: dict | str) -> dict[str, torch.Tensor]:
 def _checked_masks(layers: dict, masks: dict) -> dict[str, torch.Tensor]:
     """Every mask as a bool tensor of its layer's rank, or a ValueError naming the module: checked whole before
     any layer is changed."""
-    unknown = sorted(set(masks) - set(layers))
-    if unknown:
-        raise KeyError(f"masks name modules that are not LoRALinear layers of the model: {unknown}")
-    out = {}
-    for n, m in masks.items():
-        t = torch.as_tensor(m)
-        r = layers[n].r
-        if t.dim() != 1 or t.shape[0] != r:
-            raise ValueError(f"masks[{n!r}]: length must equal the layer's rank r={r}, got shape {tuple(t.shape)}")
-        if t.dtype != torch.bool and not bool(((t == 0) | (t == 1)).all()):
-            raise ValueError(f"masks[{n!r}]: must be boolean or 0/1 valued, got {t.tolist()}")
-        out[n] = t.bool()
+    if isinstance(masks, Mapping):
+        unknown = sorted(set(masks) - set(layers))
+        if unknown:
+            raise KeyError(f"masks name modules that are not LoRALinear layers of the model: {unknown}")
+    out = _mask_dict(masks)
+    for n, t in out.items():
+        if t.shape[0] != layers[n].r:
+            raise ValueError(f"masks[{n!r}]: length must equal the layer's rank r={layers[n].r}, got shape "
+                             f"{tuple(t.shape)}")
     return out
 
 
@@ -562,7 +559,7 @@ def to_plain_lora(model: nn.Module, masks: dict[str, torch.Tensor], warm: bool =
         lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         lin.weight = layer.weight
         lin.bias = layer.bias
-        return lin
+        return lin.train(layer.training)   # apply_adapters gives the new adapter this mode
     kept = {n: k for n, k in ranks.items() if k > 0}
     start = {n: _balanced_factors(layers[n], masks[n], n) for n in kept} if warm else {}
     before = dict(layers)

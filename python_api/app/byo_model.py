@@ -299,10 +299,18 @@ def head_modules(model: nn.Module, task: str) -> list[str]:
 
 
 def block_linears(model: nn.Module) -> list[str]:
-    """Full names of every ``nn.Linear`` inside a numbered transformer block (the default targets)."""
-    from ..surgery import layer_index
+    """Full names of every ``nn.Linear`` inside a numbered transformer block that can take an adapter (the default
+    targets): an nn.MultiheadAttention's out_proj or a subclass whose forward is not x·Wᵀ + b
+    (``surgery.linear_problem``) is left out, with a warning naming it."""
+    from ..surgery import layer_index, linear_problem
 
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and layer_index(n) is not None]
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and layer_index(n) is not None]
+    skipped = {n: why for n, m in found if (why := linear_problem(m)) is not None}
+    if skipped:
+        warnings.warn(f"--model: left out of the targets {sorted(skipped)[:4]}{' ...' if len(skipped) > 4 else ''}: "
+                      "a linear whose forward an adapter layer cannot stand in for (an nn.MultiheadAttention "
+                      "out_proj, or a subclass computing more than x·Wᵀ + b)", RuntimeWarning, stacklevel=2)
+    return [n for n, _ in found if n not in skipped]
 
 
 def resolve_targets(model: nn.Module, targets: list[str] | None) -> list[str]:

@@ -65,6 +65,19 @@ def test_state_dict_mask_must_be_zero_one():
     assert layer.rank_mask.tolist() == [True, False, True, True]
 
 
+def test_strict_load_missing_a_key_leaves_a_merged_layer_as_it_was():
+    layer = _layer()
+    layer.merge()
+    merged_w = layer.weight.clone()
+    x = torch.randn(3, 8)
+    y = layer(x)
+    sd = dict(_layer(1).state_dict())
+    sd.pop("lora_B")                                        # strict: load_state_dict raises at its end
+    with pytest.raises(RuntimeError, match="lora_B"):
+        layer.load_state_dict(sd)
+    assert layer.merged and torch.equal(layer.weight, merged_w) and torch.equal(layer(x), y)
+
+
 def test_failed_load_leaves_a_merged_layer_as_it_was():
     layer = _layer()
     layer.merge()
@@ -164,9 +177,10 @@ def test_adalora_normal_run_unchanged_and_final_not_recomputed():
         warnings.simplefilter("error")
         alloc, kept = _adalora(range(10))
     assert kept == 4
+    alloc, _ = _adalora(range(8))         # ends at the final step, 7
     pattern = alloc.rank_pattern
-    alloc.update_and_allocate(9)          # the same step again: the final pattern stays, not a re-mask of zeros
-    assert alloc.rank_pattern == pattern
+    alloc.update_and_allocate(7)          # the final step again: its pattern stays (the tracker was reset there, so
+    assert alloc.rank_pattern == pattern  # a second final mask would rank all-zero scores by position)
 
 
 def test_adalora_state_without_the_flag_loads_as_before():
@@ -176,6 +190,34 @@ def test_adalora_state_without_the_flag_loads_as_before():
     fresh, _ = _adalora([])
     fresh.load_state_dict(state)
     assert fresh._final_applied is True
+
+
+def test_adalora_state_saved_mid_schedule_without_the_flag_still_reaches_the_target():
+    """An older state saved between tinit and the final step holds an intermediate pattern (above the target):
+    resumed, the final mask must still be applied at the final step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
+    lk.apply_adapters(model, ["0", "1", "2", "3"], r=8, svd=True)
+    kw = dict(target_r=1, total_step=40, tinit=20, tfinal=5, deltaT=7)
+    alloc = AdaLoRAAllocator(model, **kw)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(16, 16)
+
+    def step(a, s):
+        model(x).square().mean().backward()
+        opt.step()
+        a.update_and_allocate(s)
+        opt.zero_grad()
+    for s in range(25):
+        step(alloc, s)
+    state = alloc.state_dict()
+    state.pop("final_applied")
+    assert sum(sum(k) for k in state["rank_pattern"].values()) > 4   # an intermediate mask
+    resumed = AdaLoRAAllocator(model, **kw)
+    resumed.load_state_dict(state)
+    for s in range(25, 40):
+        step(resumed, s)
+    assert sum(int((m.lora_E != 0).sum()) for m in lk.adapter_layers(model).values()) == 4
 
 
 # ---- AlphaLoRA: adapted layers count with their base weight --------------------------------------------------------
@@ -204,6 +246,12 @@ def test_alpha_hill_argument_errors_name_the_argument():
         lk.alpha_hill([1.0, 2.0, 3.0, 5.0], eps=float("nan"))
     with pytest.raises(ValueError, match="σ² ≥ 0"):
         lk.alpha_hill([-4.0, 1.0, 2.0, 3.0])
+    # eigenvalues computed in float32 and handed over as float64: eps says so, and their round-off is accepted
+    torch.manual_seed(0)
+    w = torch.randn(128, 512)
+    lam = torch.linalg.eigvalsh(w.T @ w).double()
+    assert float(lam.min()) < 0
+    assert lk.alpha_hill(lam, eps=torch.finfo(torch.float32).eps) > 0
     lk.alpha_hill([-1e-12, 1.0, 2.0, 3.0, 5.0, 8.0])   # an eigensolver's round-off below zero is fine
 
 

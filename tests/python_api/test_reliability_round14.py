@@ -1,5 +1,7 @@
 """Careful-misuse round 14: surgery, ShapLoRA's helpers, distributed and sensitivity edges. Each test failed on the
 code before its fix (a wrong result or state with no error, or an error naming nothing)."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -30,6 +32,15 @@ class _Net(nn.Module):
         for b in self.layers:
             x = b(x)
         return self.head(x)
+
+
+class _Attn(nn.Module):
+    """An nn.MultiheadAttention (its out_proj is an nn.Linear whose forward never runs) beside a plain linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 8)
 
 
 def _loss(model, batch):
@@ -63,16 +74,12 @@ def test_to_plain_lora_adapts_exactly_the_kept_modules():
 
 
 def test_linear_subclasses_whose_forward_is_not_x_w_plus_b_are_refused():
-    class A(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-            self.fc = nn.Linear(8, 8)
-
-    model = A()
-    with pytest.raises(TypeError, match=r"'attn.out_proj' is the out_proj of an nn.MultiheadAttention"):
+    model = _Attn()   # its out_proj's forward never runs: left out with a warning (a suffix list such as SigLIP's
+    with pytest.warns(RuntimeWarning, match=r"left out \['attn.out_proj'\].*MultiheadAttention"):   # must work)
         lk.apply_adapters(model, ["out_proj", "fc"], r=2)
-    assert type(model.fc) is nn.Linear                      # all or nothing
+    assert list(lk.adapter_layers(model)) == ["fc"]
+    with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match="matches no nn.Linear"):
+        lk.apply_adapters(_Attn(), ["out_proj"], r=2)         # nothing else to adapt: an error
 
     class Scaled(nn.Linear):
         def forward(self, x):
@@ -83,8 +90,26 @@ def test_linear_subclasses_whose_forward_is_not_x_w_plus_b_are_refused():
             super().__init__()
             self.fc = Scaled(8, 8)
 
-    with pytest.raises(TypeError, match=r"'fc' is a Scaled, an nn.Linear subclass with its own forward"):
+    with pytest.raises(TypeError, match=r"'fc' is a Scaled, an nn.Linear subclass whose forward is not"):
         lk.apply_adapters(B(), ["fc"], r=2)
+
+    class Plain(nn.Linear):   # its own forward, computing x·Wᵀ + b (Falcon's FalconLinear): adapted, output kept
+        def forward(self, x):
+            y = x @ self.weight.T
+            return y if self.bias is None else y + self.bias
+
+    class D(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = Plain(8, 8)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    model, x = D(), torch.randn(3, 8)
+    y = model(x)
+    lk.apply_adapters(model, ["fc"], r=2)
+    assert torch.allclose(model(x), y, atol=1e-6)
 
     class Tagged(nn.Linear):   # a subclass that keeps nn.Linear's forward is fine
         pass
@@ -106,13 +131,17 @@ def test_adapters_follow_the_models_train_eval_mode():
         for layer in lk.adapter_layers(model).values():
             layer.lora_B.normal_()
     assert torch.equal(model(x), model(x))                 # no dropout in eval mode
+    lk.merge_adapters(model, reversible=True)              # merged in eval mode: eval-mode linears
+    assert not model.layers[0].q.training
     model.train()
-    lk.merge_adapters(model, reversible=True)
-    assert model.layers[0].q.training
+    lk.unmerge_adapters(model)                              # the adapters come back in the mode the model has now
+    assert all(m.training for m in lk.adapter_layers(model).values())
     model.eval()
-    lk.unmerge_adapters(model)
-    assert not any(m.training for m in lk.adapter_layers(model).values())
     assert torch.equal(model(x), model(x))
+    masks = {n: torch.tensor([True, False]) for n in lk.adapter_layers(model)}
+    svd = lk.apply_adapters(_Net(), ["q", "v"], r=2, svd=True, dropout=0.5).eval()
+    sh.to_plain_lora(svd, masks)                           # the plain retrain form keeps the mode too
+    assert not any(m.training for m in lk.adapter_layers(svd).values())
 
 
 def test_modules_to_save_tied_to_an_adapted_weight_is_refused():
@@ -134,11 +163,24 @@ def test_modules_to_save_tied_to_an_adapted_weight_is_refused():
 def test_scoring_refuses_a_merged_layer_before_touching_the_model():
     model, val = _scored_net()
     model.train()
+    gate = torch.ones(8, 2)
+    model.layers[0].v.set_token_gate(gate)
     model.layers[0].q.merge()
     for mode in ("taylor", "exact"):
         with pytest.raises(ValueError, match=r"merged: \['layers.0.q'\]"):
             sh.shapley_sensitivity(model, val, mode, loss_fn=_loss)
-        assert model.training and model.layers[0].v._token_gate is None
+        assert model.training and model.layers[0].v._token_gate is gate
+
+
+def test_scoring_with_no_players_keeps_the_users_gate():
+    model, val = _scored_net()
+    gate = torch.ones(8, 2)
+    model.layers[0].q.set_token_gate(gate)
+    for layer in lk.adapter_layers(model).values():
+        layer.set_rank_mask([0, 0])
+    with pytest.raises(ValueError, match="no players"):
+        sh.shapley_sensitivity(model, val, "exact", loss_fn=_loss)
+    assert model.layers[0].q._token_gate is gate
 
 
 def test_scoring_puts_back_a_token_gate_the_user_set():
@@ -161,6 +203,9 @@ def test_select_within_budget_never_keeps_nan_and_checks_the_budget():
     assert sh.select_within_budget(key, 2).tolist() == [False, False, True, True]
     assert sh.select_within_budget(key, 3, costs=torch.ones(4, dtype=torch.long)).tolist() == [True, False, True,
                                                                                                   True]
+    # a -inf key (a rank pruned earlier) stays out even when its cost is what still fits
+    assert sh.select_within_budget(torch.tensor([1.0, 0.5, -math.inf]), 9, costs=torch.tensor([10, 1, 1])).tolist() \
+        == [False, True, False]
     with pytest.raises(ValueError, match="budget must be in"):
         sh.select_within_budget(torch.tensor([0.1, 0.2]), -1)
     with pytest.raises(TypeError, match="budget must be an integer"):
@@ -224,3 +269,28 @@ def test_sensitivity_update_refuses_empty_tensors_on_every_backend():
     a = torch.zeros(2, 0)
     with pytest.raises(ValueError, match=r"params\[0\] \(kind 1\) has no elements"):
         fused_sensitivity_update([a], [a.clone()], [a.clone()], [a.clone()], [1], [0], torch.zeros(2))
+
+
+def test_falcon_linears_take_adapters():
+    """FalconLinear is an nn.Linear subclass with its own forward computing x·Wᵀ + b: adapted like nn.Linear."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.FalconConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, vocab_size=50)
+    model = transformers.FalconForCausalLM(cfg).eval()
+    ids = torch.randint(0, 50, (1, 6))
+    before = model(ids).logits
+    lk.apply_adapters(model, ["query_key_value", "dense"], r=2)
+    assert len(lk.adapter_layers(model)) == 4
+    assert torch.allclose(model(ids).logits, before, atol=1e-5)
+
+
+def test_default_app_targets_leave_out_what_cannot_take_an_adapter():
+    from python_api.app.byo_model import block_linears
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([_Attn(), _Attn()])
+
+    with pytest.warns(RuntimeWarning, match=r"left out of the targets \['layers.0.attn.out_proj'"):
+        assert block_linears(Net()) == ["layers.0.fc", "layers.1.fc"]

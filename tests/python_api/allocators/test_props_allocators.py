@@ -178,10 +178,11 @@ def test_alpha_hill(ev, xmin, as_numpy):
             with pytest.raises(ValueError, match="eigenvalues"):
                 alpha_hill(arg, xmin=xmin)
             return
-        # λ = σ² ≥ 0: a negative value beyond round-off (√ε of the largest |λ|, in the input's dtype) is refused;
-        # a tiny negative is ignored like any λ ≤ threshold
+        # λ = σ² ≥ 0: a negative value beyond round-off (√ε of the largest |λ|, ε the coarser of float32's, the
+        # default eps, and the input's dtype's) is refused; a tiny negative is ignored like any λ ≤ threshold
         t = torch.as_tensor(arg)
-        if float(t.min()) < -math.sqrt(torch.finfo(t.dtype).eps) * float(t.abs().max()):
+        tol = math.sqrt(max(torch.finfo(torch.float32).eps, torch.finfo(t.dtype).eps))
+        if float(t.min()) < -tol * float(t.abs().max()):
             event("ValueError (negative)")
             with pytest.raises(ValueError, match="σ² ≥ 0"):
                 alpha_hill(arg, xmin=xmin)
