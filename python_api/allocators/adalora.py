@@ -166,7 +166,9 @@ class AdaLoRAAllocator:
                              "budget schedule)")
         self._last_step = step
         final = self.total_step - self.tfinal
-        if step > final and not self._final_applied and self.rank_pattern is not None:
+        # this allocator has scores to mask with: it saw earlier steps (or a restored state did)
+        seen = self.rank_pattern is not None or self.tracker.step > 0
+        if step > final and not self._final_applied and seen:
             warnings.warn(f"update_and_allocate({step}): the final mask step {final} was never given (the steps skip "
                           f"it); the target budget is applied now, at step {step}", RuntimeWarning, stacklevel=2)
             step = final

@@ -107,9 +107,38 @@ def test_linear_subclasses_whose_forward_is_not_x_w_plus_b_are_refused():
             return self.fc(x)
 
     model, x = D(), torch.randn(3, 8)
+    calls = []
+    model.fc.register_forward_hook(lambda *a: calls.append(1))
     y = model(x)
     lk.apply_adapters(model, ["fc"], r=2)
+    assert calls == [1]                                     # the probe ran the class's forward, not the hooks
     assert torch.allclose(model(x), y, atol=1e-6)
+    with torch.no_grad():
+        model.fc.lora_B.normal_()
+    assert not torch.allclose(model(x), y, atol=1e-3)      # the adapter runs
+
+    class Gated(nn.Linear):   # x·Wᵀ + b while its extra parameter is 1: the state is named, not probed
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.scale = nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            return super().forward(x) * self.scale
+
+    class E(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = Gated(8, 8)
+
+    with pytest.raises(TypeError, match=r"it holds \['scale'\] besides weight and bias"):
+        lk.apply_adapters(E(), ["fc"], r=2)
+    nan_model = D()
+    with torch.no_grad():
+        nan_model.fc.weight[0, 0] = float("nan")            # a NaN weight is no reason to refuse
+    lk.apply_adapters(nan_model, ["fc"], r=2)
+    assert list(lk.adapter_layers(nan_model)) == ["fc"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):      # nor is autocast
+        lk.apply_adapters(D(), ["fc"], r=2)
 
     class Tagged(nn.Linear):   # a subclass that keeps nn.Linear's forward is fine
         pass
@@ -282,6 +311,10 @@ def test_falcon_linears_take_adapters():
     lk.apply_adapters(model, ["query_key_value", "dense"], r=2)
     assert len(lk.adapter_layers(model)) == 4
     assert torch.allclose(model(ids).logits, before, atol=1e-5)
+    with torch.no_grad():
+        for layer in lk.adapter_layers(model).values():
+            layer.lora_B.normal_()
+    assert not torch.allclose(model(ids).logits, before, atol=1e-3)   # the adapters run
 
 
 def test_default_app_targets_leave_out_what_cannot_take_an_adapter():
