@@ -43,6 +43,17 @@ class _Attn(nn.Module):
         self.fc = nn.Linear(8, 8)
 
 
+class _Holder(nn.Module):
+    """One linear of the given class, ``fc`` [8 → 8]."""
+
+    def __init__(self, linear_cls):
+        super().__init__()
+        self.fc = linear_cls(8, 8)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
 def _loss(model, batch):
     return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
 
@@ -85,28 +96,15 @@ def test_linear_subclasses_whose_forward_is_not_x_w_plus_b_are_refused():
         def forward(self, x):
             return 2 * super().forward(x)
 
-    class B(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = Scaled(8, 8)
-
     with pytest.raises(TypeError, match=r"'fc' is a Scaled, an nn.Linear subclass whose forward is not"):
-        lk.apply_adapters(B(), ["fc"], r=2)
+        lk.apply_adapters(_Holder(Scaled), ["fc"], r=2)
 
     class Plain(nn.Linear):   # its own forward, computing x·Wᵀ + b (Falcon's FalconLinear): adapted, output kept
         def forward(self, x):
             y = x @ self.weight.T
             return y if self.bias is None else y + self.bias
 
-    class D(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = Plain(8, 8)
-
-        def forward(self, x):
-            return self.fc(x)
-
-    model, x = D(), torch.randn(3, 8)
+    model, x = _Holder(Plain), torch.randn(3, 8)
     calls = []
     model.fc.register_forward_hook(lambda *a: calls.append(1))
     y = model(x)
@@ -125,30 +123,20 @@ def test_linear_subclasses_whose_forward_is_not_x_w_plus_b_are_refused():
         def forward(self, x):
             return super().forward(x) * self.scale
 
-    class E(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = Gated(8, 8)
-
     with pytest.raises(TypeError, match=r"it holds \['scale'\] besides weight and bias"):
-        lk.apply_adapters(E(), ["fc"], r=2)
-    nan_model = D()
+        lk.apply_adapters(_Holder(Gated), ["fc"], r=2)
+    nan_model = _Holder(Plain)
     with torch.no_grad():
         nan_model.fc.weight[0, 0] = float("nan")            # a NaN weight is no reason to refuse
     lk.apply_adapters(nan_model, ["fc"], r=2)
     assert list(lk.adapter_layers(nan_model)) == ["fc"]
     with torch.autocast("cpu", dtype=torch.bfloat16):      # nor is autocast
-        lk.apply_adapters(D(), ["fc"], r=2)
+        lk.apply_adapters(_Holder(Plain), ["fc"], r=2)
 
     class Tagged(nn.Linear):   # a subclass that keeps nn.Linear's forward is fine
         pass
 
-    class C(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = Tagged(8, 8)
-
-    assert list(lk.adapter_layers(lk.apply_adapters(C(), ["fc"], r=2))) == ["fc"]
+    assert list(lk.adapter_layers(lk.apply_adapters(_Holder(Tagged), ["fc"], r=2))) == ["fc"]
 
 
 def test_adapters_follow_the_models_train_eval_mode():
