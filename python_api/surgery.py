@@ -239,15 +239,13 @@ def refuse_adapted(model: nn.Module, caller: str) -> None:
                          "merge_adapters / remove the adapters first")
 
 
-def check_save_overlap(save: list[str], targets: list[str], model: nn.Module | None = None) -> None:
-    """``modules_to_save`` that are (or contain) adapter targets, or (given ``model``) hold a parameter tied to
-    one (``lm_head.weight`` is ``embed.weight``), would unfreeze the adapted base weights."""
+def check_save_overlap(save: list[str], targets: list[str], model: nn.Module) -> None:
+    """``modules_to_save`` that are (or contain) adapter targets, or hold a parameter tied to one (``lm_head.weight``
+    is ``embed.weight``), would unfreeze the adapted base weights."""
     overlap = [s for s in save if any(n == s or n.startswith(s + ".") for n in targets)]
     if overlap:
         raise ValueError(f"modules_to_save {overlap} are (or contain) adapter targets: training them in full would "
                          "unfreeze the adapted base weights; leave them out of modules_to_save")
-    if model is None:
-        return
     base = {}
     for n in targets:
         for pn, p in model.get_submodule(n).named_parameters(recurse=False):
