@@ -237,12 +237,12 @@ def run_peft(task, seed, method):
                    "trainable_params": adapters + _trainable(model) - lora_params, "ranks": ranks}
 
 
-def _svd_model(task, seed):
+def _svd_model(task, seed, svd_init: str = "adalora"):
     from python_api.surgery import apply_adapters
     cfg = task.cfg
     # alpha = 2·r_init keeps the scale alpha/r equal to plain LoRA's (2)
     return apply_adapters(task.fresh(seed), task.targets, r=cfg["r_init"], alpha=2 * cfg["r_init"], svd=True,
-                          modules_to_save=task.heads)
+                          svd_init=svd_init, modules_to_save=task.heads)
 
 
 def _budget(cfg) -> dict:
@@ -274,10 +274,12 @@ def _adalora_effective(model, ranks) -> int:
     return adapters + count_trainable(model) - count_trainable(model, adapters_only=True)
 
 
-def run_shaplora(task, seed, retrain: str = "plain", equal_steps: bool = False):
+def run_shaplora(task, seed, retrain: str = "plain", equal_steps: bool = False, svd_init: str = "adalora",
+                 split_validation: bool = False):
     """ShapLoRA through ``shaplora_workflow``: the super-network trains half the steps, the retrain the full steps.
     ``equal_steps``: the super-network trains a third of the steps and the retrain the rest, so the two together
-    train uniform LoRA's steps (meant for ``retrain="warm"``, which continues the super-network)."""
+    train uniform LoRA's steps (meant for ``retrain="warm"``, which continues the super-network).
+    ``svd_init``: the super-network's adapter init; ``split_validation``: the two scorings on validation halves."""
     from python_api.app.data import batches
     from python_api.allocators.shaplora import shaplora_workflow
     from python_api.surgery import count_trainable
@@ -300,13 +302,15 @@ def run_shaplora(task, seed, retrain: str = "plain", equal_steps: bool = False):
         done.append(steps)
         times.append(train(model, task, seed, steps, orth_reg=cfg["orth_reg"]))
 
-    val = list(batches(task.val, 32))
+    # two scorings on validation halves need two batches at least (a tiny validation split: smaller batches)
+    val = list(batches(task.val, min(32, max(1, len(task.val) // 2)) if split_validation else 32))
     t0 = time.perf_counter()
     with _autocast(cfg):
-        out = shaplora_workflow(lambda: _svd_model(task, seed), do_train, val, lambda m: None,
+        out = shaplora_workflow(lambda: _svd_model(task, seed, svd_init), do_train, val, lambda m: None,
                                 loss_fn=getattr(task, "loss_fn", per_example_loss), seed=seed, retrain=retrain,
                                 **_budget(cfg),
                                 min_improvement=cfg.get("supernet_min_improvement", 0.05),
+                                split_validation=split_validation,
                                 predict_fn=predict if task.cfg.get("kind", "cls") == "cls" else None)
     total = time.perf_counter() - t0
     model = out["model"]

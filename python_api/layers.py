@@ -13,7 +13,7 @@ from torch import nn
 
 from lora_kernels.gated_lora import op as gated_op
 
-from .config import check_adapter_dtype, check_features, check_finite, check_rank, is_binary
+from .config import SVD_INITS, check_adapter_dtype, check_features, check_finite, check_rank, is_binary
 
 
 _UNREAD = object()  # "the mask was not read on the host" (torch.compile)
@@ -26,6 +26,9 @@ class LoRALinear(nn.Module):
     per-token gate set with :meth:`token_gate` (MoE routing, ShapLoRA coalitions). A fixed 0/1 mask runs
     on the active ranks only, so a masked layer costs what a dense rank-k LoRA costs.
 
+    ``svd_init`` (SVD form only): ``"adalora"`` (PEFT's AdaLoRA init) or ``"lora"`` (LoRA's, E = 1): see
+    :class:`~python_api.config.AdapterConfig`.
+
     Shared adapters (ShareLoRA) pass existing ``lora_A`` / ``lora_B`` Parameters; they are held by
     reference, so one Parameter serves every layer that shares it.
     """
@@ -33,7 +36,8 @@ class LoRALinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float | None = None,
                  dropout: float = 0.0, bias: bool = True, svd: bool = False,
                  lora_A: nn.Parameter | None = None, lora_B: nn.Parameter | None = None,
-                 device=None, dtype=None, adapter_dtype=None, _base: nn.Linear | None = None):
+                 device=None, dtype=None, adapter_dtype=None, svd_init: str = "adalora",
+                 _base: nn.Linear | None = None):
         super().__init__()
         r = check_rank("r", r)
         in_features, out_features = check_features(in_features, out_features)
@@ -43,6 +47,8 @@ class LoRALinear(nn.Module):
         adapter_dtype = check_adapter_dtype(adapter_dtype)
         if not isinstance(svd, bool):
             raise TypeError(f"svd must be True or False, got {svd!r}")
+        if svd_init not in SVD_INITS:
+            raise ValueError(f"svd_init must be one of {SVD_INITS}, got {svd_init!r}")
         for nm, given in (("lora_A", lora_A), ("lora_B", lora_B)):
             # a plain tensor would be an attribute, not a parameter: missing from parameters() (no optimizer step),
             # state_dict() and .to() / .double()
@@ -60,6 +66,7 @@ class LoRALinear(nn.Module):
         self.scaling = self.lora_alpha / r
         self.dropout = float(dropout)
         self.svd = bool(svd)
+        self.svd_init = svd_init
         if _base is not None:
             self.weight = _base.weight
             self.bias = _base.bias
@@ -95,7 +102,15 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_a: bool = True, init_b: bool = True):
-        if self.svd:
+        if self.svd and self.svd_init == "lora":
+            # LoRA's init in SVD form: A kaiming-uniform, B = 0, E = 1. ΔW starts at zero and trains from the first
+            # step as plain LoRA does (B's gradient is A·x, not scaled down by E and a small A)
+            if init_a:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if init_b:
+                nn.init.zeros_(self.lora_B)
+            self.lora_E.fill_(1.0)
+        elif self.svd:
             # AdaLoRA's init: A, B ~ N(0, 0.02), E = 0, so ΔW starts at zero but A, B get gradients.
             if init_a:
                 nn.init.normal_(self.lora_A, std=0.02)
@@ -111,12 +126,13 @@ class LoRALinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float | None = None, dropout: float = 0.0,
                     svd: bool = False, lora_A: nn.Parameter | None = None, lora_B: nn.Parameter | None = None,
-                    adapter_dtype=None) -> "LoRALinear":
+                    adapter_dtype=None, svd_init: str = "adalora") -> "LoRALinear":
         """Wraps an existing ``nn.Linear``: its weight and bias are taken by reference (no copy) and frozen."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         return cls(linear.in_features, linear.out_features, r, alpha, dropout, bias=linear.bias is not None,
-                   svd=svd, lora_A=lora_A, lora_B=lora_B, adapter_dtype=adapter_dtype, _base=linear)
+                   svd=svd, lora_A=lora_A, lora_B=lora_B, adapter_dtype=adapter_dtype, svd_init=svd_init,
+                   _base=linear)
 
     # ---- rank mask / gates -------------------------------------------------------------------------
     @torch.no_grad()

@@ -322,7 +322,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig | Iterable[str] | str
         try:
             alpha = lookup(name, cfg.alpha_pattern, cfg.alpha)
             layer = cls.from_linear(base, rank, alpha, cfg.dropout, svd=cfg.svd, lora_A=mine.get("lora_A"),
-                                    lora_B=mine.get("lora_B"), adapter_dtype=cfg.adapter_dtype)
+                                    lora_B=mine.get("lora_B"), adapter_dtype=cfg.adapter_dtype, svd_init=cfg.svd_init)
             mask = lookup(name, cfg.rank_masks, None)
             if mask is not None:
                 layer.set_rank_mask(mask)

@@ -758,8 +758,11 @@ def _check_by(by) -> None:
         raise ValueError(f"by must be 'signed' or 'abs', got {by!r}")
 
 
-def _check_allocation_args(rounds, budget_unit, retrain, basis, mode, num_passes, by, loss_fn, min_stability) -> None:
+def _check_allocation_args(rounds, budget_unit, retrain, basis, mode, num_passes, by, loss_fn, min_stability,
+                           split_validation=False) -> None:
     # everything that can be checked without the model: a workflow refuses it before training the super-network
+    if not isinstance(split_validation, bool):
+        raise TypeError(f"split_validation must be True or False, got {split_validation!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or rounds < 1:
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     _check_scoring_args(mode, num_passes, loss_fn)
@@ -771,6 +774,19 @@ def _check_allocation_args(rounds, budget_unit, retrain, basis, mode, num_passes
         raise ValueError(f"retrain must be one of {RETRAIN_FORMS}, got {retrain!r}")
     if basis not in ("merged", "trained"):
         raise ValueError(f"basis must be 'merged' or 'trained', got {basis!r}")
+
+
+def _scoring_halves(val_batches: list, split: bool, batch_size_fn) -> tuple[tuple[list, list], tuple[int, int]]:
+    """The batches of the two independent scorings and their weights in the mean: all of them twice, or (``split``)
+    the even and the odd batches, weighted by their examples."""
+    if not split:
+        return (val_batches, val_batches), (1, 1)
+    if len(val_batches) < 2:
+        raise ValueError(f"split_validation needs at least 2 validation batches (one per scoring), got "
+                         f"{len(val_batches)}")
+    halves = (val_batches[0::2], val_batches[1::2])
+    size = batch_size_fn or _batch_size
+    return halves, tuple(sum(int(size(b)) for b in h) for h in halves)
 
 
 def _resolve_budget(supernet: nn.Module, budget, budget_unit: str = "ranks", retrain: str = "plain"):
@@ -808,6 +824,7 @@ def shaplora_allocate(
     basis: str = "merged",
     min_stability: float = 0.5,
     batch_size_fn: Callable[[Any], int] | None = None,
+    split_validation: bool = False,
 ) -> dict:
     """ShapLoRA's allocation step on a super-network you trained (and checked: :func:`shaplora_workflow` does
     both): in each of ``rounds`` rounds, re-express each module's update in its merged SVD basis (``basis``
@@ -820,17 +837,23 @@ def shaplora_allocate(
             retrained in ``retrain``'s form (``"params"``, :func:`rank_costs`). Checked against the super-network.
         generator: the coalitions' RNG (None: a fresh unseeded draw).
         min_stability: a RuntimeWarning when the two scorings' Spearman ρ is below it.
+        split_validation: score the two independent scorings on alternate halves of ``val_batches`` (even and odd
+            batches; at least 2) instead of both on all of it: half the cost, every example still scored once;
+            the scores are the two halves' example-weighted mean, and the stability compares scorings on
+            different examples (a stricter test than two scorings of the same ones).
         Other arguments as :func:`shaplora_workflow` and :func:`shapley_sensitivity`.
     Returns:
         dict with ``masks`` (module → bool [R], also applied to ``supernet``), ``scores`` (the last round's),
         ``budget`` (as checked), ``score_stability`` (first round's ρ) and ``score_stability_rounds``.
     """
-    _check_allocation_args(rounds, budget_unit, retrain, basis, mode, num_passes, by, loss_fn, min_stability)
+    _check_allocation_args(rounds, budget_unit, retrain, basis, mode, num_passes, by, loss_fn, min_stability,
+                           split_validation)
     check_budget(budget, 1, 1 << 62)   # an int (not None, not a float): the range is checked just below
     budget, full, costs = _resolve_budget(supernet, budget, budget_unit, retrain)
     val_batches = list(val_batches)
     if not val_batches:
         raise ValueError("val_batches is empty: no validation examples")
+    halves, weights = _scoring_halves(val_batches, split_validation, batch_size_fn)
     scores, masks, stability = None, None, []
     # all or nothing: an error in any round (a bad loss, a merged layer) gives the super-network back as it came
     saved = {n: [None if t is None else t.detach().clone() for t in (m.lora_A, m.lora_B, m.lora_E, m.rank_mask)]
@@ -840,14 +863,14 @@ def shaplora_allocate(
             if basis == "merged":
                 to_merged_basis(supernet)
             kw = dict(loss_fn=loss_fn, num_passes=num_passes, generator=generator, batch_size_fn=batch_size_fn)
-            first = shapley_sensitivity(supernet, val_batches, mode, **kw)
-            second = shapley_sensitivity(supernet, val_batches, mode, **kw)
+            first = shapley_sensitivity(supernet, halves[0], mode, **kw)
+            second = shapley_sensitivity(supernet, halves[1], mode, **kw)
             stability.append(_spearman(first, second))
             if stability[-1] < min_stability:
                 warnings.warn(f"ShapLoRA scores are unstable: two independent scorings agree with Spearman ρ = "
                               f"{stability[-1]:.2f} < {min_stability} (round {k}); raise num_passes or use more "
                               "validation examples", RuntimeWarning, stacklevel=2)
-            scores = {n: (first[n] + second[n]) / 2 for n in first}
+            scores = {n: (weights[0] * first[n] + weights[1] * second[n]) / sum(weights) for n in first}
             b_k = round(full * (budget / full) ** (k / rounds)) if k < rounds else budget
             masks = allocate_ranks(scores, int(b_k), by=by, costs=costs)
             apply_rank_masks(supernet, masks)
@@ -885,6 +908,7 @@ def shaplora_workflow(
     max_extra_train: int = 2,
     min_stability: float = 0.5,
     batch_size_fn: Callable[[Any], int] | None = None,
+    split_validation: bool = False,
 ) -> dict:
     """ShapLoRA, workflows (a) and (b): train the super-network at r_init → check it learned → Shapley-score
     on the validation split (twice, independently: the mean is allocated, the agreement reported) → keep the
@@ -920,6 +944,8 @@ def shaplora_workflow(
             untrained model's, else its training is extended, then :class:`SupernetNotLearnedError` is raised.
             None skips the check (plumbing tests with a few steps only: the scores are then unchecked).
         min_stability: a warning is issued when the Spearman correlation of the two scorings is below it.
+        split_validation: the two scorings on alternate halves of ``val_batches`` (half the scoring cost; see
+            :func:`shaplora_allocate`).
     Returns:
         dict with ``masks``, ``scores``, ``peft_rank_pattern``, ``config`` (this package's), ``result``,
         ``model`` (the retrained one), ``rng_state`` (the coalition generator's state before scoring),
@@ -927,7 +953,8 @@ def shaplora_workflow(
         ``score_stability_rounds`` every round) and ``supernet`` (validation loss / accuracy before and after
         training, the majority rate, the number of extra ``train`` calls).
     """
-    _check_allocation_args(rounds, budget_unit, retrain, basis, mode, num_passes, by, loss_fn, min_stability)
+    _check_allocation_args(rounds, budget_unit, retrain, basis, mode, num_passes, by, loss_fn, min_stability,
+                           split_validation)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int, got {seed!r}")
     if r_target is not None and budget_unit != "ranks":
@@ -946,6 +973,7 @@ def shaplora_workflow(
     val_batches = list(val_batches)
     if not val_batches:
         raise ValueError("val_batches is empty: no validation examples")
+    _scoring_halves(val_batches, split_validation, batch_size_fn)   # checked before any training
     gen = torch.Generator().manual_seed(seed)
     supernet = build_model()
     players = _resolve_budget(supernet, None)[1]   # the super-network's ranks: the players of the game
@@ -978,7 +1006,8 @@ def shaplora_workflow(
     rng_state = gen.get_state()
     alloc = shaplora_allocate(supernet, val_batches, budget, loss_fn=loss_fn, budget_unit=budget_unit,
                               retrain=retrain, rounds=rounds, mode=mode, num_passes=num_passes, by=by, generator=gen,
-                              basis=basis, min_stability=min_stability, batch_size_fn=batch_size_fn)
+                              basis=basis, min_stability=min_stability, batch_size_fn=batch_size_fn,
+                              split_validation=split_validation)
     masks = alloc["masks"]
     if retrain == "warm":
         model = to_plain_lora(supernet, masks, warm=True)
