@@ -149,9 +149,10 @@ def run_shaplora(base, splits, cfg, deadline) -> dict:
                                        shaplora_allocate, to_plain_lora)
     from ..surgery import apply_adapters, count_trainable
 
-    def build():   # alpha = 2·r_init: the scale alpha/r = 2 of uniform LoRA, kept by the plain retrain
+    def build():   # alpha = 2·r_init: the scale alpha/r = 2 of uniform LoRA, kept by the plain retrain; LoRA's init
+        # (svd_init="lora"): the super-network learns within its share of the steps (AdaLoRA's init starts slowly)
         return apply_adapters(copy.deepcopy(base), MINILM_TARGETS, r=cfg.r_init, alpha=2 * cfg.r_init, svd=True,
-                              modules_to_save=["classifier"])
+                              svd_init="lora", modules_to_save=["classifier"])
 
     t0 = time.perf_counter()
     supernet = build()
@@ -364,7 +365,7 @@ def run_shaplora_allocation(base, splits, cfg, deadline) -> dict:
     from ..surgery import adapter_layers, apply_adapters
 
     net = apply_adapters(copy.deepcopy(base), MINILM_TARGETS, r=cfg.r_init, alpha=2 * cfg.r_init, svd=True,
-                         modules_to_save=["classifier"])
+                         svd_init="lora", modules_to_save=["classifier"])
     train(net, splits["train"], cfg, cfg.steps, deadline, "shaplora super-net")
     val = list(D.batches(splits["validation"], cfg.batch_size))[: max(1, cfg.val_for_shapley // cfg.batch_size)]
     # the library's allocation step (merged basis, two scorings), r ranks per module on average

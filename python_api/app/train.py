@@ -403,8 +403,10 @@ def _adapt(base, cfg, targets, heads, masks, experts):
         svd = lk.apply_adapters(model, targets, r=cfg.r_init, alpha=alpha, svd=True, modules_to_save=heads or None)
         return to_plain_lora(svd, masks)
     if m in ("adalora", "shaplora"):
+        # ShapLoRA's super-network starts as LoRA does (svd_init="lora": it learns within its half of the steps);
+        # AdaLoRA keeps PEFT's init
         return lk.apply_adapters(model, targets, r=cfg.r_init, alpha=2 * cfg.r, svd=True, rank_masks=masks,
-                                 modules_to_save=heads or None)
+                                 svd_init="lora" if m == "shaplora" else "adalora", modules_to_save=heads or None)
     return lk.apply_adapters(model, targets, r=cfg.r, alpha=2 * cfg.r, share=share, modules_to_save=heads or None)
 
 

@@ -433,3 +433,16 @@ def test_causal_lm_texts_of_one_token_are_refused(fx, tmp_path, capsys):
 def test_argument_errors_point_to_the_subcommand_help(fx, tmp_path, capsys):
     rc, err = _main(capsys, "--model", fx["bert"], "--data", fx["csv"], "--steps", "0", "--out", str(tmp_path / "o"))
     assert rc == 2 and "(see lora-kernels train --help)" in err and "{command}" not in err
+
+
+@pytest.mark.parametrize("method, init", [("shaplora", "lora"), ("adalora", "adalora")])
+def test_shaplora_supernet_starts_as_lora_adalora_as_peft(fx, tmp_path, method, init):
+    # ShapLoRA's super-network takes LoRA's init (it must learn within half the steps); AdaLoRA keeps PEFT's
+    from python_api.surgery import adapter_layers
+
+    c = cfg(fx, tmp_path / "o", method)
+    model = T.adapt(base_model(fx), c, ["query", "value"], ["classifier"])
+    layers = adapter_layers(model)
+    assert layers and all(m.svd and m.svd_init == init for m in layers.values())
+    e = torch.cat([m.lora_E.detach() for m in layers.values()])
+    assert torch.equal(e, torch.ones_like(e)) if init == "lora" else torch.count_nonzero(e) == 0
