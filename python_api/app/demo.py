@@ -7,7 +7,8 @@ same test split:
 
 - ``lora``: uniform LoRA, r=8 on every encoder Linear (query, key, value, attention.output.dense,
   intermediate.dense, output.dense).
-- ``shaplora``: SVD-form super-network at r_init=12 trained for half the steps, Shapley sensitivity of
+- ``shaplora``: SVD-form super-network at r_init=12 (LoRA's init, ``svd_init="lora"``) trained for half the
+  steps, Shapley sensitivity of
   every rank triplet on the validation split, global top-(8 × modules) triplets kept, then a fresh
   model with that rank pattern trained from scratch (ALGORITHMS.md §3). Overhead = super-net + scoring.
 - ``sharelora``: ShareA, one A per module type across the 6 layers (ALGORITHMS.md §4).

@@ -15,7 +15,7 @@ a progress bar, periodic checkpoints and Ctrl-C -> test metric -> outputs in ``-
 
 Methods: ``lora`` (r, alpha 2r on every target), ``sharelora-a|b|ab`` (ShareLoRA, one matrix per module type),
 ``adalora`` (SVD form at ``--r-init``, AdaLoRA schedule down to the budget, PEFT's orthogonality weight 0.5),
-``shaplora`` (super-network at ``--r-init`` for half the steps, Shapley scoring on the validation split,
+``shaplora`` (super-network at ``--r-init``, LoRA's init, for half the steps, Shapley scoring on the validation split,
 global top-budget ranks, fresh adapters retrained for all the steps; ``--retrain warm``: the super-network itself
 continues as plain LoRA from its kept components), ``moe-uniform`` (MoE-LoRA, the same
 number of experts in every block) and ``alphalora`` (experts per block from the layer alphas). ``--budget``
