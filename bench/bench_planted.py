@@ -22,6 +22,8 @@ ShapLoRA variants (``shaplora_workflow`` arguments; the user's loss is plain in 
   merged           basis="merged" (score in the SVD basis of each module's merged update; the default)
   merged+orth      basis="merged", orth_reg=0.1
   merged+abs       basis="merged", by="abs"
+  merged+lorainit  basis="merged", a super-network built with svd_init="lora" (LoRA's init: A kaiming, B = 0, λ = 1)
+  merged+lorainit+split  the same, the two scorings on validation halves (split_validation=True)
 The workflow's own SVD-form retrain is run for the default variant only (``svd_loss``); the other variants skip it
 (their plain-LoRA retrain is measured the same way for all).
 Run: ``python -m bench.bench_planted [--seeds 5] [--configs ...] [--variants ...]`` →
@@ -55,6 +57,8 @@ CONFIGS = {
     # harder: a super-network trained a third as long; weaker deltas (singular values 0.3 … 0.15)
     "d32_L12_r421_sup100": {"d": 32, "layers": 12, "planted": {2: 4, 6: 2, 9: 1}, "hp": {"sup_steps": 100}},
     "d32_L12_r4321_weak": {"d": 32, "layers": 12, "planted": {1: 4, 4: 3, 7: 2, 10: 1}, "hp": {"sigma": 0.3}},
+    # a super-network trained a tenth as long: where AdaLoRA's init (λ = 0, small A, B) has barely started
+    "d32_L12_r421_sup30": {"d": 32, "layers": 12, "planted": {2: 4, 6: 2, 9: 1}, "hp": {"sup_steps": 30}},
 }
 VARIANTS = {
     "trained": {"basis": "trained"},
@@ -63,6 +67,8 @@ VARIANTS = {
     "merged": {"basis": "merged"},
     "merged+orth": {"basis": "merged", "orth_reg": 0.1},
     "merged+abs": {"basis": "merged", "by": "abs"},
+    "merged+lorainit": {"basis": "merged", "svd_init": "lora"},
+    "merged+lorainit+split": {"basis": "merged", "svd_init": "lora", "split_validation": True},
 }
 DEFAULT_VARIANT = "merged"
 HP = {"r_init": 6, "batch": 128, "lr": 1e-2, "sup_steps": 300, "steps": 300, "n_val": 1024, "n_test": 4096,
@@ -110,14 +116,15 @@ def _linear(w, b):
     return lin.requires_grad_(False)
 
 
-def student(task: dict, ranks: dict[int, int] | int, svd: bool, init_seed: int, orthparam: bool = False) -> Stack:
+def student(task: dict, ranks: dict[int, int] | int, svd: bool, init_seed: int, orthparam: bool = False,
+            svd_init: str = "adalora") -> Stack:
     """The frozen base with adapters: ``ranks`` = one rank for every module or {module: rank} (0 → no adapter)."""
     torch.manual_seed(init_seed)
     mods = []
     for i, (w, b) in enumerate(task["base"]):
         r = ranks if isinstance(ranks, int) else ranks.get(i, 0)
         lin = _linear(w, b)
-        mods.append(lk.LoRALinear.from_linear(lin, r, alpha=r, svd=svd) if r > 0 else lin)
+        mods.append(lk.LoRALinear.from_linear(lin, r, alpha=r, svd=svd, svd_init=svd_init) if r > 0 else lin)
         if orthparam and r > 0:
             from torch.nn.utils.parametrizations import orthogonal
             orthogonal(mods[-1], "lora_A")
@@ -179,13 +186,14 @@ def retrain_plain(task, counts, seed, hp=HP) -> float:
 def run_shaplora(task, variant: str, seed: int, hp=HP) -> dict:
     spec = dict(VARIANTS[variant])
     orthparam = spec.pop("orthparam", False)
+    svd_init = spec.pop("svd_init", "adalora")
     budget = sum(task["cfg"]["planted"].values())
     calls = {"sup": None}
     times = {"sup": 0.0, "retrain": 0.0}
     full = variant == DEFAULT_VARIANT
 
     def build():
-        return student(task, hp["r_init"], svd=True, init_seed=seed, orthparam=orthparam)
+        return student(task, hp["r_init"], svd=True, init_seed=seed, orthparam=orthparam, svd_init=svd_init)
 
     def train(model):
         if calls["sup"] is None or calls["sup"] is model:
