@@ -739,8 +739,13 @@ def run(quick: bool = False, directory: str | None = None, mode: str = "protocol
 def timing(cfg: dict, threads: int, directory: str, name: str = "protocol_timing_cpu") -> list[dict]:
     """``--mode timing``: one timed run per task × method (seed ``seeds[0]``, lr ``lrs[0]``) with ``threads``
     threads, after an untimed warm-up (a fresh process runs its first steps several times slower). Reads no
-    validation or test split beyond what the method itself trains on (ShapLoRA's scoring reads validation)."""
-    rows, dtype = [], "bfloat16" if cfg["bf16"] else "float32"
+    validation or test split beyond what the method itself trains on (ShapLoRA's scoring reads validation).
+    The results file keeps the rows of other task × method pairs from earlier invocations (each row names its seed,
+    lr, threads, commit and date), so methods can be timed one invocation at a time."""
+    dtype = "bfloat16" if cfg["bf16"] else "float32"
+    rows = [r for r in _saved_rows(os.path.join(directory, name + ".json"))
+            if r.get("op") == "protocol_run_time" and (r.get("task") not in cfg["tasks"]
+                                                       or r.get("provider") not in cfg["methods"])]
     seed, lr = cfg["seeds"][0], cfg["lrs"][0]
     meta = {"threads": threads, "config": cfg, "config_key": config_key(cfg), "budget_s": RUN_BUDGET_S,
             "unit": "seconds of one run (training + super-network and scoring), threads as given; seed "
@@ -768,19 +773,30 @@ def timing(cfg: dict, threads: int, directory: str, name: str = "protocol_timing
     return rows
 
 
+def _saved_rows(path: str) -> list[dict]:
+    """The rows of a results file written before (none if there is no file or it cannot be read)."""
+    try:
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+
+
 def timing_md(rows: list[dict]) -> list[str]:
     """The per-run wall times against the issue's 3-minute budget."""
     rs = [r for r in rows if r["op"] == "protocol_run_time"]
     if not rs:
         return []
     threads = sorted({r["threads"] for r in rs})
-    lines = [f"Wall time of one run (seed {rs[0]['seed']}, lr {rs[0]['lr']:g}) with {'/'.join(map(str, threads))} "
-             f"threads, against the budget of {RUN_BUDGET_S:.0f} s per method × task × seed:", "",
-             "| task | method | run s | train s | extra s (super-net + scoring) | within budget |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"Wall time of one run with {'/'.join(map(str, threads))} threads, against the budget of "
+             f"{RUN_BUDGET_S:.0f} s per method × task × seed (rows measured together share a commit and date):", "",
+             "| task | method | seed | lr | run s | train s | extra s (super-net + scoring) | within budget | "
+             "commit, date |", "|---|---|---|---|---|---|---|---|---|"]
     verdict = {None: "— (more than 2 threads)", True: "yes", False: "no"}
-    lines += [f"| {r['task']} | {r['provider']} | {r['median']:.1f} | {r['train_time_s']:.1f} | "
-              f"{r['extra_time_s']:.1f} | {verdict[r['within_budget']]} |" for r in rs]
+    lines += [f"| {r['task']} | {r['provider']} | {r['seed']} | {r['lr']:g} | {r['median']:.1f} | "
+              f"{r['train_time_s']:.1f} | {r['extra_time_s']:.1f} | {verdict[r['within_budget']]} | "
+              f"{r.get('commit', '?')}, {str(r.get('date', '?'))[:16]} |" for r in rs]
     return lines + [""]
 
 

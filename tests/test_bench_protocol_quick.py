@@ -405,3 +405,20 @@ def test_timing_mode_times_one_run_per_method_and_reads_no_test(tmp_path, monkey
     assert saved["meta"]["budget_s"] == 180 and len(saved["rows"]) == len(rows)
     lines, imgs = bp.report_md("protocol_timing_cpu_quick.json", rows, str(tmp_path))
     assert imgs == [] and "| rotten_tomatoes | shaplora |" in "\n".join(lines)
+
+
+def test_timing_mode_keeps_the_rows_of_methods_it_did_not_time(tmp_path, monkeypatch):
+    # one method per invocation: the earlier rows stay (each with its own seed, lr, commit, date); a method timed
+    # again replaces its row
+    monkeypatch.setattr(bp.ProtocolTask, "test_once", lambda self, model, key: None)
+    first = bp.run(quick=True, directory=str(tmp_path), mode="timing", threads=1, methods=["lora", "shaplora"])
+    rows = bp.run(quick=True, directory=str(tmp_path), mode="timing", threads=1, methods=["shaplora"], lrs=[1e-3])
+    assert [(r["provider"], r["lr"]) for r in rows] == [("lora", 2e-3), ("shaplora", 1e-3)]
+    assert rows[0] == first[0]
+    with open(tmp_path / "protocol_timing_cpu_quick.json") as f:
+        assert [r["provider"] for r in json.load(f)["rows"]] == ["lora", "shaplora"]
+    (tmp_path / "protocol_timing_cpu_quick.json").write_text("{not json")   # an unreadable file: timed afresh
+    assert [r["provider"] for r in bp.run(quick=True, directory=str(tmp_path), mode="timing", threads=1,
+                                          methods=["lora"])] == ["lora"]
+    text = "\n".join(bp.timing_md(rows))
+    assert "| rotten_tomatoes | shaplora | 0 | 0.001 |" in text and "| rotten_tomatoes | lora | 0 | 0.002 |" in text
