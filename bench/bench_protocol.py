@@ -743,13 +743,12 @@ def timing(cfg: dict, threads: int, directory: str, name: str = "protocol_timing
     The results file keeps the rows of other task × method pairs from earlier invocations (each row names its seed,
     lr, threads, commit and date), so methods can be timed one invocation at a time."""
     dtype = "bfloat16" if cfg["bf16"] else "float32"
-    rows = [r for r in _saved_rows(os.path.join(directory, name + ".json"))
-            if r.get("op") == "protocol_run_time" and (r.get("task") not in cfg["tasks"]
-                                                       or r.get("provider") not in cfg["methods"])]
+    # a pair's saved row is replaced only once it is timed again: an interrupted invocation loses no row
+    rows = [r for r in _saved_rows(os.path.join(directory, name + ".json")) if r.get("op") == "protocol_run_time"]
     seed, lr = cfg["seeds"][0], cfg["lrs"][0]
     meta = {"threads": threads, "config": cfg, "config_key": config_key(cfg), "budget_s": RUN_BUDGET_S,
-            "unit": "seconds of one run (training + super-network and scoring), threads as given; seed "
-                    f"{seed}, lr {lr:g}", "cpu_count": os.cpu_count()}
+            "unit": "seconds of one run (training + super-network and scoring), threads as given; each row names "
+                    "its seed, lr, commit and date", "cpu_count": os.cpu_count()}
     for t in cfg["tasks"]:
         task = ProtocolTask(t, cfg)
         warm = _RunView(task, {**task.cfg, "lr": lr, "steps": min(10, task.cfg["steps"])})
@@ -762,6 +761,7 @@ def timing(cfg: dict, threads: int, directory: str, name: str = "protocol_timing
             t0 = time.perf_counter()
             _, info = train_method(task.view(lr), m, seed)
             wall = time.perf_counter() - t0
+            rows = [r for r in rows if (r.get("task"), r.get("provider")) != (t, m)]
             rows.append(make_row("protocol_run_time", m, "train", shape, dtype, "cpu", round(wall, 2), unit="s",
                                  task=t, threads=threads, seed=seed, lr=lr, train_time_s=info["train_time_s"],
                                  extra_time_s=info["extra_time_s"], budget_s=RUN_BUDGET_S,

@@ -162,7 +162,7 @@ class AdapterConfig:
             raise ValueError(f"share must be one of {SHARE_MODES}, got {self.share!r}")
         if self.share_scope not in SCOPES:
             raise ValueError(f"share_scope must be one of {SCOPES}, got {self.share_scope!r}")
-        if self.svd_init not in SVD_INITS:
+        if not isinstance(self.svd_init, str) or self.svd_init not in SVD_INITS:
             raise ValueError(f"svd_init must be one of {SVD_INITS}, got {self.svd_init!r}")
         if self.accumulate not in ACCUMULATE:
             raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {self.accumulate!r}")

@@ -33,6 +33,8 @@ class LoRALinear(nn.Module):
     reference, so one Parameter serves every layer that shares it.
     """
 
+    svd_init = "adalora"   # a layer pickled before svd_init existed reads this
+
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float | None = None,
                  dropout: float = 0.0, bias: bool = True, svd: bool = False,
                  lora_A: nn.Parameter | None = None, lora_B: nn.Parameter | None = None,
@@ -47,7 +49,7 @@ class LoRALinear(nn.Module):
         adapter_dtype = check_adapter_dtype(adapter_dtype)
         if not isinstance(svd, bool):
             raise TypeError(f"svd must be True or False, got {svd!r}")
-        if svd_init not in SVD_INITS:
+        if not isinstance(svd_init, str) or svd_init not in SVD_INITS:
             raise ValueError(f"svd_init must be one of {SVD_INITS}, got {svd_init!r}")
         for nm, given in (("lora_A", lora_A), ("lora_B", lora_B)):
             # a plain tensor would be an attribute, not a parameter: missing from parameters() (no optimizer step),
@@ -66,7 +68,7 @@ class LoRALinear(nn.Module):
         self.scaling = self.lora_alpha / r
         self.dropout = float(dropout)
         self.svd = bool(svd)
-        self.svd_init = svd_init
+        self.svd_init = str(svd_init)
         if _base is not None:
             self.weight = _base.weight
             self.bias = _base.bias
@@ -288,4 +290,4 @@ class LoRALinear(nn.Module):
         active = "?" if self.rank_mask.is_meta else self.active_rank   # a model built on the meta device
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"active_rank={active}, alpha={self.lora_alpha}, dropout={self.dropout}, "
-                f"svd={self.svd}, bias={self.bias is not None}")
+                f"svd={self.svd}{f', svd_init={self.svd_init}' if self.svd else ''}, bias={self.bias is not None}")

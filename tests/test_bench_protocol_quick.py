@@ -417,6 +417,18 @@ def test_timing_mode_keeps_the_rows_of_methods_it_did_not_time(tmp_path, monkeyp
     assert rows[0] == first[0]
     with open(tmp_path / "protocol_timing_cpu_quick.json") as f:
         assert [r["provider"] for r in json.load(f)["rows"]] == ["lora", "shaplora"]
+    real = bp.train_method
+
+    def dies_on_shaplora(view, method, seed):
+        if method == "shaplora":
+            raise KeyboardInterrupt
+        return real(view, method, seed)
+    monkeypatch.setattr(bp, "train_method", dies_on_shaplora)
+    with pytest.raises(KeyboardInterrupt):   # interrupted half-way: the row not yet timed again is still there
+        bp.run(quick=True, directory=str(tmp_path), mode="timing", threads=1, methods=["lora", "shaplora"])
+    with open(tmp_path / "protocol_timing_cpu_quick.json") as f:
+        assert [(r["provider"], r["lr"]) for r in json.load(f)["rows"]] == [("shaplora", 1e-3), ("lora", 2e-3)]
+    monkeypatch.setattr(bp, "train_method", real)
     (tmp_path / "protocol_timing_cpu_quick.json").write_text("{not json")   # an unreadable file: timed afresh
     assert [r["provider"] for r in bp.run(quick=True, directory=str(tmp_path), mode="timing", threads=1,
                                           methods=["lora"])] == ["lora"]

@@ -128,6 +128,10 @@ class _Players:
             m.set_token_gate(self.gates[n])
 
 
+class _NoExamples(ValueError):
+    """No validation example in the batches given (a split-scoring half names itself on top)."""
+
+
 def _val_loss(model, batches, loss_fn, skipped: dict | None = None) -> float:
     # Non-finite per-example losses are left out of the mean (and counted): one poisoned example must not
     # turn every Shapley value into NaN.
@@ -140,7 +144,7 @@ def _val_loss(model, batches, loss_fn, skipped: dict | None = None) -> float:
             cnt += int(ok.sum())
             seen += losses.numel()
     if seen == 0:
-        raise ValueError("batches is empty: no validation examples")
+        raise _NoExamples("batches is empty: no validation examples")
     if cnt == 0:
         raise ValueError(f"every validation loss is non-finite (NaN/Inf) ({seen} of {seen} examples)")
     if skipped is not None:
@@ -226,7 +230,7 @@ def _taylor(players: _Players, model, batches, loss_fn, num_passes, q, generator
         for p, flag in frozen:
             p.requires_grad_(flag)
     if seen == 0:
-        raise ValueError("batches is empty: no validation examples")
+        raise _NoExamples("batches is empty: no validation examples")
     if count == 0:
         raise ValueError(f"every validation example has a non-finite (NaN/Inf) loss or gate gradient "
                          f"({seen} of {seen})")
@@ -270,6 +274,14 @@ def shapley_sensitivity(
     giving their number (permutation/exact: the most skipped by one coalition); if every example is non-finite,
     or the scores overflow, a ValueError. Player scores are never NaN.
     """
+    scores, se, _ = _shapley(model, batches, mode, loss_fn, num_passes, q, num_permutations, generator,
+                             batch_size_fn)
+    return (scores, se) if return_stats else scores
+
+
+def _shapley(model, batches, mode, loss_fn, num_passes, q, num_permutations, generator, batch_size_fn):
+    """:func:`shapley_sensitivity`'s work: (φ per module, standard errors per module, the examples the scores
+    rest on: non-finite ones left out, each pass counted)."""
     _check_scoring_args(mode, num_passes, loss_fn)
     if q is not None and not 0.0 <= q <= 1.0:
         raise ValueError(f"q must be in [0, 1] or None, got {q}")
@@ -295,14 +307,12 @@ def shapley_sensitivity(
             model.train(was_training)
     if skipped.get("n"):
         warnings.warn(f"shapley_sensitivity: skipped {skipped['n']} of {skipped['of']} validation examples with a "
-                      "non-finite (NaN/Inf) loss or gate gradient", RuntimeWarning, stacklevel=2)
+                      "non-finite (NaN/Inf) loss or gate gradient", RuntimeWarning, stacklevel=3)
     if not bool(torch.isfinite(phi).all()):
         raise ValueError("shapley_sensitivity: the scores overflow float64 (the losses or their gradients are too "
                          "large); rescale loss_fn")
-    scores = players.split(phi)
-    if not return_stats:
-        return scores
-    return scores, players.split(se if se is not None else torch.zeros_like(phi))
+    return (players.split(phi), players.split(se if se is not None else torch.zeros_like(phi)),
+            skipped["of"] - skipped.get("n", 0))
 
 
 # ---- allocation and export ----------------------------------------------------------------------------
@@ -776,17 +786,25 @@ def _check_allocation_args(rounds, budget_unit, retrain, basis, mode, num_passes
         raise ValueError(f"basis must be 'merged' or 'trained', got {basis!r}")
 
 
-def _scoring_halves(val_batches: list, split: bool, batch_size_fn) -> tuple[tuple[list, list], tuple[int, int]]:
-    """The batches of the two independent scorings and their weights in the mean: all of them twice, or (``split``)
-    the even and the odd batches, weighted by their examples."""
+def _scoring_halves(val_batches: list, split: bool) -> tuple[list, list]:
+    """The batches of the two independent scorings: all of them twice, or (``split``) the even and the odd ones."""
     if not split:
-        return (val_batches, val_batches), (1, 1)
+        return val_batches, val_batches
     if len(val_batches) < 2:
         raise ValueError(f"split_validation needs at least 2 validation batches (one per scoring), got "
                          f"{len(val_batches)}")
-    halves = (val_batches[0::2], val_batches[1::2])
-    size = batch_size_fn or _batch_size
-    return halves, tuple(sum(int(size(b)) for b in h) for h in halves)
+    return val_batches[0::2], val_batches[1::2]
+
+
+def _score_half(supernet, batches, k: int, split: bool, mode, loss_fn, num_passes, generator, batch_size_fn):
+    """One of the two scorings (k = 0, 1): φ, standard errors and the examples it rests on."""
+    try:
+        return _shapley(supernet, batches, mode, loss_fn, num_passes, None, 16, generator, batch_size_fn)
+    except _NoExamples:
+        if split:
+            raise _NoExamples(f"split_validation: the {('even', 'odd')[k]}-numbered validation batches hold no "
+                              "example (empty batches); give batches with examples on both halves") from None
+        raise
 
 
 def _resolve_budget(supernet: nn.Module, budget, budget_unit: str = "ranks", retrain: str = "plain"):
@@ -853,7 +871,7 @@ def shaplora_allocate(
     val_batches = list(val_batches)
     if not val_batches:
         raise ValueError("val_batches is empty: no validation examples")
-    halves, weights = _scoring_halves(val_batches, split_validation, batch_size_fn)
+    halves = _scoring_halves(val_batches, split_validation)
     scores, masks, stability = None, None, []
     # all or nothing: an error in any round (a bad loss, a merged layer) gives the super-network back as it came
     saved = {n: [None if t is None else t.detach().clone() for t in (m.lora_A, m.lora_B, m.lora_E, m.rank_mask)]
@@ -862,15 +880,16 @@ def shaplora_allocate(
         for k in range(1, rounds + 1):
             if basis == "merged":
                 to_merged_basis(supernet)
-            kw = dict(loss_fn=loss_fn, num_passes=num_passes, generator=generator, batch_size_fn=batch_size_fn)
-            first = shapley_sensitivity(supernet, halves[0], mode, **kw)
-            second = shapley_sensitivity(supernet, halves[1], mode, **kw)
+            (first, _, n1), (second, _, n2) = (_score_half(supernet, part, k, split_validation, mode, loss_fn,
+                                                           num_passes, generator, batch_size_fn)
+                                               for k, part in enumerate(halves))
             stability.append(_spearman(first, second))
             if stability[-1] < min_stability:
                 warnings.warn(f"ShapLoRA scores are unstable: two independent scorings agree with Spearman ρ = "
                               f"{stability[-1]:.2f} < {min_stability} (round {k}); raise num_passes or use more "
                               "validation examples", RuntimeWarning, stacklevel=2)
-            scores = {n: (weights[0] * first[n] + weights[1] * second[n]) / sum(weights) for n in first}
+            # each scoring's mean weighted by the examples it rests on (equal when both scored all of them)
+            scores = {n: (n1 * first[n] + n2 * second[n]) / (n1 + n2) for n in first}
             b_k = round(full * (budget / full) ** (k / rounds)) if k < rounds else budget
             masks = allocate_ranks(scores, int(b_k), by=by, costs=costs)
             apply_rank_masks(supernet, masks)
@@ -973,7 +992,7 @@ def shaplora_workflow(
     val_batches = list(val_batches)
     if not val_batches:
         raise ValueError("val_batches is empty: no validation examples")
-    _scoring_halves(val_batches, split_validation, batch_size_fn)   # checked before any training
+    _scoring_halves(val_batches, split_validation)   # checked before any training
     gen = torch.Generator().manual_seed(seed)
     supernet = build_model()
     players = _resolve_budget(supernet, None)[1]   # the super-network's ranks: the players of the game

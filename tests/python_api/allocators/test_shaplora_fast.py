@@ -2,6 +2,7 @@
 super-network learns, and the two independent scorings on validation halves (``split_validation``)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ def test_svd_init_lora_starts_as_lora_and_default_stays_adaloras():
     assert_close(lin(x), x @ lin.weight.T + lin.bias, torch.float32)   # ΔW = 0 at the start
     ada = LoRALinear(48, 40, 6, svd=True)   # the default is PEFT's AdaLoRA init (kept: AdaLoRA matches PEFT)
     assert ada.svd_init == "adalora" and torch.count_nonzero(ada.lora_E) == 0
-    assert 0.01 < float(ada.lora_A.std()) < 0.03 and 0.01 < float(ada.lora_B.std()) < 0.03
+    assert 0.01 < float(ada.lora_A.detach().std()) < 0.03 and 0.01 < float(ada.lora_B.detach().std()) < 0.03
 
 
 def test_svd_init_lora_gets_a_full_size_gradient_on_the_first_step():
@@ -74,7 +75,7 @@ def test_a_lora_initialised_supernetwork_learns_faster(seed):
     assert gained["lora"] > 2 * gained["adalora"] > 0, gained
 
 
-@pytest.mark.parametrize("bad", ["LoRA", "gaussian", None, 1])
+@pytest.mark.parametrize("bad", ["LoRA", "gaussian", None, 1, np.array("lora"), ["lora"]])
 def test_svd_init_is_checked_everywhere(bad):
     with pytest.raises(ValueError, match="svd_init"):
         LoRALinear(8, 8, 2, svd=True, svd_init=bad)
@@ -86,6 +87,14 @@ def test_svd_init_is_checked_everywhere(bad):
     with pytest.raises(ValueError, match="svd_init"):
         apply_adapters(model, ["0"], r=2, svd=True, svd_init=bad)
     assert type(model[0]) is nn.Linear   # nothing half-done
+
+
+def test_svd_init_in_repr_and_for_layers_pickled_before_it_existed():
+    lin = LoRALinear(8, 8, 2, svd=True, svd_init="lora")
+    assert "svd_init=lora" in repr(lin) and "svd_init" not in repr(LoRALinear(8, 8, 2))
+    del lin.__dict__["svd_init"]   # as unpickled from an older version: the class default (AdaLoRA's) applies
+    lin.reset_lora_parameters()
+    assert lin.svd_init == "adalora" and torch.count_nonzero(lin.lora_E) == 0
 
 
 def test_apply_adapters_svd_init_reaches_every_layer_and_the_config():
@@ -159,3 +168,48 @@ def test_fast_workflow_finds_the_planted_module():
         split_validation=True, retrain="warm")
     assert {n: int(m.sum()) for n, m in out["masks"].items()} == {"layers.0": 0, "layers.1": 1, "layers.2": 0,
                                                                  "layers.3": 0}
+
+
+def test_split_validation_weights_the_examples_each_half_scored():
+    # examples with a non-finite loss are left out of a scoring: its half then weighs only what it scored
+    net, val = _scored_supernet()
+    poisoned = {id(val[1][0])}
+
+    def loss(model, batch):
+        out = mse(model, batch)
+        if id(batch[0]) in poisoned:
+            out = torch.cat([out[:10], torch.full_like(out[10:], float("nan"))])
+        return out
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match="skipped 40 of 250"):
+        out = shaplora_allocate(net, val, 6, loss_fn=loss, generator=torch.Generator().manual_seed(2),
+                                split_validation=True)
+    net.load_state_dict(state)
+    from python_api.allocators.shaplora import to_merged_basis
+    to_merged_basis(net)
+    gen = torch.Generator().manual_seed(2)
+    even = shapley_sensitivity(net, val[0::2], loss_fn=loss, generator=gen)
+    with pytest.warns(RuntimeWarning):
+        odd = shapley_sensitivity(net, val[1::2], loss_fn=loss, generator=gen)
+    for name in even:
+        assert_close(out["scores"][name], (262 * even[name] + 210 * odd[name]) / 472, torch.float64)
+
+
+class _Batch:   # a batch type whose size cannot be inferred: the permutation mode never needs it
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+
+def test_split_validation_in_permutation_mode_needs_no_batch_size_and_names_an_empty_half():
+    net, val = _scored_supernet()
+
+    def loss(model, b):
+        return mse(model, (b.x, b.y))
+    custom = [_Batch(*b) for b in val[:4]]
+    out = shaplora_allocate(net, custom, 6, loss_fn=loss, mode="permutation", split_validation=True,
+                            generator=torch.Generator().manual_seed(0))
+    assert sum(int(m.sum()) for m in out["masks"].values()) == 6
+    net, val = _scored_supernet()
+    empty = [val[0], (val[1][0][:0], val[1][1][:0]), val[2], (val[3][0][:0], val[3][1][:0])]
+    with pytest.raises(ValueError, match="odd-numbered validation batches hold no example"):
+        shaplora_allocate(net, empty, 6, loss_fn=mse, split_validation=True)
