@@ -216,6 +216,8 @@ class AdapterConfig:
         d = dataclasses.asdict(self)
         d["adapter_dtype"] = None if self.adapter_dtype is None else str(self.adapter_dtype).replace("torch.", "")
         d["attention_names"] = list(self.attention_names)
+        if d["svd_init"] == "adalora":   # the default: left out, so configs (checkpoints) without it read as before
+            del d["svd_init"]
         return d
 
     @classmethod

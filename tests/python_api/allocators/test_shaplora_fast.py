@@ -107,6 +107,8 @@ def test_apply_adapters_svd_init_reaches_every_layer_and_the_config():
     cfg = AdapterConfig(target_modules=["q"], svd=True, svd_init="lora")
     assert AdapterConfig.from_dict(cfg.to_dict()).svd_init == "lora"
     assert AdapterConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "svd_init"}).svd_init == "adalora"
+    # the default is not written: a checkpoint that does not use svd_init is what it was before the option existed
+    assert "svd_init" not in AdapterConfig(target_modules=["q"], svd=True).to_dict()
 
 
 # ---- split_validation -------------------------------------------------------------------------------------------
