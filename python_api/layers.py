@@ -104,6 +104,12 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_a: bool = True, init_b: bool = True):
+        """A fresh adapter: A and B (``init_a`` / ``init_b``; a shared matrix is its owner's to initialise), E for
+        the SVD form, and every rank on (e.g. after ``to_empty`` from the meta device, where the buffers hold
+        whatever the memory held). Refused on a merged layer (its weight holds the old ΔW): ``unmerge()`` first."""
+        if self.merged:
+            raise RuntimeError("unmerge() before resetting the adapters of a merged layer (its weight holds ΔW)")
+        self.rank_mask.fill_(True)
         if self.svd and self.svd_init == "lora":
             # LoRA's init in SVD form: A kaiming-uniform, B = 0, E = 1. ΔW starts at zero and trains from the first
             # step as plain LoRA does (B's gradient is A·x, not scaled down by E and a small A)

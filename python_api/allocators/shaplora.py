@@ -132,6 +132,10 @@ class _NoExamples(ValueError):
     """No validation example in the batches given (a split-scoring half names itself on top)."""
 
 
+class _AllNonFinite(ValueError):
+    """Every validation example has a non-finite loss (a split-scoring half names itself on top)."""
+
+
 def _val_loss(model, batches, loss_fn, skipped: dict | None = None) -> float:
     # Non-finite per-example losses are left out of the mean (and counted): one poisoned example must not
     # turn every Shapley value into NaN.
@@ -146,7 +150,7 @@ def _val_loss(model, batches, loss_fn, skipped: dict | None = None) -> float:
     if seen == 0:
         raise _NoExamples("batches is empty: no validation examples")
     if cnt == 0:
-        raise ValueError(f"every validation loss is non-finite (NaN/Inf) ({seen} of {seen} examples)")
+        raise _AllNonFinite(f"every validation loss is non-finite (NaN/Inf) ({seen} of {seen} examples)")
     if skipped is not None:
         skipped.update(n=max(skipped.get("n", 0), seen - cnt), of=seen)
     return tot / cnt
@@ -232,7 +236,7 @@ def _taylor(players: _Players, model, batches, loss_fn, num_passes, q, generator
     if seen == 0:
         raise _NoExamples("batches is empty: no validation examples")
     if count == 0:
-        raise ValueError(f"every validation example has a non-finite (NaN/Inf) loss or gate gradient "
+        raise _AllNonFinite(f"every validation example has a non-finite (NaN/Inf) loss or gate gradient "
                          f"({seen} of {seen})")
     if skipped is not None:
         skipped.update(n=seen - count, of=seen)
@@ -564,6 +568,10 @@ def to_plain_lora(model: nn.Module, masks: dict[str, torch.Tensor], warm: bool =
     dropout = {layers[n].dropout for n in masks}
     if len(dropout) > 1:
         raise ValueError(f"the adapters' dropouts differ ({sorted(dropout)}): one plain config cannot hold them")
+    adapter_dtype = {layers[n].lora_A.dtype for n in masks}   # the retrained adapters keep the super-network's dtype
+    if len(adapter_dtype) > 1:
+        raise ValueError(f"the adapters' dtypes differ ({sorted(map(str, adapter_dtype))}): one plain config cannot "
+                         "hold them")
 
     def unwrap(name, layer):
         lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
@@ -579,7 +587,7 @@ def to_plain_lora(model: nn.Module, masks: dict[str, torch.Tensor], warm: bool =
         # (kept "fc" would adapt "block.fc", allocated rank 0)
         apply_adapters(model, exact_targets(kept), r=max(kept.values()), rank_pattern=kept,
                        alpha_pattern={n: scale[n] * k for n, k in kept.items()}, dropout=dropout.pop(),
-                       modules_to_save=record.get("modules_to_save") or [])
+                       adapter_dtype=adapter_dtype.pop(), modules_to_save=record.get("modules_to_save") or [])
         with torch.no_grad():
             for n, (a, b) in start.items():
                 # a component with no singular value (an update of lower rank than the ranks kept) keeps its
@@ -805,6 +813,11 @@ def _score_half(supernet, batches, k: int, split: bool, mode, loss_fn, num_passe
             raise _NoExamples(f"split_validation: the {('even', 'odd')[k]}-numbered validation batches hold no "
                               "example (empty batches); give batches with examples on both halves") from None
         raise
+    except _AllNonFinite as e:
+        if split:
+            raise _AllNonFinite(f"split_validation: in the {('even', 'odd')[k]}-numbered validation batches, {e}; "
+                                "each half needs finite examples (or score without split_validation)") from None
+        raise
 
 
 def _resolve_budget(supernet: nn.Module, budget, budget_unit: str = "ranks", retrain: str = "plain"):
@@ -949,7 +962,8 @@ def shaplora_workflow(
             equal parameters). ``r_target`` is always in ranks.
         retrain: ``"plain"`` (default): the retrained model is plain LoRA with the rank pattern
             (:func:`to_plain_lora`, fresh LoRA init, the super-network's scale), what a PEFT user runs;
-            ``"svd"``: SVD-form adapters at r_init with the rank masks (λ starts at 0, as AdaLoRA);
+            ``"svd"``: SVD-form adapters at r_init with the rank masks (started as ``build_model`` starts them:
+            λ = 0 under AdaLoRA's init, λ = 1 under ``svd_init="lora"``);
             ``"warm"``: the super-network itself (its heads too) becomes plain LoRA with the rank pattern,
             started from its kept components (:func:`to_plain_lora` ``warm=True``), and ``train`` continues it.
         basis: ``"merged"`` (default) scores each module's update in the SVD basis of its merged update

@@ -215,3 +215,43 @@ def test_split_validation_in_permutation_mode_needs_no_batch_size_and_names_an_e
     empty = [val[0], (val[1][0][:0], val[1][1][:0]), val[2], (val[3][0][:0], val[3][1][:0])]
     with pytest.raises(ValueError, match="odd-numbered validation batches hold no example"):
         shaplora_allocate(net, empty, 6, loss_fn=mse, split_validation=True)
+
+
+def test_split_validation_names_a_half_whose_every_loss_is_non_finite():
+    net, val = _scored_supernet()
+    odd = {id(b[0]) for b in val[1::2]}
+
+    def loss(model, batch):
+        out = mse(model, batch)
+        return out * float("nan") if id(batch[0]) in odd else out
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match="split_validation: in the odd-numbered validation batches, every"):
+        shaplora_allocate(net, val, 6, loss_fn=loss, split_validation=True)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())   # given back as it came
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_to_plain_lora_keeps_the_supernetworks_adapter_dtype(warm):
+    from python_api.allocators.shaplora import to_plain_lora
+    model = apply_adapters(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), ["0", "1"], r=3, svd=True,
+                           svd_init="lora", adapter_dtype=torch.float64)
+    to_plain_lora(model, {"0": torch.tensor([1, 1, 0]), "1": torch.tensor([1, 0, 0])}, warm=warm)
+    layers = adapter_layers(model)
+    assert {m.lora_A.dtype for m in layers.values()} == {torch.float64} and not any(m.svd for m in layers.values())
+
+
+def test_reset_switches_every_rank_on_and_is_refused_on_a_merged_layer():
+    lin = LoRALinear(8, 8, 4, svd=True, svd_init="lora", device="meta").to_empty(device="cpu")
+    with torch.no_grad():
+        lin.rank_mask.copy_(torch.tensor([True, False, False, True]))   # what the memory might hold
+        lin.weight.normal_()
+        lin.bias.zero_()
+    lin.reset_lora_parameters()
+    assert lin.active_rank == 4 and torch.equal(lin.lora_E, torch.ones(4))
+    with torch.no_grad():
+        lin.lora_B.normal_()
+    lin.merge()
+    w = lin.weight.clone()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        lin.reset_lora_parameters()
+    assert torch.equal(lin.weight, w) and torch.count_nonzero(lin.lora_B) > 0
