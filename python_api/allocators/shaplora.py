@@ -129,11 +129,8 @@ class _Players:
 
 
 class _NoExamples(ValueError):
-    """No validation example in the batches given (a split-scoring half names itself on top)."""
-
-
-class _AllNonFinite(ValueError):
-    """Every validation example has a non-finite loss (a split-scoring half names itself on top)."""
+    """No usable validation example in the batches given (none at all, or every loss non-finite); a split-scoring
+    half names itself on top."""
 
 
 def _val_loss(model, batches, loss_fn, skipped: dict | None = None) -> float:
@@ -150,7 +147,7 @@ def _val_loss(model, batches, loss_fn, skipped: dict | None = None) -> float:
     if seen == 0:
         raise _NoExamples("batches is empty: no validation examples")
     if cnt == 0:
-        raise _AllNonFinite(f"every validation loss is non-finite (NaN/Inf) ({seen} of {seen} examples)")
+        raise _NoExamples(f"every validation loss is non-finite (NaN/Inf) ({seen} of {seen} examples)")
     if skipped is not None:
         skipped.update(n=max(skipped.get("n", 0), seen - cnt), of=seen)
     return tot / cnt
@@ -236,8 +233,8 @@ def _taylor(players: _Players, model, batches, loss_fn, num_passes, q, generator
     if seen == 0:
         raise _NoExamples("batches is empty: no validation examples")
     if count == 0:
-        raise _AllNonFinite(f"every validation example has a non-finite (NaN/Inf) loss or gate gradient "
-                         f"({seen} of {seen})")
+        raise _NoExamples(f"every validation example has a non-finite (NaN/Inf) loss or gate gradient "
+                          f"({seen} of {seen})")
     if skipped is not None:
         skipped.update(n=seen - count, of=seen)
     phi = total / count
@@ -808,15 +805,10 @@ def _score_half(supernet, batches, k: int, split: bool, mode, loss_fn, num_passe
     """One of the two scorings (k = 0, 1): φ, standard errors and the examples it rests on."""
     try:
         return _shapley(supernet, batches, mode, loss_fn, num_passes, None, 16, generator, batch_size_fn)
-    except _NoExamples:
+    except _NoExamples as e:
         if split:
-            raise _NoExamples(f"split_validation: the {('even', 'odd')[k]}-numbered validation batches hold no "
-                              "example (empty batches); give batches with examples on both halves") from None
-        raise
-    except _AllNonFinite as e:
-        if split:
-            raise _AllNonFinite(f"split_validation: in the {('even', 'odd')[k]}-numbered validation batches, {e}; "
-                                "each half needs finite examples (or score without split_validation)") from None
+            raise _NoExamples(f"split_validation: in the {('even', 'odd')[k]}-numbered validation batches, {e}; each "
+                              "half needs examples with a finite loss (or score without split_validation)") from None
         raise
 
 

@@ -213,7 +213,7 @@ def test_split_validation_in_permutation_mode_needs_no_batch_size_and_names_an_e
     assert sum(int(m.sum()) for m in out["masks"].values()) == 6
     net, val = _scored_supernet()
     empty = [val[0], (val[1][0][:0], val[1][1][:0]), val[2], (val[3][0][:0], val[3][1][:0])]
-    with pytest.raises(ValueError, match="odd-numbered validation batches hold no example"):
+    with pytest.raises(ValueError, match="in the odd-numbered validation batches, batches is empty"):
         shaplora_allocate(net, empty, 6, loss_fn=mse, split_validation=True)
 
 
